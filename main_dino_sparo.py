@@ -1,0 +1,566 @@
+"""DINO self-distillation with a SPARO (or CLS) read-out.
+
+    python main_dino_sparo.py --arch vit_small --data_path /path/to/imagenet/train --output_dir OUT
+    torchrun --nproc_per_node=8 main_dino_sparo.py --arch vit_small ...
+    python main_dino_sparo.py --config configs/cpu_fashion_mnist.yaml
+
+Rerunning the same command resumes from OUT/checkpoint.pth. Method: ../shared/SPARO.md and
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import utils
+import vision_transformer as vits
+from vision_transformer import DINOHead, MultiCropWrapper
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("SPARO-DINO", add_help=False)
+    parser.add_argument("--config", type=str, default=None,
+                        help="YAML file whose keys are flag names; flags on the command line win.")
+
+    # --------------------------------------------------------------------------- model
+    parser.add_argument("--arch", default="vit_small", type=str, choices=sorted(vits.ARCHS),
+                        help="Backbone size, as in DINO: vit_tiny (5M), vit_small (21M), vit_base (85M).")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="Side of the square patches in pixels. Smaller patches mean more "
+                             "tokens: better features, quadratically more attention cost.")
+    parser.add_argument("--readout", default="sparo", choices=vits.READOUTS,
+                        help="sparo: L slots of single-head attention with learned queries "
+                             "(this project); cls: DINO's CLS token (the baseline).")
+    parser.add_argument("--sparo_slots", default=64, type=int, help="L, the number of SPARO slots.")
+    parser.add_argument("--sparo_dim", default=64, type=int,
+                        help="V, the output width of each slot; the encoding has L*V dimensions.")
+    parser.add_argument("--sparo_attn_dim", default=None, type=int,
+                        help="a, the width of each slot's query and keys (default: embed_dim / num_heads).")
+    parser.add_argument("--sparo_share_kv", default=True, type=utils.bool_flag,
+                        help="Use each slot's keys as its values (SPARO's default).")
+    parser.add_argument("--sparo_norm", default="slot", choices=("slot", "global"),
+                        help="slot: each slot L2-normalised and scaled by 1/sqrt(L) (SPARO); "
+                             "global: one L2 normalisation of the whole vector (ablation).")
+    parser.add_argument("--sparo_keep_all_blocks", default=False, type=utils.bool_flag,
+                        help="Keep the last transformer block before SPARO. By default SPARO "
+                             "replaces it, keeping the parameter count at the CLS baseline's.")
+    parser.add_argument("--out_dim", default=65536, type=int,
+                        help="Number of prototypes (output width of the DINO head). 65536 for "
+                             "ImageNet; a few thousand is plenty for small data sets.")
+    parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
+                        help="Weight-normalise the last head layer with a fixed norm. Makes "
+                             "training more stable; False can give better ViT-S results.")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float,
+                        help="Base EMA momentum of the teacher, raised to 1 on a cosine schedule. "
+                             "Use 0.9995 with batch 256; smaller batches want higher values.")
+    parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
+                        help="BatchNorm in the projection head (False for ViTs).")
+
+    # --------------------------------------------------------------- temperature (teacher)
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                        help="Teacher temperature at the start of training. Lower it if the loss "
+                             "does not decrease.")
+    parser.add_argument("--teacher_temp", default=0.04, type=float,
+                        help="Teacher temperature after warm-up. Above 0.07 training tends to be unstable.")
+    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                        help="Epochs of linear teacher-temperature warm-up (30 is DINO's default for long runs).")
+
+    # -------------------------------------------------------------------- optimisation
+    parser.add_argument("--use_fp16", default=True, type=utils.bool_flag,
+                        help="Mixed precision on CUDA (bf16 where the GPU supports it, else fp16 "
+                             "with loss scaling). Ignored on CPU, which trains in fp32 unless "
+                             "--cpu_bf16 is set.")
+    parser.add_argument("--cpu_bf16", default=False, type=utils.bool_flag,
+                        help="bf16 autocast on CPU: faster on CPUs with native bf16, less exact.")
+    parser.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay.")
+    parser.add_argument("--weight_decay_end", default=0.4, type=float,
+                        help="Final weight decay (cosine schedule); a rising decay helps ViTs.")
+    parser.add_argument("--clip_grad", default=3.0, type=float,
+                        help="Cap on each parameter's gradient norm; 0 disables clipping.")
+    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+                        help="Images per process (per GPU, or per CPU process).")
+    parser.add_argument("--epochs", default=100, type=int, help="Number of training epochs.")
+    parser.add_argument("--freeze_last_layer", default=1, type=int,
+                        help="Epochs during which the prototype layer stays fixed; helps early training.")
+    parser.add_argument("--lr", default=0.0005, type=float,
+                        help="Peak learning rate for a total batch of 256, scaled linearly with "
+                             "the total batch size, reached after the warm-up.")
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="Learning rate at the end of the cosine.")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"),
+                        help="adamw is DINO's recommendation for ViTs.")
+    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="Stochastic depth rate.")
+    parser.add_argument("--compile", default=False, type=utils.bool_flag,
+                        help="torch.compile the student and teacher (slow start, faster steps on GPU).")
+
+    # ------------------------------------------------------------------------ multi-crop
+    parser.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0),
+                        help="Area range of the two global crops relative to the image.")
+    parser.add_argument("--global_crops_size", type=int, default=224,
+                        help="Side of the global crops in pixels (28 suits Fashion-MNIST).")
+    parser.add_argument("--local_crops_number", type=int, default=8,
+                        help="Number of small local crops; 0 disables multi-crop.")
+    parser.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4),
+                        help="Area range of the local crops relative to the image.")
+    parser.add_argument("--local_crops_size", type=int, default=96, help="Side of the local crops in pixels.")
+
+    # ---------------------------------------------------------------------------- misc
+    parser.add_argument("--data_path", default="fashion_mnist", type=str,
+                        help="An ImageFolder directory (labels ignored) or a built-in data set: "
+                             "fashion_mnist (apt-get install dataset-fashion-mnist) or digits.")
+    parser.add_argument("--subset", default=0, type=int,
+                        help="Train on the first N images only (0: all), for quick runs.")
+    parser.add_argument("--output_dir", default=".", type=str,
+                        help="Where checkpoints and log.txt go; a run there is resumed.")
+    parser.add_argument("--saveckp_freq", default=20, type=int,
+                        help="Also keep checkpointNNNN.pth every this many epochs.")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU/process.")
+    parser.add_argument("--print_freq", default=10, type=int, help="Print progress every this many iterations.")
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="URL to set up distributed training (torchrun and Slurm set the environment).")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored; torchrun sets LOCAL_RANK.")
+    return parser
+
+
+# ============================================================================ augmentation
+class RandomGaussianBlur:
+    """PIL Gaussian blur with probability p and a random radius (DINO: 0.1..2 px at 224 px)."""
+
+    def __init__(self, p: float, radius_min: float, radius_max: float) -> None:
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, image: Any) -> Any:
+        from PIL import ImageFilter
+
+        if random.random() >= self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(
+            radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class DataAugmentationDINO:
+    """DINO's multi-crop: two global views (blur; blur+solarize) and N blurred local views.
+
+    The blur radius scales with global_crops_size / 224 so small images are blurred as much,
+    relative to their size, as ImageNet crops are in DINO.
+    """
+
+    def __init__(self, global_crops_scale: Tuple[float, float], local_crops_scale: Tuple[float, float],
+                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96) -> None:
+        from torchvision import transforms as T
+
+        flip_and_color_jitter = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+        normalize = T.Compose([T.ToTensor(), T.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
+        radius = (0.1 * global_crops_size / 224, 2.0 * global_crops_size / 224)
+        bicubic = T.InterpolationMode.BICUBIC
+
+        def crop(size: int, scale: Tuple[float, float]) -> Any:
+            return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)
+
+        self.global_transfo1 = T.Compose([crop(global_crops_size, global_crops_scale),
+                                          flip_and_color_jitter, RandomGaussianBlur(1.0, *radius), normalize])
+        self.global_transfo2 = T.Compose([crop(global_crops_size, global_crops_scale),
+                                          flip_and_color_jitter, RandomGaussianBlur(0.1, *radius),
+                                          T.RandomSolarize(threshold=128, p=0.2), normalize])
+        self.local_transfo = T.Compose([crop(local_crops_size, local_crops_scale),
+                                        flip_and_color_jitter, RandomGaussianBlur(0.5, *radius), normalize])
+        self.local_crops_number = local_crops_number
+
+    def __call__(self, image: Any) -> List[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
+        return crops
+
+
+# ==================================================================================== loss
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher and the student, over all pairs
+    (teacher global view i, student view v) with v != i, averaged over pairs and images."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        warmup_epochs = min(warmup_teacher_temp_epochs, nepochs)
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs),
+            np.ones(nepochs - warmup_epochs) * teacher_temp))
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: int) -> torch.Tensor:
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        student_logp = student_logp.view(self.ncrops, -1, student_logp.shape[-1])
+        temp = float(self.teacher_temp_schedule[epoch])
+        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_p = teacher_p.view(2, -1, teacher_p.shape[-1])
+
+        # sum over pairs (i, v != i) of q_i . log p_v = (sum_i q_i) . (sum_v log p_v)
+        #                                               - sum_i q_i . log p_i
+        all_pairs = (teacher_p.sum(0) * student_logp.sum(0)).sum(-1)
+        same_view = (teacher_p * student_logp[:2]).sum(-1).sum(0)
+        n_pairs = 2 * (self.ncrops - 1)
+        loss = -(all_pairs - same_view).mean() / n_pairs
+        self.update_center(teacher_output)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over the whole (all-process) batch."""
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        if utils.is_dist_avail_and_initialized():
+            dist.all_reduce(batch_center)
+        batch_center /= len(teacher_output) * utils.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+# =============================================================================== helpers
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; training must stop before anything is saved."""
+
+
+class LossTracker:
+    """Collects per-iteration losses on the device and checks them in windows.
+
+    Reading a loss forces a host-device sync, so it happens once per print interval, not per
+    iteration. A non-finite loss in a window is found on every rank together (all-reduce) so
+    that all processes stop at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.window: List[torch.Tensor] = []
+        self.window_start = 0
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window.append(loss.detach())
+
+    def flush(self, epoch: int, next_iteration: int) -> Optional[float]:
+        """Check and clear the window; return its mean loss (None when empty)."""
+        if not self.window:
+            return None
+        losses = torch.stack(self.window).float()
+        bad = (~torch.isfinite(losses)).float()
+        if utils.is_dist_avail_and_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.any():
+            first = self.window_start + int(torch.nonzero(bad)[0])
+            raise NonFiniteLoss(f"loss is {losses[int(torch.nonzero(bad)[0])].item()} at epoch "
+                                f"{epoch}, iteration {first}; stopping without saving")
+        window_sum = float(losses.sum())
+        self.total += window_sum
+        self.count += len(self.window)
+        mean = window_sum / len(self.window)
+        self.window, self.window_start = [], next_iteration
+        return mean
+
+    def epoch_mean(self) -> float:
+        totals = torch.tensor([self.total, float(self.count)], dtype=torch.float64)
+        if utils.is_dist_avail_and_initialized():
+            totals = totals.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(totals)
+        return float(totals[0] / max(totals[1], 1))
+
+
+def model_config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    return vits.model_config(arch=args.arch, patch_size=args.patch_size, img_size=args.global_crops_size,
+                             readout=args.readout, sparo_slots=args.sparo_slots, sparo_dim=args.sparo_dim,
+                             sparo_attn_dim=args.sparo_attn_dim, sparo_share_kv=args.sparo_share_kv,
+                             sparo_norm=args.sparo_norm, sparo_keep_all_blocks=args.sparo_keep_all_blocks)
+
+
+def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, Any]:
+    return dict(in_dim=in_dim, out_dim=args.out_dim, use_bn=args.use_bn_in_head,
+                norm_last_layer=args.norm_last_layer)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag combinations that cannot train, with one clear line each."""
+    for name in ("global_crops_size", "local_crops_size"):
+        size = getattr(args, name)
+        if size % args.patch_size:
+            raise utils.UserError(f"--{name} {size} is not a multiple of --patch_size {args.patch_size}")
+    positive = ["epochs", "batch_size_per_gpu", "out_dim", "patch_size", "sparo_slots", "sparo_dim"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.local_crops_number < 0:
+        raise utils.UserError("--local_crops_number must be 0 or more")
+    if args.warmup_epochs >= args.epochs:
+        print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
+              f"rate warms up for the whole run and never decays.")
+    if args.freeze_last_layer < 0 or args.warmup_epochs < 0 or args.warmup_teacher_temp_epochs < 0:
+        raise utils.UserError("epoch counts (warm-ups, --freeze_last_layer) cannot be negative")
+
+
+def autocast_context(args: argparse.Namespace) -> Tuple[Any, Optional[torch.amp.GradScaler]]:
+    """(autocast context factory, grad scaler or None) for this device and precision."""
+    if args.device.type == "cuda" and args.use_fp16:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+    if args.device.type == "cpu" and args.cpu_bf16:
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
+    return contextlib.nullcontext, None
+
+
+# ================================================================================= training
+def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                     args.local_crops_number, args.global_crops_size,
+                                     args.local_crops_size)
+    dataset = utils.build_dataset(args.data_path, "pretrain", transform, subset=args.subset)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size,
+                                                  rank=args.rank, shuffle=True, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+        pin_memory=args.device.type == "cuda", drop_last=True)
+    if len(loader) == 0:
+        raise utils.UserError(f"--batch_size_per_gpu {args.batch_size_per_gpu} x {args.world_size} "
+                              f"process(es) is larger than the data set ({len(dataset)} images)")
+    print(f"Data loaded: there are {len(dataset)} images.")
+    return loader
+
+
+def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module, Dict[str, Any], Dict[str, Any]]:
+    config = model_config_from_args(args)
+    student_backbone = vits.build_backbone(config, drop_path_rate=args.drop_path_rate)
+    teacher_backbone = vits.build_backbone(config)
+    head_config = head_config_from_args(args, student_backbone.num_features)
+    student = MultiCropWrapper(student_backbone, DINOHead(**head_config))
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(**head_config))
+    return student, teacher, config, head_config
+
+
+def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The newest readable checkpoint in output_dir: checkpoint.pth, else checkpointNNNN.pth."""
+    numbered = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
+    for path in [output_dir / "checkpoint.pth"] + numbered:
+        if not path.exists():
+            continue
+        try:
+            return path, utils.load_checkpoint(path)
+        except utils.UserError as error:
+            print(f"Skipping unreadable checkpoint: {error}")
+    return None
+
+
+def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
+                            head_config: Dict[str, Any], path: Path) -> None:
+    saved = {**checkpoint.get("model_config", {}), **checkpoint.get("head_config", {})}
+    wanted = {**config, **head_config}
+    differing = [f"{k} ({saved[k]!r} saved, {wanted[k]!r} asked)" for k in wanted
+                 if k in saved and saved[k] != wanted[k]]
+    if differing:
+        raise utils.UserError(f"{path} belongs to a different run: {'; '.join(differing)}. "
+                              f"Use another --output_dir or the same arguments.")
+
+
+def train_dino(args: argparse.Namespace) -> None:
+    utils.init_distributed_mode(args)
+    check_args(args)
+    utils.fix_random_seeds(args.seed + args.rank)
+    output_dir = Path(args.output_dir)
+    if utils.is_main_process():
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise utils.UserError(f"cannot create --output_dir {output_dir}: {error.strerror}") from error
+        if not os.access(output_dir, os.W_OK):
+            raise utils.UserError(f"--output_dir {output_dir} is not writable")
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    # ============ preparing data ... ============
+    data_loader = build_data_loader(args)
+
+    # ============ building student and teacher networks ... ============
+    student, teacher, config, head_config = build_student_teacher(args)
+    student, teacher = student.to(args.device), teacher.to(args.device)
+    if args.use_bn_in_head and args.distributed:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    teacher.load_state_dict(student.state_dict())  # the teacher starts as the student
+    for param in teacher.parameters():
+        param.requires_grad = False
+    student_without_ddp, teacher_without_ddp = student, teacher
+    if args.distributed:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    print(f"Student and teacher are {args.arch} with readout={args.readout} "
+          f"(encoding width {student_without_ddp.backbone.num_features}, "
+          f"{sum(p.numel() for p in student_without_ddp.backbone.parameters()) / 1e6:.2f}M backbone parameters).")
+
+    # ============ preparing loss, optimizer and schedules ... ============
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
+    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student_without_ddp))
+    autocast, fp16_scaler = autocast_context(args)
+    iters = len(data_loader)
+    total_batch = args.batch_size_per_gpu * args.world_size
+    schedules = dict(
+        lr=utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, iters,
+                                  warmup_epochs=args.warmup_epochs),
+        wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters),
+        momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
+
+    # ============ optionally resume training ... ============
+    start_epoch = 0
+    found = find_resume_checkpoint(output_dir)
+    if found is not None:
+        path, checkpoint = found
+        check_resume_compatible(checkpoint, config, head_config, path)
+        student_without_ddp.load_state_dict(checkpoint["student"])
+        teacher_without_ddp.load_state_dict(checkpoint["teacher"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        dino_loss.load_state_dict(checkpoint["dino_loss"])
+        if fp16_scaler is not None and checkpoint.get("fp16_scaler"):
+            fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])
+        start_epoch = int(checkpoint["epoch"])
+        print(f"Resuming from {path} at epoch {start_epoch}.")
+    if start_epoch >= args.epochs:
+        print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
+        return
+
+    train_step = TrainStep(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
+                           optimizer, autocast, fp16_scaler, args)
+    start_time = time.time()
+    print("Starting DINO training!")
+    for epoch in range(start_epoch, args.epochs):
+        # Seeding every epoch makes a resumed run draw the same crops as an uninterrupted one.
+        utils.fix_random_seeds(args.seed + 7919 * epoch + args.rank)
+        data_loader.sampler.set_epoch(epoch)
+
+        # ============ training one epoch of DINO ... ============
+        train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args)
+
+        # ============ writing logs and checkpoints ... ============
+        save_dict = dict(student=student_without_ddp.state_dict(), teacher=teacher_without_ddp.state_dict(),
+                         optimizer=optimizer.state_dict(), epoch=epoch + 1, args=utils.plain(args),
+                         dino_loss=dino_loss.state_dict(),
+                         fp16_scaler=fp16_scaler.state_dict() if fp16_scaler is not None else None,
+                         model_config=config, head_config=head_config)
+        utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
+        if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04}.pth")
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if utils.is_main_process():
+            utils.write_json_line(output_dir / "log.txt", log_stats)
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total_time}")
+
+
+class TrainStep:
+    """One DINO iteration: teacher and student forward, loss, backward, step, EMA."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, student_without_ddp: nn.Module,
+                 teacher_without_ddp: nn.Module, dino_loss: DINOLoss, optimizer: torch.optim.Optimizer,
+                 autocast: Any, fp16_scaler: Optional[torch.amp.GradScaler], args: argparse.Namespace) -> None:
+        self.student, self.teacher, self.dino_loss, self.optimizer = student, teacher, dino_loss, optimizer
+        self.student_without_ddp = student_without_ddp
+        self.autocast, self.fp16_scaler, self.args = autocast, fp16_scaler, args
+        # The EMA pairs each teacher parameter with the student parameter of the same name.
+        teacher_params = dict(teacher_without_ddp.named_parameters())
+        self.ema_pairs = [(teacher_params[name], param)
+                          for name, param in student_without_ddp.named_parameters()]
+        self.teacher_ema = [t for t, _ in self.ema_pairs]
+        self.student_ema = [s for _, s in self.ema_pairs]
+
+    def __call__(self, images: List[torch.Tensor], epoch: int, lr: float, wd: float,
+                 momentum: float) -> torch.Tensor:
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:  # only the first group is regularised
+                group["weight_decay"] = wd
+        with self.autocast():
+            with torch.no_grad():
+                teacher_output = self.teacher(images[:2])  # only the 2 global views
+            student_output = self.student(images)
+            loss = self.dino_loss(student_output, teacher_output, epoch)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.fp16_scaler is None:
+            loss.backward()
+        else:
+            self.fp16_scaler.scale(loss).backward()
+            self.fp16_scaler.unscale_(self.optimizer)
+        if self.args.clip_grad:
+            utils.clip_gradients(self.student_without_ddp, self.args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, self.student_without_ddp, self.args.freeze_last_layer)
+        if self.fp16_scaler is None:
+            self.optimizer.step()
+        else:
+            self.fp16_scaler.step(self.optimizer)
+            self.fp16_scaler.update()
+
+        with torch.no_grad():  # teacher = m * teacher + (1 - m) * student
+            torch._foreach_mul_(self.teacher_ema, momentum)
+            torch._foreach_add_(self.teacher_ema, self.student_ema, alpha=1.0 - momentum)
+        return loss
+
+
+def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoader,
+                    schedules: Dict[str, np.ndarray], epoch: int, args: argparse.Namespace) -> Dict[str, float]:
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.meters["loss"] = utils.SmoothedValue(window_size=20, fmt="{value:.4f} ({global_avg:.4f})")
+    metric_logger.meters["lr"] = utils.SmoothedValue(window_size=1, fmt="{value:.3e}")
+    metric_logger.meters["wd"] = utils.SmoothedValue(window_size=1, fmt="{value:.4f}")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    tracker = LossTracker()
+    iters = len(data_loader)
+    images_per_iter = args.batch_size_per_gpu * args.world_size
+    non_blocking = args.device.type == "cuda"
+    for it, (images, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, header,
+                                                             samples_per_iter=images_per_iter)):
+        step = iters * epoch + it  # global training iteration
+        images = [im.to(args.device, non_blocking=non_blocking) for im in images]
+        loss = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
+                          float(schedules["momentum"][step]))
+        tracker.add(loss)
+        if it % args.print_freq == 0 or it == iters - 1:
+            window_mean = tracker.flush(epoch, it + 1)
+            metric_logger.meters["loss"].update(window_mean)
+            metric_logger.update(lr=schedules["lr"][step], wd=schedules["wd"][step])
+    epoch_steps = slice(iters * epoch, iters * (epoch + 1))
+    stats = dict(loss=tracker.epoch_mean(), lr=float(schedules["lr"][epoch_steps].mean()),
+                 wd=float(schedules["wd"][epoch_steps].mean()))
+    print(f"Averaged stats: loss: {stats['loss']:.6f}  lr: {stats['lr']:.6f}  wd: {stats['wd']:.6f}")
+    return stats
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser("SPARO-DINO", parents=[get_args_parser()])
+    args = utils.parse_args_with_config(parser, argv)
+    try:
+        train_dino(args)
+    except NonFiniteLoss as error:
+        print(f"error: {error}; the last good checkpoint in {args.output_dir} is untouched",
+              file=sys.stderr, flush=True)
+        sys.exit(3)
+    finally:
+        utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

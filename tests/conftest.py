@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+from helpers import REPO, TINY_TRAIN_ARGS, run_script
+
+
+@pytest.fixture(scope="session")
+def tiny_sparo_checkpoint(tmp_path_factory):
+    """One real SPARO-DINO epoch on digits; returns the checkpoint path (shared by tests)."""
+    out = tmp_path_factory.mktemp("tiny_sparo")
+    run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "1", "--output_dir", out)
+    return out / "checkpoint.pth"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,187 @@
+"""DINO recipe pieces against independent computations, and real training runs on digits."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main_dino_sparo as dino
+import utils
+import vision_transformer as vits
+from helpers import REPO, TINY_TRAIN_ARGS, read_log, run_script
+
+
+def dino_loss_reference(student_output, teacher_output, center, ncrops, student_temp, teacher_temp):
+    """DINO's loss written pair by pair, as in the paper's pseudo-code."""
+    student_chunks = (student_output / student_temp).chunk(ncrops)
+    teacher_chunks = F.softmax((teacher_output - center) / teacher_temp, dim=-1).chunk(2)
+    total, pairs = 0.0, 0
+    for i, q in enumerate(teacher_chunks):
+        for v, s in enumerate(student_chunks):
+            if v == i:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("ncrops", [2, 4, 10])
+def test_dino_loss_matches_pairwise_reference_and_updates_center(ncrops):
+    torch.manual_seed(0)
+    batch, out_dim = 6, 32
+    loss_fn = dino.DINOLoss(out_dim, ncrops, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                            warmup_teacher_temp_epochs=5, nepochs=10)
+    loss_fn.center.normal_()
+    center_before = loss_fn.center.clone()
+    student = torch.randn(ncrops * batch, out_dim)
+    teacher = torch.randn(2 * batch, out_dim)
+    epoch = 2
+    temp = 0.04 + (0.07 - 0.04) * epoch / 4  # linear warm-up over 5 epochs
+    expected = dino_loss_reference(student, teacher, center_before, ncrops, 0.1, temp)
+    torch.testing.assert_close(loss_fn(student, teacher, epoch), expected)
+    torch.testing.assert_close(loss_fn.center, 0.9 * center_before + 0.1 * teacher.mean(0, keepdim=True))
+
+
+def test_teacher_temperature_schedule():
+    loss_fn = dino.DINOLoss(8, 4, 0.04, 0.07, warmup_teacher_temp_epochs=30, nepochs=100)
+    schedule = loss_fn.teacher_temp_schedule
+    assert len(schedule) == 100 and schedule[0] == pytest.approx(0.04)
+    assert schedule[29] == pytest.approx(0.07) and schedule[-1] == pytest.approx(0.07)
+
+
+@pytest.mark.parametrize("warmup", [0, 2, 10])
+def test_cosine_schedule_length_and_end_points(warmup):
+    schedule = utils.cosine_scheduler(1.0, 0.1, epochs=10, niter_per_ep=7, warmup_epochs=warmup,
+                                      start_warmup_value=0.0)
+    assert len(schedule) == 70
+    # a warm-up as long as the run ends at the peak (DINO itself fails there)
+    assert schedule[-1] == pytest.approx(0.1 if warmup < 10 else 1.0, abs=1e-3)
+    if warmup:
+        assert schedule[0] == 0.0
+        assert np.all(np.diff(schedule[: warmup * 7]) > 0)
+    if warmup < 10:
+        assert schedule[warmup * 7] == pytest.approx(1.0)
+        assert np.all(np.diff(schedule[warmup * 7:]) <= 0)
+
+
+def test_per_parameter_gradient_clipping():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    grads = [torch.full_like(p, 10.0) if i % 2 == 0 else torch.full_like(p, 0.01)
+             for i, p in enumerate(model.parameters())]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    utils.clip_gradients(model, 3.0)
+    for p, g in zip(model.parameters(), grads):
+        norm = g.norm()
+        expected = g * (3.0 / (norm + 1e-6)) if norm > 3.0 else g
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = vits.vit_tiny(patch_size=4, img_size=16, sparo_slots=4, sparo_dim=4)
+    decayed, not_decayed = utils.get_params_groups(model)
+    assert not_decayed["weight_decay"] == 0.0
+    ids = {id(p) for p in not_decayed["params"]}
+    assert id(model.norm.weight) in ids and id(model.sparo.key.bias) in ids
+    assert id(model.sparo.queries) in {id(p) for p in decayed["params"]}
+
+
+def tiny_args(extra=()):
+    parser = dino.get_args_parser()
+    args = parser.parse_args([*TINY_TRAIN_ARGS, "--epochs", "2", *extra])
+    args.rank, args.world_size, args.gpu, args.device, args.distributed = 0, 1, None, torch.device("cpu"), False
+    return args
+
+
+def test_train_step_updates_teacher_by_ema_and_freezes_last_layer():
+    torch.manual_seed(0)
+    args = tiny_args(["--freeze_last_layer", "1"])
+    student, teacher, _, _ = dino.build_student_teacher(args)
+    teacher.load_state_dict(student.state_dict())
+    loss_fn = dino.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 2)
+    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student))
+    step = dino.TrainStep(student, teacher, student, teacher, loss_fn, optimizer,
+                          *dino.autocast_context(args), args)
+    images = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    last_layer_before = student.head.last_layer.weight_v.clone()
+    loss = step(images, epoch=0, lr=1e-3, wd=0.04, momentum=0.9)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(student.head.last_layer.weight_v, last_layer_before)  # frozen in epoch 0
+    student_after = student.state_dict()
+    for name, before in teacher_before.items():
+        if before.is_floating_point() and "sparo" in name or name.startswith("backbone.blocks.0."):
+            expected = 0.9 * before + 0.1 * student_after[name]
+            torch.testing.assert_close(teacher.state_dict()[name], expected)
+    moved = student_after["backbone.sparo.queries"] - teacher_before["backbone.sparo.queries"]
+    assert moved.abs().max() > 0
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("arch: vit_tiny\nepochs: 7\nlocal_crops_scale: [0.1, 0.3]\n")
+    parser = dino.get_args_parser()
+    args = utils.parse_args_with_config(parser, ["--config", str(config), "--epochs", "3"])
+    assert args.arch == "vit_tiny" and args.epochs == 3 and list(args.local_crops_scale) == [0.1, 0.3]
+    (tmp_path / "bad.yaml").write_text("arch: vit_tiny\nnot_a_flag: 1\n")
+    with pytest.raises(SystemExit):
+        utils.parse_args_with_config(dino.get_args_parser(), ["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_shipped_configs_parse():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        args = utils.parse_args_with_config(dino.get_args_parser(), ["--config", str(path)])
+        assert args.arch in vits.ARCHS, path
+
+
+def test_augmentation_produces_the_crops_asked_for():
+    from PIL import Image
+    transform = dino.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 3, 28, 12)
+    crops = transform(Image.new("RGB", (28, 28), (120, 30, 200)))
+    assert [tuple(c.shape) for c in crops] == [(3, 28, 28)] * 2 + [(3, 12, 12)] * 3
+
+
+# ------------------------------------------------------------------- real runs (digits)
+@pytest.mark.slow
+def test_one_epoch_then_resume(tmp_path):
+    out = tmp_path / "run"
+    first = run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "1", "--output_dir", out)
+    assert "Epoch: [0/1]" in first.stdout and "eta:" in first.stdout
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert {"student", "teacher", "optimizer", "args", "dino_loss", "fp16_scaler", "model_config"} <= set(checkpoint)
+    assert "backbone.sparo.queries" in checkpoint["teacher"]
+    assert checkpoint["model_config"]["readout"] == "sparo" and checkpoint["args"]["arch"] == "vit_tiny"
+    log = read_log(out / "log.txt")
+    assert len(log) == 1 and log[0]["epoch"] == 0 and math.isfinite(log[0]["train_loss"])
+    assert {"train_loss", "train_lr", "train_wd", "epoch"} <= set(log[0])
+
+    second = run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "2", "--output_dir", out)
+    assert "at epoch 1" in second.stdout and "Epoch: [0/2]" not in second.stdout
+    assert [entry["epoch"] for entry in read_log(out / "log.txt")] == [0, 1]
+    resumed = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 2
+    changed = resumed["teacher"]["backbone.sparo.queries"] - checkpoint["teacher"]["backbone.sparo.queries"]
+    assert changed.abs().max() > 0
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_with_torchrun(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+         str(REPO / "main_dino_sparo.py"), *TINY_TRAIN_ARGS, "--batch_size_per_gpu", "16",
+         "--epochs", "1", "--output_dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["args"]["world_size"] == 2
+    # 256 images / (2 processes x 16) = 8 iterations per epoch
+    assert "[7/8]" in process.stdout
+    assert len(read_log(out / "log.txt")) == 1

@@ -1,0 +1,134 @@
+"""ViT backbone: shapes, DINO-compatible parameter names, read-outs, head and multi-crop."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vision_transformer as vits
+
+
+def dino_vit_state_dict(embed_dim, depth, patch_size, img_size=224, in_chans=3):
+    """The keys and shapes of an official DINO ViT backbone, written out from DINO's layout."""
+    grid = img_size // patch_size
+    state = {
+        "cls_token": (1, 1, embed_dim),
+        "pos_embed": (1, 1 + grid * grid, embed_dim),
+        "patch_embed.proj.weight": (embed_dim, in_chans, patch_size, patch_size),
+        "patch_embed.proj.bias": (embed_dim,),
+        "norm.weight": (embed_dim,),
+        "norm.bias": (embed_dim,),
+    }
+    for i in range(depth):
+        prefix = f"blocks.{i}."
+        state.update({
+            prefix + "norm1.weight": (embed_dim,), prefix + "norm1.bias": (embed_dim,),
+            prefix + "attn.qkv.weight": (3 * embed_dim, embed_dim), prefix + "attn.qkv.bias": (3 * embed_dim,),
+            prefix + "attn.proj.weight": (embed_dim, embed_dim), prefix + "attn.proj.bias": (embed_dim,),
+            prefix + "norm2.weight": (embed_dim,), prefix + "norm2.bias": (embed_dim,),
+            prefix + "mlp.fc1.weight": (4 * embed_dim, embed_dim), prefix + "mlp.fc1.bias": (4 * embed_dim,),
+            prefix + "mlp.fc2.weight": (embed_dim, 4 * embed_dim), prefix + "mlp.fc2.bias": (embed_dim,),
+        })
+    return {name: torch.randn(shape) for name, shape in state.items()}
+
+
+@pytest.mark.parametrize("arch,width,patch", [("vit_small", 384, 16), ("vit_tiny", 192, 8), ("vit_base", 768, 16)])
+def test_official_dino_state_dict_loads_strictly_into_cls(arch, width, patch):
+    model = getattr(vits, arch)(patch_size=patch, readout="cls")
+    state = dino_vit_state_dict(width, 12, patch)
+    model.load_state_dict(state, strict=True)
+    torch.testing.assert_close(model.blocks[11].mlp.fc2.weight, state["blocks.11.mlp.fc2.weight"])
+
+
+def test_sparo_replaces_last_block_and_matches_parameter_budget():
+    cls = vits.vit_small(readout="cls")
+    sparo = vits.vit_small()
+    keep_all = vits.vit_small(sparo_keep_all_blocks=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert len(sparo.blocks) == 11 and len(cls.blocks) == 12 and len(keep_all.blocks) == 12
+    assert count(sparo) <= count(cls)
+    sparo_params = sum(p.numel() for p in sparo.sparo.parameters())
+    block_params = sum(p.numel() for p in cls.blocks[-1].parameters())
+    assert 1.5e6 < sparo_params < block_params  # SPARO.md: ~1.6M, less than one block (1.8M)
+    assert sparo.num_features == 64 * 64 and cls.num_features == 384
+
+
+@pytest.mark.parametrize("readout,width", [("sparo", 16 * 8), ("cls", 192)])
+def test_shapes_for_global_local_and_non_square_inputs(readout, width):
+    model = vits.vit_tiny(patch_size=4, img_size=28, readout=readout, sparo_slots=16, sparo_dim=8)
+    for shape in [(2, 3, 28, 28), (3, 3, 12, 12), (1, 3, 28, 16), (2, 3, 64, 64)]:
+        assert model(torch.randn(shape)).shape == (shape[0], width)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 3, 30, 28))
+
+
+def test_position_embeddings_unchanged_at_native_size_and_resampled_elsewhere():
+    model = vits.vit_tiny(patch_size=4, img_size=28, readout="cls")
+    x = torch.randn(1, 3, 28, 28)
+    tokens = model.prepare_tokens(x)
+    patches = model.patch_embed(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens[:, 1:], patches + model.pos_embed[:, 1:])
+    torch.testing.assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, :1])[:, 0])
+    assert model.prepare_tokens(torch.randn(1, 3, 12, 20)).shape == (1, 1 + 3 * 5, 192)
+
+
+def test_last_selfattention_is_the_attention_the_block_applies():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=4, img_size=28, readout="cls").eval()
+    x = torch.randn(2, 3, 28, 28)
+    attention = model.get_last_selfattention(x)
+    assert attention.shape == (2, 3, 50, 50)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 3, 50))
+    # Recompute the last block's attention output from these weights and compare with the
+    # block's own fused (SDPA) attention.
+    tokens = model.prepare_tokens(x)
+    for block in model.blocks[:-1]:
+        tokens = block(tokens)
+    block = model.blocks[-1]
+    normed = block.norm1(tokens)
+    v = block.attn.qkv(normed).reshape(2, 50, 3, 3, 64).permute(2, 0, 3, 1, 4)[2]
+    mixed = (attention @ v).transpose(1, 2).reshape(2, 50, 192)
+    torch.testing.assert_close(block.attn.proj(mixed), block.attn(normed), rtol=1e-4, atol=1e-5)
+
+
+def test_slot_attention_and_intermediate_layers():
+    model = vits.vit_tiny(patch_size=4, img_size=28, sparo_slots=8, sparo_dim=4)
+    x = torch.randn(2, 3, 28, 28)
+    alpha = model.get_slot_attention(x)
+    assert alpha.shape == (2, 8, 50)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(2, 8))
+    layers = model.get_intermediate_layers(x, n=4)
+    assert len(layers) == 4 and all(t.shape == (2, 50, 192) for t in layers)
+    torch.testing.assert_close(model.sparo(layers[-1]), model(x))
+    with pytest.raises(ValueError):
+        vits.vit_tiny(readout="cls").get_slot_attention(x)
+
+
+def test_build_backbone_from_config_round_trip():
+    config = vits.model_config(arch="vit_tiny", patch_size=4, img_size=28, sparo_slots=8, sparo_dim=4,
+                               sparo_norm="global", sparo_share_kv=False)
+    model = vits.build_backbone(config)
+    assert model.sparo.norm == "global" and model.sparo.value is not None
+    assert model.pos_embed.shape == (1, 50, 192)
+    with pytest.raises(ValueError):
+        vits.model_config(arch="vit_huge")
+
+
+def test_dino_head_matches_dino_definition():
+    torch.manual_seed(0)
+    head = vits.DINOHead(in_dim=32, out_dim=100, hidden_dim=64, bottleneck_dim=16)
+    names = set(dict(head.named_parameters()))
+    assert {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_g", "last_layer.weight_v"} <= names
+    assert not head.last_layer.weight_g.requires_grad
+    x = torch.randn(5, 32)
+    bottleneck = F.normalize(head.mlp(x), dim=-1)
+    weight = F.normalize(head.last_layer.weight_v, dim=1)  # g = 1: unit-norm prototypes
+    torch.testing.assert_close(head(x), bottleneck @ weight.T)
+    assert vits.DINOHead(32, 10, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_multicrop_wrapper_equals_separate_forward_passes():
+    torch.manual_seed(0)
+    backbone = vits.vit_tiny(patch_size=4, img_size=28, sparo_slots=4, sparo_dim=4).eval()
+    wrapper = vits.MultiCropWrapper(backbone, vits.DINOHead(16, 10, hidden_dim=8, bottleneck_dim=4)).eval()
+    crops = [torch.randn(2, 3, 28, 28), torch.randn(2, 3, 28, 28), torch.randn(2, 3, 12, 12)]
+    separate = torch.cat([wrapper.head(backbone(c)) for c in crops])
+    torch.testing.assert_close(wrapper(crops), separate, rtol=1e-5, atol=1e-6)

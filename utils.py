@@ -1,0 +1,679 @@
+"""Helpers shared by every script: flags and configs, distributed set-up, data sets,
+schedules, optimisation, checkpoints, weight loading and progress logging."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr with a non-zero exit."""
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a script's main(); a UserError becomes one clear line and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# =============================================================================== flags
+def bool_flag(value: str) -> bool:
+    """argparse type for on/off flags written like DINO's: --use_fp16 false."""
+    lowered = str(value).lower()
+    if lowered in {"on", "true", "1", "yes"}:
+        return True
+    if lowered in {"off", "false", "0", "no"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser,
+                           argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags, taking defaults from `--config FILE.yaml` (keys are flag names).
+
+    Flags given on the command line override the file; an unknown key is an error.
+    """
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            with open(known.config) as handle:
+                values = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError) as error:
+            parser.error(f"cannot read config {known.config}: {error}")
+        if not isinstance(values, dict):
+            parser.error(f"config {known.config} must be a mapping of flag names to values")
+        flags = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - flags)
+        if unknown:
+            parser.error(f"config {known.config} has unknown keys: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def plain(value: Any) -> Any:
+    """Arguments as plain Python (dicts, lists, str, numbers) so checkpoints load safely."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# ========================================================================= distributed
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Set args.rank, args.world_size, args.gpu, args.device and join the process group.
+
+    Launched by torchrun (RANK/WORLD_SIZE), by Slurm's srun (SLURM_PROCID) or as a plain
+    process (a group of one, no process group). NCCL on GPUs, gloo on CPU.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", _slurm_master_address())
+        env.setdefault("MASTER_PORT", str(_port_from_job_id(env.get("SLURM_JOB_ID", "0"))))
+    else:
+        args.rank, args.world_size, local_rank = 0, 1, 0
+
+    use_cuda = torch.cuda.is_available()
+    args.gpu = local_rank if use_cuda else None
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    args.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    args.distributed = args.world_size > 1
+    if args.distributed:
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
+                                world_size=args.world_size, rank=args.rank,
+                                timeout=datetime.timedelta(minutes=30))
+        dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def _slurm_master_address() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
+                             capture_output=True, text=True).stdout.split()
+        return out[0] if out else socket.gethostname()
+    except (OSError, subprocess.CalledProcessError):
+        return nodes.split(",")[0] if nodes and "[" not in nodes else "127.0.0.1"
+
+
+def _port_from_job_id(job_id: str) -> int:
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"
+    return 20000 + int(digits[-4:]) % 20000
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence print() on every rank but 0 (print(..., force=True) still prints)."""
+    import builtins
+
+    builtin_print = getattr(builtins, "_sparo_original_print", builtins.print)
+    builtins._sparo_original_print = builtin_print
+
+    def rank_aware_print(*args: Any, **kwargs: Any) -> None:
+        if is_master or kwargs.pop("force", False):
+            kwargs.pop("force", None)
+            builtin_print(*args, **kwargs)
+
+    builtins.print = rank_aware_print
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def fix_random_seeds(seed: int = 31) -> None:
+    """Seed torch, numpy and random (each rank passes its own seed)."""
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# ================================================================================ data
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_INSTALL = ("apt-get install dataset-fashion-mnist (as root), or "
+                         "apt-get download dataset-fashion-mnist && dpkg-deb -x "
+                         "dataset-fashion-mnist_*.deb DIR and set FASHION_MNIST_DIR="
+                         "DIR/usr/share/datasets/fashion-mnist")
+BUILTIN_DATASETS = ("fashion_mnist", "digits")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Grey uint8 images (N, H, W) with labels, served as RGB PIL images through a transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 transform: Optional[Callable] = None) -> None:
+        self.images, self.targets, self.transform = images, labels.astype(np.int64), transform
+        self.classes = [str(c) for c in sorted(set(self.targets.tolist()))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped): big-endian header, then raw uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte data
+        raise UserError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = magic & 0xFF
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_dir() -> Path:
+    """The folder holding the Debian package's Fashion-MNIST files."""
+    candidates = [os.environ["FASHION_MNIST_DIR"]] if os.environ.get("FASHION_MNIST_DIR") else []
+    for folder in map(Path, candidates + list(FASHION_MNIST_DIRS)):
+        if (folder / "train-labels-idx1-ubyte.gz").exists() or \
+                (folder / "train-labels-idx1-ubyte").exists():
+            return folder
+    raise UserError(f"Fashion-MNIST is not installed; install it with: {FASHION_MNIST_INSTALL}")
+
+
+def load_fashion_mnist(split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's official train (60k) or test (10k) split as (images, labels)."""
+    folder = fashion_mnist_dir()
+    prefix = "train" if split == "train" else "t10k"
+
+    def read(kind: str) -> np.ndarray:
+        name = f"{prefix}-{kind}-ubyte"
+        path = folder / f"{name}.gz"
+        return _read_idx(path if path.exists() else folder / name)
+
+    return read("images-idx3"), read("labels-idx1")
+
+
+def load_digits_split(split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits; test = every 5th image (360), train = the rest (1,437)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise UserError("the digits data set needs scikit-learn: pip install scikit-learn") from error
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 grey levels
+    is_test = np.arange(len(images)) % 5 == 0
+    keep = is_test if split == "test" else ~is_test
+    return np.ascontiguousarray(images[keep]), digits.target[keep]
+
+
+def load_rgb_image(path: str) -> Any:
+    """Open any image as 8-bit RGB: grey, palette, RGBA (on black) and 16-bit images included."""
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def image_folder(root: str, transform: Optional[Callable] = None) -> torch.utils.data.Dataset:
+    """torchvision ImageFolder over `root`; a flat folder of images counts as one class."""
+    from torchvision.datasets import ImageFolder
+
+    path = Path(root)
+    if not path.is_dir():
+        raise UserError(f"data folder {root} does not exist (built-in data sets: "
+                        f"{', '.join(BUILTIN_DATASETS)})")
+    has_classes = any(child.is_dir() for child in path.iterdir())
+    if has_classes:
+        try:
+            return ImageFolder(str(path), transform=transform, loader=load_rgb_image)
+        except (FileNotFoundError, RuntimeError) as error:
+            raise UserError(f"data folder {root} holds no images ({error})") from error
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserError(f"data folder {root} holds no images (extensions: "
+                        f"{' '.join(IMAGE_EXTENSIONS)})")
+    return FlatImageFolder(files, transform)
+
+
+class FlatImageFolder(torch.utils.data.Dataset):
+    """A folder of images without class sub-folders: every label is 0."""
+
+    def __init__(self, files: List[Path], transform: Optional[Callable] = None) -> None:
+        self.samples = [(str(f), 0) for f in files]
+        self.targets, self.classes, self.transform = [0] * len(files), ["images"], transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        image = load_rgb_image(self.samples[index][0])
+        return (self.transform(image) if self.transform else image), 0
+
+
+def build_dataset(data_path: str, split: str, transform: Optional[Callable] = None,
+                  subset: Optional[int] = None) -> torch.utils.data.Dataset:
+    """A labelled image data set by built-in name or folder.
+
+    split: "pretrain" (a whole ImageFolder, or the built-in train split), "train" or "test"
+    (built-in splits, or the folder's train/ and val/ sub-folders, DINO's layout).
+    subset: keep the first N images.
+    """
+    split_name = "train" if split in ("pretrain", "train") else "test"
+    if data_path == "fashion_mnist":
+        dataset: torch.utils.data.Dataset = ArrayImageDataset(*load_fashion_mnist(split_name),
+                                                              transform)
+    elif data_path == "digits":
+        dataset = ArrayImageDataset(*load_digits_split(split_name), transform)
+    elif split == "pretrain":
+        dataset = image_folder(data_path, transform)
+    else:
+        folder = Path(data_path) / ("train" if split_name == "train" else "val")
+        if not folder.is_dir():
+            raise UserError(f"{data_path} needs {'train' if split_name == 'train' else 'val'}/ "
+                            f"sub-folder (DINO's layout: DATA/train/CLASS/IMG, DATA/val/CLASS/IMG)")
+        dataset = image_folder(str(folder), transform)
+    if subset is not None and subset > 0:
+        if subset < len(dataset):
+            dataset = torch.utils.data.Subset(dataset, range(subset))
+    if len(dataset) == 0:
+        raise UserError(f"data set {data_path} ({split}) is empty")
+    return dataset
+
+
+def dataset_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
+    """The integer labels of a data set built by build_dataset, without loading images."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return np.asarray(dataset_labels(dataset.dataset))[list(dataset.indices)]
+    return np.asarray(dataset.targets, dtype=np.int64)
+
+
+# =========================================================================== schedules
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """One value per iteration: linear warm-up, then a cosine from base_value to final_value."""
+    warmup_iters = min(warmup_epochs * niter_per_ep, epochs * niter_per_ep)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    steps = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+# ======================================================================== optimisation
+def get_params_groups(model: nn.Module) -> List[Dict[str, Any]]:
+    """DINO's two groups: biases and 1-D parameters (norms) get no weight decay."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio (LARS), skipping 1-D parameters like DINO."""
+
+    def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0,
+                 momentum: float = 0.9, eta: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if param.ndim != 1:
+                    update = update.add(param, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(param), torch.norm(update)
+                    trust = torch.where((param_norm > 0) & (update_norm > 0),
+                                        group["eta"] * param_norm / update_norm,
+                                        torch.ones_like(param_norm))
+                    update = update.mul(trust)
+                state = self.state[param]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(param)
+                mu = state["mu"].mul_(group["momentum"]).add_(update)
+                param.add_(mu, alpha=-group["lr"])
+
+
+def build_optimizer(name: str, params_groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+    """adamw (fused/foreach where available), sgd or lars; lr and wd are set per iteration."""
+    if name == "adamw":
+        return torch.optim.AdamW(params_groups, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9, foreach=True)
+    if name == "lars":
+        return LARS(params_groups)
+    raise UserError(f"unknown optimizer {name!r}: choose adamw, sgd or lars")
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """DINO's per-parameter clipping: each gradient's norm is capped at `clip` on its own."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    factors = [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in norms]
+    torch._foreach_mul_(grads, factors)
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Keep DINO's prototype layer fixed during the first `freeze_last_layer` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+# ========================================================================= checkpoints
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_on_master(obj: Any, path: str | Path) -> None:
+    if is_main_process():
+        atomic_save(obj, path)
+
+
+def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Safe load (weights_only=True) with clear errors for missing, torn or foreign files.
+
+    Official DINO checkpoints pickle an argparse.Namespace under `args`: that one class is
+    allowed explicitly, nothing else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure here means an unusable file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise UserError(f"checkpoint {path} is not a plain checkpoint and was refused by "
+                            f"safe loading: {first_line}") from error
+        raise UserError(f"checkpoint {path} cannot be read (truncated or not a torch "
+                        f"checkpoint): {first_line}") from error
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+# ====================================================================== progress logs
+class SmoothedValue:
+    """A windowed median/average and the global average of a series of values."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})") -> None:
+        self.deque: deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        if not is_dist_avail_and_initialized():
+            return
+        totals = torch.tensor([self.count, self.total], dtype=torch.float64,
+                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(totals)
+        self.count, self.total = int(totals[0].item()), float(totals[1].item())
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               value=self.value)
+
+
+class MetricLogger:
+    """DINO-style progress: `Epoch: [0/10] [ 40/312] eta: 0:01:02 loss: ... ` lines."""
+
+    def __init__(self, delimiter: str = "  ") -> None:
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            self.meters[name].update(float(value))
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable: Sized, print_freq: int, header: str = "",
+                  samples_per_iter: int = 0) -> Iterator[Any]:
+        """Yield from iterable, printing progress, throughput and ETA every print_freq steps."""
+        total = len(iterable)
+        width = len(str(total))
+        start = last = time.time()
+        for i, item in enumerate(iterable):
+            yield item
+            if i % print_freq == 0 or i == total - 1:
+                now = time.time()
+                per_iter = (now - start) / (i + 1)
+                eta = datetime.timedelta(seconds=int(per_iter * (total - i - 1)))
+                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self)]
+                if samples_per_iter and i > 0:
+                    steps = i % print_freq or print_freq
+                    parts.append(f"img/s: {samples_per_iter * steps / max(now - last, 1e-9):.1f}")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+                last = now
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)",
+              flush=True)
+
+
+Sized = Any  # an iterable with len(); kept loose for DataLoaders
+
+
+def write_json_line(path: str | Path, record: Dict[str, Any]) -> None:
+    """Append one JSON record (one line) to a log file."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+# ===================================================================== loading weights
+def _strip_prefixes(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Backbone weights out of a DINO-style state dict: drop DDP's `module.` and keep the
+    `backbone.` part of a student/teacher (MultiCropWrapper) state dict when there is one."""
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def infer_model_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Rebuild a model configuration from a backbone state dict's shapes (e.g. official DINO
+    files, which carry no configuration)."""
+    import vision_transformer as vits
+
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise UserError("the weights are not a ViT backbone (no patch_embed.proj.weight/pos_embed)")
+    embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
+    arch = next((name for name, (width, _, _) in vits.ARCHS.items() if width == embed_dim), None)
+    if arch is None:
+        raise UserError(f"no known architecture has width {embed_dim} ({sorted(vits.ARCHS)})")
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    config: Dict[str, Any] = dict(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size),
+                                  readout="sparo" if "sparo.queries" in state else "cls")
+    if config["readout"] == "sparo":
+        slots, attn_dim = state["sparo.queries"].shape
+        depth = vits.ARCHS[arch][1]
+        num_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        config.update(sparo_slots=int(slots), sparo_attn_dim=int(attn_dim),
+                      sparo_dim=int(state["sparo.out_proj.weight"].shape[0]),
+                      sparo_share_kv="sparo.value.weight" not in state,
+                      sparo_keep_all_blocks=num_blocks == depth)
+    return config
+
+
+def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
+                  expected: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build a backbone and load weights into it strictly; returns (model, model_config).
+
+    Accepts this project's checkpoints (student/teacher + model_config), bare backbone state
+    dicts and official DINO files (bare, or full checkpoints with `args` as a Namespace).
+    `expected` holds configuration values the caller asks for (e.g. arch, patch_size from the
+    command line); one that differs from the checkpoint is an error, never a silent rebuild.
+    """
+    import vision_transformer as vits
+
+    checkpoint = load_checkpoint(pretrained_weights)
+    if checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], dict):
+        state, source = checkpoint[checkpoint_key], f"'{checkpoint_key}' weights"
+    elif all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state, source = checkpoint, "backbone weights"
+    else:
+        keys = [k for k, v in checkpoint.items() if isinstance(v, dict)]
+        raise UserError(f"{pretrained_weights} has no '{checkpoint_key}' weights "
+                        f"(it holds: {', '.join(keys) or 'no state dicts'}); see --checkpoint_key")
+    state = _strip_prefixes(state)
+    config = dict(checkpoint["model_config"]) if isinstance(checkpoint.get("model_config"), dict) \
+        else infer_model_config(state)
+    for key, value in (expected or {}).items():
+        if value is not None and key in config and config[key] != value:
+            raise UserError(f"{pretrained_weights} holds a {key}={config[key]!r} model, but "
+                            f"{key}={value!r} was asked for")
+    model = vits.build_backbone(config)
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys: {_short_list(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys: {_short_list(result.unexpected_keys)}")
+    if problems:
+        raise UserError(f"{pretrained_weights} does not fit a {config['arch']} "
+                        f"readout={config['readout']} backbone; {'; '.join(problems)}")
+    print(f"Loaded {source} from {pretrained_weights}: {config['arch']}/{config['patch_size']} readout={config['readout']}")
+    return model, config
+
+
+def _short_list(keys: List[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")

@@ -1,0 +1,263 @@
+"""Vision Transformer with a CLS or SPARO read-out, and the DINO projection head.
+
+Built from timm's blocks (fused scaled-dot-product attention, stochastic depth, position-
+embedding resampling) with the parameter names of DINO's vision_transformer.py, so an official
+DINO backbone state dict loads strictly into `readout="cls"`.
+
+    readout="cls":    patches -> blocks[0..depth-1] -> norm -> token 0
+    readout="sparo":  patches -> blocks[0..depth-2] -> norm -> SPARO(all tokens)   (default)
+                      (with sparo_keep_all_blocks, every block stays before the read-out)
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Dict, List, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+
+from sparo_head import SLOT_NORMS, SparoReadout
+
+Readout = Literal["sparo", "cls"]
+READOUTS = ("sparo", "cls")
+
+# DINO's architectures: (embed_dim, depth, num_heads); all use mlp_ratio 4 and qkv bias.
+ARCHS: Dict[str, tuple] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT with a choice of read-out. `forward` returns the backbone encoding."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 readout: Readout = "sparo", sparo_slots: int = 64, sparo_dim: int = 64,
+                 sparo_attn_dim: Optional[int] = None, sparo_share_kv: bool = True,
+                 sparo_norm: str = "slot", sparo_keep_all_blocks: bool = False) -> None:
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.readout, self.patch_size, self.embed_dim = readout, patch_size, embed_dim
+        self.num_features = embed_dim
+        self.num_heads = num_heads
+
+        # strict_img_size=False: any input size whose sides are multiples of the patch size.
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, flatten=False, strict_img_size=False)
+        self.pos_grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.pos_grid), embed_dim))
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        # SPARO takes the place of the last block unless told to keep it (SPARO.md, "Cost").
+        num_blocks = depth - 1 if readout == "sparo" and not sparo_keep_all_blocks else depth
+        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()  # DINO's rule over depth
+        self.blocks = nn.ModuleList([
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                  proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[i],
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for i in range(num_blocks)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()  # DINO's backbones carry an empty head; the projection is apart
+
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_dino_weights)
+        self.sparo: Optional[SparoReadout] = None
+        if readout == "sparo":  # built after DINO's init so that it keeps SPARO's own
+            self.sparo = SparoReadout(embed_dim, sparo_slots, sparo_dim,
+                                      sparo_attn_dim or embed_dim // num_heads,
+                                      sparo_share_kv, sparo_norm)
+            self.num_features = self.sparo.out_dim
+
+    # ------------------------------------------------------------------------------ tokens
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> CLS + patch tokens with resampled position embeddings."""
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size "
+                             f"{self.patch_size}")
+        patches = self.patch_embed(x)                                # (B, D, h, w)
+        grid = list(patches.shape[-2:])
+        patches = patches.flatten(2).transpose(1, 2)
+        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=grid,
+                                           old_size=list(self.pos_grid), num_prefix_tokens=1)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
+        return self.pos_drop(tokens + pos_embed.to(tokens.dtype))
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All output tokens after the final LayerNorm, (B, 1 + h*w, D)."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    # ---------------------------------------------------------------------------- read-out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone encoding: (B, L*V) unit-norm SPARO vector, or the (B, D) CLS token."""
+        tokens = self.forward_tokens(x)
+        return self.sparo(tokens) if self.sparo is not None else tokens[:, 0]
+
+    def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """SPARO attention weights (B, L, N) over the tokens, N = 1 + h*w (token 0 is CLS)."""
+        if self.sparo is None:
+            raise ValueError("get_slot_attention needs readout='sparo'")
+        return self.sparo(self.forward_tokens(x), return_attention=True)[1]
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of the last transformer block, (B, heads, N, N), as in DINO."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return attention_weights(self.blocks[-1], x)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> List[torch.Tensor]:
+        """Normalised outputs of the last n blocks (DINO's linear-probe features)."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if len(self.blocks) - i <= n:
+                outputs.append(self.norm(x))
+        return outputs
+
+
+def attention_weights(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) of a timm Block's attention for input tokens x."""
+    attn = block.attn
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _init_dino_weights(module: nn.Module) -> None:
+    """DINO's initialisation: truncated-normal Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------- model configuration
+def model_config(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
+                 readout: Readout = "sparo", sparo_slots: int = 64, sparo_dim: int = 64,
+                 sparo_attn_dim: Optional[int] = None, sparo_share_kv: bool = True,
+                 sparo_norm: str = "slot", sparo_keep_all_blocks: bool = False) -> Dict[str, Any]:
+    """Everything needed to rebuild a backbone; stored in checkpoints as `model_config`."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    if sparo_norm not in SLOT_NORMS:
+        raise ValueError(f"sparo_norm must be one of {SLOT_NORMS}, got {sparo_norm!r}")
+    return dict(arch=arch, patch_size=patch_size, img_size=img_size, readout=readout,
+                sparo_slots=sparo_slots, sparo_dim=sparo_dim, sparo_attn_dim=sparo_attn_dim,
+                sparo_share_kv=sparo_share_kv, sparo_norm=sparo_norm,
+                sparo_keep_all_blocks=sparo_keep_all_blocks)
+
+
+def build_backbone(config: Dict[str, Any], **overrides: Any) -> VisionTransformer:
+    """A VisionTransformer from a `model_config` dict (overrides: drop_path_rate, ...)."""
+    config = model_config(**config)
+    embed_dim, depth, num_heads = ARCHS[config.pop("arch")]
+    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             **config, **overrides)
+
+
+def _arch_factory(arch: str):
+    def build(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+        embed_dim, depth, num_heads = ARCHS[arch]
+        return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                 num_heads=num_heads, **kwargs)
+    build.__name__ = arch
+    build.__doc__ = f"DINO's {arch}: width {ARCHS[arch][0]}, {ARCHS[arch][2]} heads."
+    return build
+
+
+vit_tiny = _arch_factory("vit_tiny")
+vit_small = _arch_factory("vit_small")
+vit_base = _arch_factory("vit_base")
+
+
+# ------------------------------------------------------------------------------- DINO head
+class WeightNormLinear(nn.Module):
+    """Bias-free Linear with weight = g * v / ||v|| per output, named like DINO's weight_norm.
+
+    Keeps the `weight_g`/`weight_v` names of DINO checkpoints without the deprecated
+    torch.nn.utils.weight_norm hook.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        trunc_normal_(self.weight_v, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.weight_v
+        weight = v * (self.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+        return F.linear(x, weight.to(x.dtype))
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: MLP -> bottleneck -> L2 normalise -> weight-normed prototypes."""
+
+    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False,
+                 norm_last_layer: bool = True, nlayers: int = 3, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256) -> None:
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: List[nn.Module] = []
+        for i, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(width_in, width_out))
+            if i < nlayers - 1:
+                layers += [nn.BatchNorm1d(width_out)] if use_bn else []
+                layers.append(nn.GELU())
+        self.mlp = layers[0] if nlayers == 1 else nn.Sequential(*layers)
+        self.apply(_init_dino_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad = not norm_last_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+
+class MultiCropWrapper(nn.Module):
+    """Runs the backbone once per crop resolution and the head once on all crops (DINO)."""
+
+    def __init__(self, backbone: VisionTransformer, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops: List[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        encodings, start = [], 0
+        for end in _resolution_boundaries(crops):
+            encodings.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(encodings))
+
+
+def _resolution_boundaries(crops: List[torch.Tensor]) -> List[int]:
+    """End indices of the runs of consecutive crops that share a resolution."""
+    ends = [i for i in range(1, len(crops)) if crops[i].shape[-2:] != crops[i - 1].shape[-2:]]
+    return ends + [len(crops)]
