@@ -215,6 +215,9 @@ class DINOLoss(nn.Module):
         student_logp = student_logp.view(self.ncrops, -1, student_logp.shape[-1])
         temp = float(self.teacher_temp_schedule[epoch])
         teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        # Mean entropy of the teacher's distributions: log(out_dim) means uniform outputs,
+        # DINO's collapse signature. Cheap next to the forward pass, read once per print window.
+        self.last_teacher_entropy = -(teacher_p * torch.log(teacher_p + 1e-12)).sum(-1).mean().detach()
         teacher_p = teacher_p.view(2, -1, teacher_p.shape[-1])
 
         # sum over pairs (i, v != i) of q_i . log p_v = (sum_i q_i) . (sum_v log p_v)
@@ -241,47 +244,50 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; training must stop before anything is saved."""
 
 
-class LossTracker:
-    """Collects per-iteration losses on the device and checks them in windows.
+class StepStatsTracker:
+    """Collects per-iteration loss and teacher entropy on the device and checks them in windows.
 
-    Reading a loss forces a host-device sync, so it happens once per print interval, not per
+    Reading a value forces a host-device sync, so it happens once per print interval, not per
     iteration. A non-finite loss in a window is found on every rank together (all-reduce) so
     that all processes stop at the same step.
     """
 
     def __init__(self) -> None:
-        self.window: List[torch.Tensor] = []
+        self.window: List[torch.Tensor] = []  # one (loss, teacher entropy) pair per iteration
         self.window_start = 0
-        self.total, self.count = 0.0, 0
+        self.totals = torch.zeros(3, dtype=torch.float64)  # loss sum, entropy sum, count
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.window.append(loss.detach())
+    def add(self, loss: torch.Tensor, teacher_entropy: torch.Tensor) -> None:
+        self.window.append(torch.stack([loss.detach().float(), teacher_entropy.float()]))
 
-    def flush(self, epoch: int, next_iteration: int) -> Optional[float]:
-        """Check and clear the window; return its mean loss (None when empty)."""
-        if not self.window:
-            return None
-        losses = torch.stack(self.window).float()
-        bad = (~torch.isfinite(losses)).float()
+    def flush(self, epoch: int, next_iteration: int) -> Tuple[float, float]:
+        """Check and clear the window; return its mean loss and mean teacher entropy."""
+        values = torch.stack(self.window).cpu().double()
+        losses = values[:, 0]
+        bad = (~torch.isfinite(losses)).float().max().reshape(1)
         if utils.is_dist_avail_and_initialized():
+            bad = bad.to(utils.collective_device())
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.any():
-            first = self.window_start + int(torch.nonzero(bad)[0])
-            raise NonFiniteLoss(f"loss is {losses[int(torch.nonzero(bad)[0])].item()} at epoch "
-                                f"{epoch}, iteration {first}; stopping without saving")
-        window_sum = float(losses.sum())
-        self.total += window_sum
-        self.count += len(self.window)
-        mean = window_sum / len(self.window)
+        if bad.item() > 0:
+            nonfinite = torch.nonzero(~torch.isfinite(losses))
+            first = int(nonfinite[0]) if len(nonfinite) else 0
+            what = f"loss is {losses[first].item()}" if len(nonfinite) else "another process's loss is not finite"
+            raise NonFiniteLoss(f"{what} at epoch {epoch}, iteration {self.window_start + first}; "
+                                f"stopping without saving")
+        self.totals += torch.tensor([losses.sum().item(), values[:, 1].sum().item(), len(values)],
+                                    dtype=torch.float64)
         self.window, self.window_start = [], next_iteration
-        return mean
+        means = values.mean(0)
+        return float(means[0]), float(means[1])
 
-    def epoch_mean(self) -> float:
-        totals = torch.tensor([self.total, float(self.count)], dtype=torch.float64)
+    def epoch_means(self) -> Tuple[float, float]:
+        """Mean loss and mean teacher entropy over the epoch and all processes."""
+        totals = self.totals.clone()
         if utils.is_dist_avail_and_initialized():
-            totals = totals.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            totals = totals.to(utils.collective_device())
             dist.all_reduce(totals)
-        return float(totals[0] / max(totals[1], 1))
+        count = max(float(totals[2]), 1.0)
+        return float(totals[0]) / count, float(totals[1]) / count
 
 
 def model_config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -355,16 +361,36 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
 
 
 def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest readable checkpoint in output_dir: checkpoint.pth, else checkpointNNNN.pth."""
+    """The newest readable checkpoint in output_dir: checkpoint.pth, else checkpointNNNN.pth.
+
+    None when output_dir holds no checkpoint; an error when it holds only unreadable ones, so
+    that a damaged run is never silently restarted from scratch over its files.
+    """
     numbered = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
-    for path in [output_dir / "checkpoint.pth"] + numbered:
-        if not path.exists():
-            continue
+    candidates = [p for p in [output_dir / "checkpoint.pth"] + numbered if p.exists()]
+    for path in candidates:
         try:
-            return path, utils.load_checkpoint(path)
+            checkpoint = utils.load_checkpoint(path)
         except utils.UserError as error:
             print(f"Skipping unreadable checkpoint: {error}")
+            continue
+        if {"student", "teacher", "epoch"} <= set(checkpoint):
+            return path, checkpoint
+        print(f"Skipping {path}: not a training checkpoint (no student/teacher/epoch)")
+    if candidates:
+        raise utils.UserError(f"{output_dir} holds checkpoints but none is readable "
+                              f"({', '.join(p.name for p in candidates)}); move them away to start over")
     return None
+
+
+def rewrite_log(path: Path, history: List[Dict[str, Any]]) -> None:
+    """Make log.txt hold exactly the saved epochs' JSON lines (atomically)."""
+    lines = "".join(json.dumps(record) + "\n" for record in history)
+    if path.exists() and path.read_text() == lines:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(lines)
+    os.replace(tmp, path)
 
 
 def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
@@ -378,22 +404,29 @@ def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
                               f"Use another --output_dir or the same arguments.")
 
 
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create the output folder (rank 0), check it is writable, clear stale temporary files."""
+    if not utils.is_main_process():
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise utils.UserError(f"cannot create --output_dir {output_dir}: {error.strerror}") from error
+    if not os.access(output_dir, os.W_OK):
+        raise utils.UserError(f"--output_dir {output_dir} is not writable")
+    utils.remove_stale_temporary_files(output_dir)
+
+
 def train_dino(args: argparse.Namespace) -> None:
     utils.init_distributed_mode(args)
     check_args(args)
     utils.fix_random_seeds(args.seed + args.rank)
-    output_dir = Path(args.output_dir)
-    if utils.is_main_process():
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise utils.UserError(f"cannot create --output_dir {output_dir}: {error.strerror}") from error
-        if not os.access(output_dir, os.W_OK):
-            raise utils.UserError(f"--output_dir {output_dir} is not writable")
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     # ============ preparing data ... ============
-    data_loader = build_data_loader(args)
+    data_loader = build_data_loader(args)  # before creating anything: bad data changes no files
+    output_dir = Path(args.output_dir)
+    prepare_output_dir(output_dir)
 
     # ============ building student and teacher networks ... ============
     student, teacher, config, head_config = build_student_teacher(args)
@@ -426,7 +459,7 @@ def train_dino(args: argparse.Namespace) -> None:
         momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
 
     # ============ optionally resume training ... ============
-    start_epoch = 0
+    start_epoch, history = 0, []
     found = find_resume_checkpoint(output_dir)
     if found is not None:
         path, checkpoint = found
@@ -437,8 +470,12 @@ def train_dino(args: argparse.Namespace) -> None:
         dino_loss.load_state_dict(checkpoint["dino_loss"])
         if fp16_scaler is not None and checkpoint.get("fp16_scaler"):
             fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])
-        start_epoch = int(checkpoint["epoch"])
+        start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("train_log", []))
         print(f"Resuming from {path} at epoch {start_epoch}.")
+    if utils.is_main_process():
+        # log.txt always tells the story of the checkpoint training continues from, even after
+        # a crash between writing the checkpoint and appending to the log.
+        rewrite_log(output_dir / "log.txt", history)
     if start_epoch >= args.epochs:
         print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
         return
@@ -456,17 +493,17 @@ def train_dino(args: argparse.Namespace) -> None:
         train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args)
 
         # ============ writing logs and checkpoints ... ============
+        history.append({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
         save_dict = dict(student=student_without_ddp.state_dict(), teacher=teacher_without_ddp.state_dict(),
                          optimizer=optimizer.state_dict(), epoch=epoch + 1, args=utils.plain(args),
                          dino_loss=dino_loss.state_dict(),
                          fp16_scaler=fp16_scaler.state_dict() if fp16_scaler is not None else None,
-                         model_config=config, head_config=head_config)
+                         model_config=config, head_config=head_config, train_log=history)
         utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
         if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04}.pth")
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if utils.is_main_process():
-            utils.write_json_line(output_dir / "log.txt", log_stats)
+            utils.write_json_line(output_dir / "log.txt", history[-1])
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
 
@@ -489,6 +526,7 @@ class TrainStep:
 
     def __call__(self, images: List[torch.Tensor], epoch: int, lr: float, wd: float,
                  momentum: float) -> torch.Tensor:
+        """Train on one batch of crops; returns the loss (a 0-d tensor, not synchronised)."""
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = lr
             if i == 0:  # only the first group is regularised
@@ -527,7 +565,7 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
     metric_logger.meters["lr"] = utils.SmoothedValue(window_size=1, fmt="{value:.3e}")
     metric_logger.meters["wd"] = utils.SmoothedValue(window_size=1, fmt="{value:.4f}")
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    tracker = LossTracker()
+    tracker = StepStatsTracker()
     iters = len(data_loader)
     images_per_iter = args.batch_size_per_gpu * args.world_size
     non_blocking = args.device.type == "cuda"
@@ -537,16 +575,27 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
         images = [im.to(args.device, non_blocking=non_blocking) for im in images]
         loss = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
                           float(schedules["momentum"][step]))
-        tracker.add(loss)
+        tracker.add(loss, train_step.dino_loss.last_teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
-            window_mean = tracker.flush(epoch, it + 1)
-            metric_logger.meters["loss"].update(window_mean)
+            window_loss, _ = tracker.flush(epoch, it + 1)
+            metric_logger.meters["loss"].update(window_loss)
             metric_logger.update(lr=schedules["lr"][step], wd=schedules["wd"][step])
     epoch_steps = slice(iters * epoch, iters * (epoch + 1))
-    stats = dict(loss=tracker.epoch_mean(), lr=float(schedules["lr"][epoch_steps].mean()),
-                 wd=float(schedules["wd"][epoch_steps].mean()))
-    print(f"Averaged stats: loss: {stats['loss']:.6f}  lr: {stats['lr']:.6f}  wd: {stats['wd']:.6f}")
+    loss, teacher_entropy = tracker.epoch_means()
+    stats = dict(loss=loss, lr=float(schedules["lr"][epoch_steps].mean()),
+                 wd=float(schedules["wd"][epoch_steps].mean()), teacher_entropy=teacher_entropy)
+    print(f"Averaged stats: loss: {loss:.6f}  lr: {stats['lr']:.6f}  wd: {stats['wd']:.6f}  "
+          f"teacher entropy: {teacher_entropy:.3f} (uniform: {math.log(args.out_dim):.3f})")
+    warn_if_collapsed(teacher_entropy, args.out_dim, epoch)
     return stats
+
+
+def warn_if_collapsed(teacher_entropy: float, out_dim: int, epoch: int) -> None:
+    """DINO's known failure: the teacher's outputs become uniform (entropy -> log(out_dim))."""
+    if epoch >= 1 and teacher_entropy > 0.98 * math.log(out_dim):
+        print(f"Warning: the teacher's outputs are almost uniform (entropy {teacher_entropy:.3f} of "
+              f"at most {math.log(out_dim):.3f}): DINO is collapsing. Try a lower --teacher_temp, a "
+              f"higher --momentum_teacher, --norm_last_layer true or a lower --lr.", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -35,11 +35,21 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_error_message(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def user_error_message(error: UserError) -> str:
+    """The one-line message of a UserError, also when a DataLoader worker raised it (the
+    DataLoader re-raises it with the worker's traceback folded into the message)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1].strip()
+    return last.split("UserError: ", 1)[1] if "UserError: " in last else lines[0]
 
 
 # =============================================================================== flags
@@ -57,9 +67,12 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
                            argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags, taking defaults from `--config FILE.yaml` (keys are flag names).
 
-    Flags given on the command line override the file; an unknown key is an error.
+    Flags given on the command line override the file; an unknown key or a value outside a
+    flag's choices is an error. Errors are one line (`error: ...`), without argparse's usage.
     """
     import yaml
+
+    parser.error = _one_line_error  # type: ignore[method-assign]
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=str, default=None)
@@ -72,12 +85,22 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
             parser.error(f"cannot read config {known.config}: {error}")
         if not isinstance(values, dict):
             parser.error(f"config {known.config} must be a mapping of flag names to values")
-        flags = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - flags)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
             parser.error(f"config {known.config} has unknown keys: {', '.join(unknown)}")
+        for key, value in values.items():
+            choices = actions[key].choices
+            if choices is not None and value not in choices:
+                parser.error(f"config {known.config}: {key}: invalid choice {value!r} "
+                             f"(choose from {', '.join(map(str, choices))})")
         parser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def _one_line_error(message: str) -> None:
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 def plain(value: Any) -> Any:
@@ -115,9 +138,10 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         args.rank, args.world_size, local_rank = 0, 1, 0
 
     use_cuda = torch.cuda.is_available()
-    args.gpu = local_rank if use_cuda else None
+    # A task may see all of the node's GPUs (torchrun) or only its own (Slurm --gpus-per-task).
+    args.gpu = local_rank % torch.cuda.device_count() if use_cuda else None
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(args.gpu)
     args.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     args.distributed = args.world_size > 1
     if args.distributed:
@@ -178,6 +202,13 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_dist_avail_and_initialized():
         dist.barrier()
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the GPU with NCCL, the CPU with gloo."""
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def cleanup_distributed() -> None:
@@ -326,6 +357,57 @@ class FlatImageFolder(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), 0
 
 
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises on bad files
+
+
+class SkipUnreadableImages(torch.utils.data.Dataset):
+    """Pre-training data that survives bad files: an unreadable or truncated image is skipped
+    with a warning naming it (the next readable image is served in its place). A long run
+    should not die on one corrupt JPEG; labels are unused, so nothing else changes."""
+
+    max_consecutive_failures = 50
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+        self.warned: set = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        for attempt in range(self.max_consecutive_failures):
+            position = (index + attempt) % len(self.dataset)
+            try:
+                return self.dataset[position]
+            except UNREADABLE_IMAGE_ERRORS as error:
+                self._warn(position, error)
+        raise UserError(f"{self.max_consecutive_failures} images in a row are unreadable "
+                        f"(from {_sample_path(self.dataset, index)}); check the data folder")
+
+    def _warn(self, position: int, error: Exception) -> None:
+        if position not in self.warned:
+            self.warned.add(position)
+            print(f"Warning: skipping unreadable image {_sample_path(self.dataset, position)} "
+                  f"({type(error).__name__}: {error})", file=sys.stderr, flush=True)
+
+
+class FailOnUnreadableImages(SkipUnreadableImages):
+    """Evaluation data: an unreadable image is an error naming the file, because silently
+    dropping test images would change the reported accuracy."""
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise UserError(f"cannot read image {_sample_path(self.dataset, index)} "
+                            f"({type(error).__name__}: {error})") from error
+
+
+def _sample_path(dataset: Any, index: int) -> str:
+    samples = getattr(dataset, "samples", None)
+    return samples[index][0] if samples else f"#{index}"
+
+
 def build_dataset(data_path: str, split: str, transform: Optional[Callable] = None,
                   subset: Optional[int] = None) -> torch.utils.data.Dataset:
     """A labelled image data set by built-in name or folder.
@@ -341,13 +423,13 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
     elif data_path == "digits":
         dataset = ArrayImageDataset(*load_digits_split(split_name), transform)
     elif split == "pretrain":
-        dataset = image_folder(data_path, transform)
+        dataset = SkipUnreadableImages(image_folder(data_path, transform))
     else:
         folder = Path(data_path) / ("train" if split_name == "train" else "val")
         if not folder.is_dir():
             raise UserError(f"{data_path} needs {'train' if split_name == 'train' else 'val'}/ "
                             f"sub-folder (DINO's layout: DATA/train/CLASS/IMG, DATA/val/CLASS/IMG)")
-        dataset = image_folder(str(folder), transform)
+        dataset = FailOnUnreadableImages(image_folder(str(folder), transform))
     if subset is not None and subset > 0:
         if subset < len(dataset):
             dataset = torch.utils.data.Subset(dataset, range(subset))
@@ -360,6 +442,8 @@ def dataset_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
     """The integer labels of a data set built by build_dataset, without loading images."""
     if isinstance(dataset, torch.utils.data.Subset):
         return np.asarray(dataset_labels(dataset.dataset))[list(dataset.indices)]
+    if isinstance(dataset, SkipUnreadableImages):
+        return dataset_labels(dataset.dataset)
     return np.asarray(dataset.targets, dtype=np.int64)
 
 
@@ -452,9 +536,10 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 
 # ========================================================================= checkpoints
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save to a temporary file in the same folder, verify, fsync, rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a torn file.
+    A crash at any moment leaves either the old file or the new one, never a torn file; the
+    temporary file is read back (memory-mapped, so cheaply) before it replaces anything.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -463,6 +548,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -475,6 +561,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def remove_stale_temporary_files(folder: Path) -> None:
+    """Delete temporary files that a process killed during atomic_save left behind."""
+    for stale in Path(folder).glob(".*.tmp.*"):
+        stale.unlink(missing_ok=True)
 
 
 def save_on_master(obj: Any, path: str | Path) -> None:
@@ -523,7 +615,7 @@ class SmoothedValue:
         if not is_dist_avail_and_initialized():
             return
         totals = torch.tensor([self.count, self.total], dtype=torch.float64,
-                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
+                              device=collective_device())
         dist.all_reduce(totals)
         self.count, self.total = int(totals[0].item()), float(totals[1].item())
 

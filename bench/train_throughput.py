@@ -1,0 +1,171 @@
+"""Training-step throughput: SPARO vs CLS read-out vs a plain DINO-style reference, side by side.
+
+    python bench/train_throughput.py                     # the reference CPU configuration
+    python bench/train_throughput.py --arch vit_small --patch_size 16 --global_crops_size 224 \
+        --local_crops_size 96 --local_crops_number 8 --out_dim 65536   # DINO's ViT-S/16 recipe
+
+A step is everything one iteration does except data loading: teacher forward on the 2 global
+crops, student forward and backward on all crops, loss, clipping, optimiser step and EMA.
+Inputs are random tensors of the crop shapes. Every variant runs in this one process, after
+warm-up steps, on the same inputs. Peak memory: CUDA's allocator peak on GPU; on CPU the growth
+of the process's peak resident set (VmHWM, reset between variants) over its size before.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import main_dino_sparo as dino  # noqa: E402
+import utils  # noqa: E402
+from bench.dino_reference import ReferenceStep  # noqa: E402
+
+VARIANTS = ("sparo", "cls", "reference")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("train_throughput", parents=[dino.get_args_parser()])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="sparo / cls: this project's step with that read-out; reference: a "
+                             "plain DINO-style step (bench/dino_reference.py, CLS read-out).")
+    parser.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps per variant.")
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per variant.")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--output_json", default=None, help="Also write the results here.")
+    # The reference configuration of the speed issue (2-core CPU): vit_tiny/4, 28/12 px crops.
+    parser.set_defaults(arch="vit_tiny", patch_size=4, global_crops_size=28, local_crops_size=12,
+                        local_crops_number=6, batch_size_per_gpu=64, out_dim=4096, epochs=100)
+    return parser
+
+
+def make_crops(args: argparse.Namespace) -> List[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = lambda size: (args.batch_size_per_gpu, 3, size, size)
+    crops = [torch.randn(shape(args.global_crops_size), generator=generator) for _ in range(2)]
+    crops += [torch.randn(shape(args.local_crops_size), generator=generator)
+              for _ in range(args.local_crops_number)]
+    return [c.to(args.device) for c in crops]
+
+
+def build_step(variant: str, args: argparse.Namespace) -> Callable:
+    if variant == "reference":
+        return ReferenceStep(args)
+    args = argparse.Namespace(**{**vars(args), "readout": variant})
+    student, teacher, _, _ = dino.build_student_teacher(args)
+    student, teacher = student.to(args.device), teacher.to(args.device)
+    teacher.load_state_dict(student.state_dict())
+    for param in teacher.parameters():
+        param.requires_grad = False
+    if args.compile:
+        student, teacher = torch.compile(student), torch.compile(teacher)
+    loss = dino.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
+    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
+    autocast, scaler = dino.autocast_context(args)
+    return dino.TrainStep(student, teacher, student, teacher, loss, optimizer, autocast, scaler, args)
+
+
+class PeakMemory:
+    """Peak memory of the code run between start() and stop(), in MiB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        try:  # hand freed heap back to the OS so that the resident set is a fair baseline
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        self.base = _proc_status_kib("VmRSS") * 1024
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (_proc_status_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(variant: str, args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, float]:
+    memory = PeakMemory(args.device)
+    memory.start()
+    step = build_step(variant, args)
+    for _ in range(args.warmup_steps):
+        step(crops, 0, 1e-4, 0.04, 0.996)
+    synchronize(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step(crops, 0, 1e-4, 0.04, 0.996)
+    synchronize(args.device)
+    seconds = (time.perf_counter() - start) / args.steps
+    result = dict(images_per_s=args.batch_size_per_gpu / seconds, step_ms=seconds * 1000,
+                  peak_mib=memory.stop(), loss=loss.detach().item())
+    del step
+    return result
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
+    args = utils.parse_args_with_config(get_args_parser(), argv)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.device = torch.device("cuda" if use_cuda else "cpu")
+    args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0 if use_cuda else None, False
+    dino.check_args(args)
+    crops = make_crops(args)
+    precision = dino.autocast_context(args)[0]().__class__.__name__
+    print(f"device: {describe_device(args.device)}; torch {torch.__version__}")
+    print(f"config: {args.arch}/{args.patch_size}, batch {args.batch_size_per_gpu}, 2x{args.global_crops_size}px + "
+          f"{args.local_crops_number}x{args.local_crops_size}px crops, out_dim {args.out_dim}, "
+          f"{'mixed precision' if precision == 'autocast' else 'fp32'}, compile={args.compile}")
+    results = {}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        results[variant] = measure(variant, args, crops)
+        r = results[variant]
+        print(f"{variant:>10}: {r['images_per_s']:8.1f} images/s  {r['step_ms']:9.1f} ms/step  "
+              f"peak {r['peak_mib']:8.1f} MiB", flush=True)
+    for a, b in [("sparo", "cls"), ("sparo", "reference"), ("cls", "reference")]:
+        if a in results and b in results:
+            print(f"{a}/{b} throughput ratio: {results[a]['images_per_s'] / results[b]['images_per_s']:.3f}  "
+                  f"peak memory ratio: {results[a]['peak_mib'] / max(results[b]['peak_mib'], 1e-9):.3f}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(dict(device=describe_device(args.device),
+                                                          config=utils.plain(args), results=results), indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,264 @@
+"""Reliability of pre-training: exact resume, kill -9 at any moment, NaN stops, bad input."""
+import hashlib
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_dino_sparo as dino
+import utils
+from helpers import REPO, TINY_TRAIN_ARGS, read_log, run_script
+
+EPOCHS = 3
+RUN_ARGS = [*TINY_TRAIN_ARGS, "--subset", "128", "--batch_size_per_gpu", "16", "--seed", "5"]
+
+
+def folder_digest(folder):
+    """Hash of every file (name and bytes) under a folder, to prove nothing was touched."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def train(out, epochs, check=True):
+    return run_script("main_dino_sparo.py", *RUN_ARGS, "--epochs", epochs, "--output_dir", out, check=check)
+
+
+def assert_same_weights(path_a, path_b):
+    a = torch.load(path_a, map_location="cpu", weights_only=True)
+    b = torch.load(path_b, map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"]
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(out, EPOCHS)
+    return out
+
+
+def start_training(out):
+    command = [sys.executable, str(REPO / "main_dino_sparo.py"), *RUN_ARGS, "--epochs", str(EPOCHS),
+               "--output_dir", str(out)]
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_resume_at_epoch_boundary_equals_uninterrupted_run(uninterrupted, tmp_path):
+    # Stop the run (same arguments) right after its first epoch is saved, then rerun it.
+    # (A run started with fewer --epochs would differ: the schedules span all epochs.)
+    process = start_training(tmp_path)
+    log = tmp_path / "log.txt"
+    while process.poll() is None and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    second = train(tmp_path, EPOCHS)
+    assert "Resuming from" in second.stdout and "at epoch 1" in second.stdout
+    assert_same_weights(uninterrupted / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    assert read_log(tmp_path / "log.txt") == read_log(uninterrupted / "log.txt")
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_nothing(uninterrupted, tmp_path):
+    """Kill training several times, once during a checkpoint write, and resume each time."""
+    rng = random.Random(0)
+    killed_during_write = False
+    for attempt in range(12):
+        process = start_training(tmp_path)
+        deadline = time.time() + (rng.uniform(3.0, 12.0) if attempt < 4 else 600)
+        while process.poll() is None and time.time() < deadline:
+            writing = list(tmp_path.glob(".checkpoint.pth.tmp.*"))
+            if writing and not killed_during_write:
+                process.send_signal(signal.SIGKILL)
+                killed_during_write = True
+                break
+            time.sleep(0.005)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+        if process.returncode == 0:
+            break
+        # whatever the moment, what is on disk is a readable checkpoint or nothing
+        if (tmp_path / "checkpoint.pth").exists():
+            torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert process.returncode == 0, process.stderr.read()
+    assert killed_during_write, "no kill landed during a checkpoint write"
+    assert not list(tmp_path.glob(".*.tmp.*"))
+    assert_same_weights(uninterrupted / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    assert [entry["epoch"] for entry in read_log(tmp_path / "log.txt")] == list(range(EPOCHS))
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    dino.main([*RUN_ARGS, "--epochs", "1", "--output_dir", str(tmp_path)])
+    saved = folder_digest(tmp_path)
+    real_forward = dino.DINOLoss.forward
+    calls = {"n": 0}
+
+    def poisoned_forward(self, student_output, teacher_output, epoch):
+        loss = real_forward(self, student_output, teacher_output, epoch)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 4 else loss  # epoch 1, iteration 3
+
+    monkeypatch.setattr(dino.DINOLoss, "forward", poisoned_forward)
+    with pytest.raises(SystemExit) as stop:
+        dino.main([*RUN_ARGS, "--epochs", "2", "--output_dir", str(tmp_path)])
+    assert stop.value.code == 3
+    message = capsys.readouterr().err
+    assert "loss is nan at epoch 1, iteration 3" in message
+    assert folder_digest(tmp_path) == saved
+
+
+def test_collapse_warning_only_for_uniform_teacher(capsys):
+    dino.warn_if_collapsed(np.log(1000) * 0.999, 1000, epoch=3)
+    assert "collapsing" in capsys.readouterr().out
+    dino.warn_if_collapsed(np.log(1000) * 0.5, 1000, epoch=3)
+    assert "collapsing" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad input
+class Payload:
+    """A pickle that would create a file when unpickled by an unsafe loader."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_images(folder, count=8, size=16, bad=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    for name in bad:
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+
+def run_bad(tmp_path, *args):
+    out = tmp_path / "out"
+    before = folder_digest(out) if out.exists() else None
+    process = run_script("main_dino_sparo.py", *RUN_ARGS, "--epochs", "1", "--output_dir", out, *args,
+                         check=False)
+    after = folder_digest(out) if out.exists() else None
+    return process, before, after
+
+
+BAD_INPUT = [
+    ("missing data folder", lambda d: ["--data_path", str(d / "nowhere")], "does not exist"),
+    ("empty data folder", lambda d: (d / "empty").mkdir() or ["--data_path", str(d / "empty")], "holds no images"),
+    ("non-image folder", lambda d: ((d / "txt" / "cls").mkdir(parents=True), (d / "txt" / "cls" / "a.txt").write_text("x"))
+     and ["--data_path", str(d / "txt")], "holds no images"),
+    ("crop not a multiple of patch", lambda d: ["--global_crops_size", "18"], "not a multiple of --patch_size"),
+    ("batch larger than data", lambda d: ["--batch_size_per_gpu", "1000"], "larger than the data set"),
+    ("output dir under a file", lambda d: (d / "file").write_text("x") and ["--output_dir", str(d / "file" / "sub")],
+     "cannot create --output_dir"),
+    ("unknown optimizer via config", lambda d: (d / "c.yaml").write_text("optimizer: adam\n") and ["--config", str(d / "c.yaml")],
+     "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("case,make_args,message", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_gives_one_clear_line(tmp_path, case, make_args, message):
+    process, before, after = run_bad(tmp_path, *make_args(tmp_path))
+    assert process.returncode != 0
+    assert message in process.stderr
+    assert "Traceback" not in process.stderr
+    assert before == after
+
+
+def make_existing_run(tmp_path, checkpoint_bytes=None, obj=None):
+    out = tmp_path / "out"
+    out.mkdir()
+    if obj is not None:
+        torch.save(obj, out / "checkpoint.pth")
+    if checkpoint_bytes is not None:
+        (out / "checkpoint.pth").write_bytes(checkpoint_bytes)
+    (out / "log.txt").write_text('{"epoch": 0}\n')
+
+
+def test_truncated_checkpoint_is_refused_not_overwritten(tmp_path, tiny_sparo_checkpoint):
+    make_existing_run(tmp_path, checkpoint_bytes=tiny_sparo_checkpoint.read_bytes()[:5000])
+    process, before, after = run_bad(tmp_path)
+    assert process.returncode == 2 and "none is readable" in process.stderr
+    assert "Traceback" not in process.stderr and before == after
+
+
+def test_hostile_pickle_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    make_existing_run(tmp_path, obj={"student": Payload(marker), "teacher": {}, "epoch": 1})
+    process, before, after = run_bad(tmp_path)
+    assert process.returncode == 2 and "none is readable" in process.stderr
+    assert not marker.exists()
+    assert before == after
+    with pytest.raises(utils.UserError, match="refused by safe loading"):
+        utils.load_checkpoint(tmp_path / "out" / "checkpoint.pth")
+    assert not marker.exists()
+
+
+def test_resuming_with_other_architecture_is_refused(tmp_path, tiny_sparo_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(tiny_sparo_checkpoint.read_bytes())
+    process, before, after = run_bad(tmp_path, "--readout", "cls", "--sparo_slots", "8")
+    assert process.returncode == 2
+    assert "belongs to a different run" in process.stderr
+    assert "readout ('sparo' saved, 'cls' asked)" in process.stderr and "sparo_slots" in process.stderr
+    assert before == after
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_in_pretraining(tmp_path):
+    data = tmp_path / "data"
+    write_images(data / "a", count=40, bad=["broken.png"])
+    out = tmp_path / "out"
+    process = run_script("main_dino_sparo.py", *RUN_ARGS, "--data_path", data, "--epochs", "1",
+                         "--output_dir", out, "--batch_size_per_gpu", "8")
+    assert "skipping unreadable image" in process.stderr and "broken.png" in process.stderr
+    assert (out / "checkpoint.pth").exists()
+
+
+def test_evaluation_data_fails_on_unreadable_image_with_its_name(tmp_path):
+    write_images(tmp_path / "val" / "a", count=2, bad=["broken.png"])
+    dataset = utils.build_dataset(str(tmp_path), "test")
+    with pytest.raises(utils.UserError, match="broken.png"):
+        [dataset[i] for i in range(len(dataset))]
+
+
+def test_image_modes_load_as_8bit_rgb(tmp_path):
+    grey = Image.fromarray(np.full((4, 5), 100, np.uint8), "L")
+    rgba = Image.fromarray(np.dstack([np.full((4, 5), v, np.uint8) for v in (10, 20, 30, 255)]), "RGBA")
+    deep = Image.fromarray(np.full((4, 5), 65535 // 2, np.uint16))
+    palette = grey.convert("P")
+    for name, image, expected in [("grey.png", grey, (100, 100, 100)), ("rgba.png", rgba, (10, 20, 30)),
+                                  ("deep.png", deep, (127, 127, 127)), ("palette.png", palette, (100, 100, 100))]:
+        image.save(tmp_path / name)
+        loaded = utils.load_rgb_image(str(tmp_path / name))
+        assert loaded.mode == "RGB" and loaded.size == (5, 4), name
+        assert tuple(np.asarray(loaded)[0, 0]) == expected, name
+
+
+def test_missing_fashion_mnist_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(utils, "FASHION_MNIST_DIRS", ("/nonexistent",))
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    with pytest.raises(utils.UserError, match="apt-get install dataset-fashion-mnist"):
+        utils.build_dataset("fashion_mnist", "train")
