@@ -25,12 +25,12 @@ import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 
 
-def pairwise_dino_loss(loss: dino.DINOLoss, student_output: torch.Tensor,
-                       teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+def pairwise_dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor,
+                       center: torch.Tensor, ncrops: int, student_temp: float,
+                       teacher_temp: float) -> torch.Tensor:
     """DINO's loss as the original writes it: one cross-entropy per (teacher, student) pair."""
-    student_chunks = (student_output / loss.student_temp).chunk(loss.ncrops)
-    temp = float(loss.teacher_temp_schedule[epoch])
-    teacher_chunks = F.softmax((teacher_output - loss.center) / temp, dim=-1).detach().chunk(2)
+    student_chunks = (student_output / student_temp).chunk(ncrops)
+    teacher_chunks = F.softmax((teacher_output - center) / teacher_temp, dim=-1).detach().chunk(2)
     total, pairs = 0.0, 0
     for i, q in enumerate(teacher_chunks):
         for v, s in enumerate(student_chunks):
@@ -38,7 +38,6 @@ def pairwise_dino_loss(loss: dino.DINOLoss, student_output: torch.Tensor,
                 continue
             total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
             pairs += 1
-    loss.update_center(teacher_output)
     return total / pairs
 
 
@@ -71,7 +70,9 @@ class ReferenceStep:
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler is not None):
             teacher_output = self.teacher(images[:2])
             student_output = self.student(images)
-            loss = pairwise_dino_loss(self.loss, student_output, teacher_output, epoch)
+            loss = pairwise_dino_loss(student_output, teacher_output, self.loss.center, self.loss.ncrops,
+                                      self.loss.student_temp, float(self.loss.teacher_temp_schedule[epoch]))
+            self.loss.update_center(teacher_output)
         if not math.isfinite(loss.item()):
             raise RuntimeError("loss is not finite")
         self.optimizer.zero_grad()

@@ -13,21 +13,8 @@ import torch.nn.functional as F
 import main_dino_sparo as dino
 import utils
 import vision_transformer as vits
+from bench.dino_reference import pairwise_dino_loss  # DINO's pair-by-pair formulation
 from helpers import REPO, TINY_TRAIN_ARGS, read_log, run_script
-
-
-def dino_loss_reference(student_output, teacher_output, center, ncrops, student_temp, teacher_temp):
-    """DINO's loss written pair by pair, as in the paper's pseudo-code."""
-    student_chunks = (student_output / student_temp).chunk(ncrops)
-    teacher_chunks = F.softmax((teacher_output - center) / teacher_temp, dim=-1).chunk(2)
-    total, pairs = 0.0, 0
-    for i, q in enumerate(teacher_chunks):
-        for v, s in enumerate(student_chunks):
-            if v == i:
-                continue
-            total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
-            pairs += 1
-    return total / pairs
 
 
 @pytest.mark.parametrize("ncrops", [2, 4, 10])
@@ -42,7 +29,7 @@ def test_dino_loss_matches_pairwise_reference_and_updates_center(ncrops):
     teacher = torch.randn(2 * batch, out_dim)
     epoch = 2
     temp = 0.04 + (0.07 - 0.04) * epoch / 4  # linear warm-up over 5 epochs
-    expected = dino_loss_reference(student, teacher, center_before, ncrops, 0.1, temp)
+    expected = pairwise_dino_loss(student, teacher, center_before, ncrops, 0.1, temp)
     torch.testing.assert_close(loss_fn(student, teacher, epoch), expected)
     torch.testing.assert_close(loss_fn.center, 0.9 * center_before + 0.1 * teacher.mean(0, keepdim=True))
 
