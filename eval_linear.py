@@ -44,6 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--avgpool_patchtokens", default=False, type=utils.bool_flag,
                         help="CLS read-out: also concatenate the mean patch token of the last "
                              "block (DINO: False for ViT-S, True for ViT-B).")
+    parser.add_argument("--scale_sparo_features", default=True, type=utils.bool_flag,
+                        help="SPARO: multiply the unit-norm encoding (width D) by sqrt(D) so its "
+                             "coordinates have the unit scale of LayerNorm'd CLS features that "
+                             "DINO's learning rates assume (a constant factor, like a larger lr).")
     parser.add_argument("--epochs", default=100, type=int, help="Number of training epochs.")
     parser.add_argument("--lr", default=0.001, type=float,
                         help="Learning rate for a total batch of 256, scaled linearly with the "
@@ -87,14 +91,21 @@ class LinearClassifier(nn.Module):
 
 
 def frozen_features(model: nn.Module, images: torch.Tensor, config: Dict[str, Any],
-                    n_last_blocks: int, avgpool: bool, slots: Optional[List[int]]) -> torch.Tensor:
+                    n_last_blocks: int, avgpool: bool, slots: Optional[List[int]],
+                    scale_sparo: bool = True) -> torch.Tensor:
     """The linear probe's input: the SPARO encoding (slot subset rescaled to unit norm), or
-    DINO's CLS feature: CLS tokens of the last n blocks (+ the mean patch token), concatenated."""
+    DINO's CLS feature: CLS tokens of the last n blocks (+ the mean patch token), concatenated.
+
+    scale_sparo multiplies the unit-norm SPARO vector of width D by sqrt(D), giving its
+    coordinates the unit scale of LayerNorm'd CLS tokens, for which DINO's learning rates
+    were tuned. (A constant factor, equivalent to a D-times larger learning rate; without it
+    DINO's default lr barely moves the head in a short run.)
+    """
     if config["readout"] == "sparo":
         encoding = model(images).float()
-        if slots is None:
-            return encoding
-        return F.normalize(select_slots(encoding, int(config["sparo_slots"]), slots), dim=1)
+        if slots is not None:
+            encoding = F.normalize(select_slots(encoding, int(config["sparo_slots"]), slots), dim=1)
+        return encoding * math.sqrt(encoding.shape[1]) if scale_sparo else encoding
     blocks = model.get_intermediate_layers(images, n_last_blocks)
     parts = [tokens[:, 0] for tokens in blocks]
     if avgpool:
@@ -209,6 +220,7 @@ def head_config(args: argparse.Namespace, config: Dict[str, Any], slots: Optiona
                 n_last_blocks=args.n_last_blocks if cls else None,
                 avgpool_patchtokens=args.avgpool_patchtokens if cls else None,
                 slots=slots, feature_dim=dim, num_labels=num_labels,
+                scale_sparo_features=args.scale_sparo_features if not cls else None,
                 backbone_fingerprint=backbone_fingerprint(backbone))
 
 
@@ -277,7 +289,8 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
         raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
                               f"{len(model.blocks)} blocks of the model")
     to_features = lambda images: frozen_features(  # noqa: E731
-        model, images, config, args.n_last_blocks, args.avgpool_patchtokens, slots)
+        model, images, config, args.n_last_blocks, args.avgpool_patchtokens, slots,
+        args.scale_sparo_features)
     dim = feature_dim(config, args.n_last_blocks, args.avgpool_patchtokens, slots)
 
     # ============ preparing data ... ============

@@ -1,6 +1,7 @@
 """Linear probe (eval_linear.py): DINO's CLS feature against the model's own outputs, real
 learning on digits from a frozen backbone (images and cached features), resume, --evaluate
 of the saved head, and refusals."""
+import argparse
 import contextlib
 import io
 import json
@@ -59,18 +60,22 @@ def test_sparo_feature_with_slots_is_the_rescaled_subset(tiny_sparo_checkpoint):
     model, config = utils.load_backbone(str(tiny_sparo_checkpoint))
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        full = eval_linear.frozen_features(model.eval(), images, config, 4, False, None)
-        subset = eval_linear.frozen_features(model, images, config, 4, False, [1, 7])
+        full = eval_linear.frozen_features(model.eval(), images, config, 4, False, None, False)
+        subset = eval_linear.frozen_features(model, images, config, 4, False, [1, 7], False)
+        scaled = eval_linear.frozen_features(model, images, config, 4, False, [1, 7])
+        encoding = model(images)
+    torch.testing.assert_close(full, encoding)
     assert subset.shape == (2, 2 * 16)
     torch.testing.assert_close(subset.norm(dim=1), torch.ones(2))
-    expected = torch.cat([full[:, 16:32], full[:, 112:128]], 1) * (16 / 2) ** 0.5
+    expected = torch.cat([encoding[:, 16:32], encoding[:, 112:128]], 1) * (16 / 2) ** 0.5
     torch.testing.assert_close(subset, expected)
+    torch.testing.assert_close(scaled, subset * 32 ** 0.5)  # coordinates of unit scale
 
 
 def test_learns_digits_from_cached_features(tiny_sparo_checkpoint, tmp_path):
     stdout = run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
                         "--train_augmentation", "none", "--cache_features", "true", "--epochs", "20",
-                        "--lr", "10", "--val_freq", "10", "--output_dir", tmp_path,
+                        "--lr", "0.04", "--val_freq", "10", "--output_dir", tmp_path,
                         "--output_json", tmp_path / "result.json")
     lines = accuracies(stdout)
     assert [epoch for epoch, _, _ in lines] == [0, 10, 19]
@@ -83,20 +88,21 @@ def test_learns_digits_from_cached_features(tiny_sparo_checkpoint, tmp_path):
 
 
 def test_learns_from_images_resumes_and_evaluates_its_head(tiny_sparo_checkpoint, tmp_path):
-    """Images through the frozen backbone every epoch: two epochs with DINO's augmentation
-    (harsh on 8x8 digits), then a resumed third epoch without it."""
+    """Images through the frozen backbone every epoch (no caching), a resumed third epoch,
+    and --evaluate of the saved head."""
     common = ["--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
-              "--lr", "10", "--output_dir", tmp_path, "--val_freq", "5"]
+              "--lr", "0.1", "--output_dir", tmp_path, "--val_freq", "5",
+              "--train_augmentation", "none"]
     first = run_script("eval_linear.py", *common, "--epochs", "2").stdout
     # validation at epoch 0 and at the last epoch of the schedule
     assert [e for e, _, _ in accuracies(first)] == [0, 1]
-    assert accuracies(first)[-1][2] > 1.5 * CHANCE
-    second = run_linear(*common, "--epochs", "3", "--train_augmentation", "none")
+    assert accuracies(first)[-1][2] > 4 * CHANCE
+    second = run_linear(*common, "--epochs", "3")
     assert "Resuming from" in second and "at epoch 2" in second
     assert [e for e, _, _ in accuracies(second)] == [2]
     assert [r["epoch"] for r in read_log(tmp_path / "linear_log.txt")] == [0, 1, 2]
     last = accuracies(second)[-1][2]
-    assert last > 3 * CHANCE
+    assert last > 4 * CHANCE
 
     evaluated = run_linear(*common, "--evaluate")
     assert f"Accuracy of the network on the 360 test images: {last:.1f}%" in evaluated
@@ -123,6 +129,24 @@ def test_evaluate_without_a_saved_head_is_a_clear_error(tiny_sparo_checkpoint, t
     with pytest.raises(utils.UserError, match="linear_checkpoint.pth does not exist"):
         run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
                    "--output_dir", tmp_path, "--evaluate")
+
+
+def test_dino_training_augmentation_and_test_preprocessing():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    args = argparse.Namespace(train_augmentation="dino", resize_size=None)
+    train, val = eval_linear.build_transforms(args, 28)
+    kinds = [type(t) for t in train.transforms]
+    assert kinds == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert train.transforms[0].size == (28, 28)
+    assert [type(t) for t in val.transforms] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+    assert val.transforms[0].size == 32  # DINO's 256/224 ratio
+    image = Image.new("RGB", (8, 8), (200, 30, 90))
+    assert train(image).shape == val(image).shape == (3, 28, 28)
+    args.train_augmentation = "none"
+    plain_train, _ = eval_linear.build_transforms(args, 28)
+    assert [type(t) for t in plain_train.transforms] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
 
 
 def test_cosine_schedule_matches_torch_cosine_annealing():
