@@ -912,22 +912,3 @@ def extract_feature_shard(model: nn.Module, dataset: torch.utils.data.Dataset,
     device = device or torch.device("cpu")
     return _extract(model, dataset, False, batch_size, num_workers, device, forward, use_amp,
                     storage_device, dtype, print_freq)
-
-
-def gather_shards(features: torch.Tensor, indices: torch.Tensor, total: int) -> torch.Tensor:
-    """Reassemble shards from extract_feature_shard (on all ranks) into (total, D), in order."""
-    world = get_world_size()
-    if world == 1:
-        return features[torch.argsort(indices.to(features.device))]
-    # Shards differ by at most one row: pad to equal length for all_gather.
-    rows = (total + world - 1) // world
-    padded = torch.zeros((rows, features.shape[1]), dtype=features.dtype, device=features.device)
-    padded[:features.shape[0]] = features
-    index = torch.full((rows,), -1, dtype=torch.long)
-    index[:indices.shape[0]] = indices
-    all_feats = all_gather_stacked(padded).reshape(world * rows, -1)
-    all_index = all_gather_stacked(index.to(all_feats.device)).reshape(-1)
-    out = torch.empty((total, features.shape[1]), dtype=features.dtype, device=features.device)
-    valid = all_index >= 0
-    out[all_index[valid].to(out.device)] = all_feats[valid].to(out.device)
-    return out

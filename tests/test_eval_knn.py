@@ -372,3 +372,15 @@ def test_gpu_backends_equal_brute_force(digits_pixels, dtype):
                                               test.float().cpu(), k, tie=2e-3 if half else 1e-5)
             assert_votes_match(votes[k].cpu(), reference, tied, rtol=1e-4,
                                max_tied=0.6 if half else 0.05)
+
+
+def test_extract_features_keeps_dataset_order_and_storage_dtype():
+    dataset = utils.build_dataset("digits", "test", utils.eval_transform(8, resize_size=8))
+    model = torch.nn.Flatten()  # features = the pre-processed pixels, easy to recompute
+    expected = torch.stack([dataset[i][0].flatten() for i in range(len(dataset))])
+    features = utils.extract_features(model, dataset, batch_size=7, dtype=torch.float16)
+    assert features.dtype == torch.float16 and features.shape == expected.shape
+    torch.testing.assert_close(features, expected.half())
+    shard, index = utils.extract_feature_shard(model, dataset, batch_size=50)
+    assert torch.equal(index, torch.arange(len(dataset)))  # one process: the whole data set
+    torch.testing.assert_close(shard, expected)
