@@ -1,0 +1,159 @@
+"""Linear probe (eval_linear.py): DINO's CLS feature against the model's own outputs, real
+learning on digits from a frozen backbone (images and cached features), resume, --evaluate
+of the saved head, and refusals."""
+import argparse
+import contextlib
+import io
+import json
+import re
+
+import pytest
+import torch
+
+import eval_linear
+import utils
+import vision_transformer as vits
+from helpers import read_log, run_script
+
+ACCURACY_LINE = re.compile(r"Accuracy at epoch (\d+) of the network on the (\d+) test images: ([\d.]+)%")
+CHANCE = 10.0  # digits: 10 balanced classes
+
+
+def run_linear(*args):
+    """eval_linear.py's main() in this process (no interpreter start-up); returns its stdout."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        eval_linear.main([str(a) for a in args])
+    return buffer.getvalue()
+
+
+def accuracies(stdout):
+    return [(int(e), int(n), float(a)) for e, n, a in ACCURACY_LINE.findall(stdout)]
+
+
+def final_top1(stdout):
+    return float(re.search(r"^Top-1 test accuracy: ([\d.]+)$", stdout, re.M).group(1))
+
+
+def test_cls_feature_is_dinos_concatenation():
+    """n last CLS tokens (+ mean patch token): the last CLS is the model's own output and the
+    pooled part is the mean of its final patch tokens."""
+    torch.manual_seed(0)
+    model = vits.build_backbone(vits.model_config("vit_tiny", 4, 16, readout="cls")).eval()
+    images = torch.randn(3, 3, 16, 16)
+    config = dict(readout="cls", arch="vit_tiny")
+    with torch.no_grad():
+        features = eval_linear.frozen_features(model, images, config, 4, True, None)
+        tokens = model.forward_tokens(images)
+    assert features.shape == (3, 5 * 192) == (3, eval_linear.feature_dim(config, 4, True, None))
+    torch.testing.assert_close(features[:, 3 * 192:4 * 192], tokens[:, 0])
+    torch.testing.assert_close(features[:, 4 * 192:], tokens[:, 1:].mean(1))
+    # block 8's CLS, computed by running the blocks by hand
+    with torch.no_grad():
+        x = model.prepare_tokens(images)
+        for block in model.blocks[:9]:
+            x = block(x)
+    torch.testing.assert_close(features[:, :192], model.norm(x)[:, 0])
+
+
+def test_sparo_feature_with_slots_is_the_rescaled_subset(tiny_sparo_checkpoint):
+    model, config = utils.load_backbone(str(tiny_sparo_checkpoint))
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        full = eval_linear.frozen_features(model.eval(), images, config, 4, False, None, False)
+        subset = eval_linear.frozen_features(model, images, config, 4, False, [1, 7], False)
+        scaled = eval_linear.frozen_features(model, images, config, 4, False, [1, 7])
+        encoding = model(images)
+    torch.testing.assert_close(full, encoding)
+    assert subset.shape == (2, 2 * 16)
+    torch.testing.assert_close(subset.norm(dim=1), torch.ones(2))
+    expected = torch.cat([encoding[:, 16:32], encoding[:, 112:128]], 1) * (16 / 2) ** 0.5
+    torch.testing.assert_close(subset, expected)
+    torch.testing.assert_close(scaled, subset * 32 ** 0.5)  # coordinates of unit scale
+
+
+def test_learns_digits_from_cached_features(tiny_sparo_checkpoint, tmp_path):
+    stdout = run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
+                        "--train_augmentation", "none", "--cache_features", "true", "--epochs", "20",
+                        "--lr", "0.04", "--val_freq", "10", "--output_dir", tmp_path,
+                        "--output_json", tmp_path / "result.json")
+    lines = accuracies(stdout)
+    assert [epoch for epoch, _, _ in lines] == [0, 10, 19]
+    assert all(n == 360 for _, n, _ in lines)
+    top1 = final_top1(stdout)
+    assert top1 == max(a for _, _, a in lines) and top1 > 6 * CHANCE
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["top1"] == pytest.approx(top1, abs=0.05) and saved["head"]["num_labels"] == 10
+    assert len(read_log(tmp_path / "linear_log.txt")) == 20
+
+
+def test_learns_from_images_resumes_and_evaluates_its_head(tiny_sparo_checkpoint, tmp_path):
+    """Images through the frozen backbone every epoch (no caching), a resumed third epoch,
+    and --evaluate of the saved head."""
+    common = ["--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
+              "--lr", "0.1", "--output_dir", tmp_path, "--val_freq", "5",
+              "--train_augmentation", "none"]
+    first = run_script("eval_linear.py", *common, "--epochs", "2").stdout
+    # validation at epoch 0 and at the last epoch of the schedule
+    assert [e for e, _, _ in accuracies(first)] == [0, 1]
+    assert accuracies(first)[-1][2] > 4 * CHANCE
+    second = run_linear(*common, "--epochs", "3")
+    assert "Resuming from" in second and "at epoch 2" in second
+    assert [e for e, _, _ in accuracies(second)] == [2]
+    assert [r["epoch"] for r in read_log(tmp_path / "linear_log.txt")] == [0, 1, 2]
+    last = accuracies(second)[-1][2]
+    assert last > 4 * CHANCE
+
+    evaluated = run_linear(*common, "--evaluate")
+    assert f"Accuracy of the network on the 360 test images: {last:.1f}%" in evaluated
+    assert "Epoch: [" not in evaluated  # no training
+
+    # the head belongs to the teacher's features: the student's are refused
+    with pytest.raises(utils.UserError, match="backbone_fingerprint"):
+        run_linear(*common, "--evaluate", "--checkpoint_key", "student")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cache_features", "true"], "--cache_features needs --train_augmentation none"),
+    (["--num_labels", "5"], "--num_labels 5 is too small"),
+    (["--slots", "0,99"], "between 0 and 15"),
+])
+def test_refusals(tiny_sparo_checkpoint, tmp_path, flags, message):
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
+                   "--output_dir", tmp_path, *flags)
+    assert not (tmp_path / "linear_checkpoint.pth").exists()
+
+
+def test_evaluate_without_a_saved_head_is_a_clear_error(tiny_sparo_checkpoint, tmp_path):
+    with pytest.raises(utils.UserError, match="linear_checkpoint.pth does not exist"):
+        run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
+                   "--output_dir", tmp_path, "--evaluate")
+
+
+def test_dino_training_augmentation_and_test_preprocessing():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    args = argparse.Namespace(train_augmentation="dino", resize_size=None)
+    train, val = eval_linear.build_transforms(args, 28)
+    kinds = [type(t) for t in train.transforms]
+    assert kinds == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert train.transforms[0].size == (28, 28)
+    assert [type(t) for t in val.transforms] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+    assert val.transforms[0].size == 32  # DINO's 256/224 ratio
+    image = Image.new("RGB", (8, 8), (200, 30, 90))
+    assert train(image).shape == val(image).shape == (3, 28, 28)
+    args.train_augmentation = "none"
+    plain_train, _ = eval_linear.build_transforms(args, 28)
+    assert [type(t) for t in plain_train.transforms] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+
+
+def test_cosine_schedule_matches_torch_cosine_annealing():
+    linear = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 7, eta_min=0)
+    for epoch in range(7):
+        assert eval_linear.cosine_lr(0.3, epoch, 7) == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
