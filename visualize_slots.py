@@ -279,14 +279,17 @@ def colorbar(width: int) -> np.ndarray:
 
 def compose_grid(panels: Sequence, header: Sequence[str], columns: int):
     """Panels (PIL images) in rows of `columns`, in cells the size of the largest panel, under
-    header lines and a colour bar (low -> high attention)."""
+    header lines and a colour bar (low -> high attention, each map scaled to its own peak)."""
     from PIL import Image, ImageDraw
 
     columns = max(1, min(columns, len(panels)))
     rows = math.ceil(len(panels) / columns)
     cell_w, cell_h = max(p.width for p in panels), max(p.height for p in panels)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max((int(measure.textlength(t, font=font())) for t in header), default=0)
+    low, high, bar_w = "low ", " high (each map scaled to its own peak)", 160
+    bar_line = [int(measure.textlength(t, font=font())) for t in (low, high)]
+    text_width = max([int(measure.textlength(t, font=font())) for t in header] +
+                     [sum(bar_line) + bar_w])
     width = max(PAD + columns * (cell_w + PAD), 2 * PAD + text_width)
     header_h = header_height(len(header))
     canvas = Image.new("RGB", (width, header_h + rows * (cell_h + PAD) + PAD), BACKGROUND)
@@ -294,11 +297,9 @@ def compose_grid(panels: Sequence, header: Sequence[str], columns: int):
     for row, text in enumerate(header):
         draw.text((PAD, PAD + row * LINE_HEIGHT), text, fill=TEXT_COLOR, font=font())
     bar_y = PAD + len(header) * LINE_HEIGHT + 2
-    low_w = int(draw.textlength("low ", font=font()))
-    bar_w = max(16, min(200, width - 2 * PAD - 2 * low_w - 40))
-    draw.text((PAD, bar_y - 3), "low", fill=TEXT_COLOR, font=font())
-    canvas.paste(Image.fromarray(colorbar(bar_w)), (PAD + low_w, bar_y))
-    draw.text((PAD + low_w + bar_w + 4, bar_y - 3), "high", fill=TEXT_COLOR, font=font())
+    draw.text((PAD, bar_y - 3), low, fill=TEXT_COLOR, font=font())
+    canvas.paste(Image.fromarray(colorbar(bar_w)), (PAD + bar_line[0], bar_y))
+    draw.text((PAD + bar_line[0] + bar_w, bar_y - 3), high, fill=TEXT_COLOR, font=font())
     for index, panel in enumerate(panels):
         row, column = divmod(index, columns)
         canvas.paste(panel, (PAD + column * (cell_w + PAD), header_h + row * (cell_h + PAD)))
@@ -362,10 +363,10 @@ def visualize_image(model: torch.nn.Module, config: dict, path: Path,
     panels += map_panels(shown, maps, args.threshold)
     what = "slot" if config["readout"] == "sparo" else "CLS-query head (last block)"
     header = [f"{path.name}: {describe_model(config)}, {len(maps.labels)} {what} attention maps",
-              "Each map scaled to its own peak. CLS: weight on the CLS token; "
-              "H: entropy over the patches (nats, uniform = %.2f)." % math.log(grid_h * grid_w)]
+              f"CLS: weight on the CLS token. H: entropy over the patches in nats "
+              f"(uniform: {math.log(grid_h * grid_w):.2f})."]
     if args.threshold is not None:
-        header.append(f"Red outline: the fewest patches holding {args.threshold:.0%} of the map's "
+        header.append(f"Red outline: the fewest patches holding {args.threshold:.0%} of the "
                       f"attention over the patches.")
     return compose_grid(panels, header, args.columns)
 
