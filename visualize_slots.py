@@ -35,6 +35,7 @@ HEAT_ALPHA = 0.7       # opacity of the heat map over the grey image
 CONTOUR_COLOR = (255, 48, 48)
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (20, 20, 20)
+OUTPUT_SUFFIXES = ("_slots.png", "_heads.png")   # grid file names: SPARO, CLS read-out
 
 # Viridis sampled at 10 evenly spaced points (matplotlib's published values): perceptually
 # uniform, readable in grey and by colour-blind readers. Interpolated linearly in between.
@@ -66,8 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", default=None, type=float,
                         help="Outline the smallest set of patches that holds this fraction of a "
                              "map's attention over the patches (DINO's rule; e.g. 0.6).")
-    parser.add_argument("--slots", default=None, type=int, nargs="+",
-                        help="Show these slots (0-based), in this order. Default: every slot.")
+    parser.add_argument("--slots", default=None, type=str,
+                        help="Show these slots, e.g. 0,5,9 (0-based, in this order; the same "
+                             "format as eval_knn.py). Default: every slot.")
     parser.add_argument("--top_k", default=None, type=int,
                         help="Show the K slots with the most concentrated attention (lowest "
                              "entropy over the patches) for each image, most concentrated first; "
@@ -112,10 +114,13 @@ def attention_maps(model: torch.nn.Module, image: torch.Tensor) -> AttentionMaps
     return AttentionMaps(labels, weights[:, 1:].reshape(len(weights), *grid), weights[:, 0])
 
 
-def patch_entropy(patch_weights: np.ndarray) -> np.ndarray:
-    """Entropy in nats of each row renormalised over the patches; log(P) for a uniform row."""
-    p = patch_weights / np.maximum(patch_weights.sum(axis=-1, keepdims=True), 1e-30)
-    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1)
+def patch_entropy(patch_weights):
+    """Entropy in nats of each row (last axis) renormalised to sum to 1; log(P) for a uniform
+    row of P patches, 0 for a one-hot row. A numpy array or a torch tensor, same type out."""
+    weights = torch.as_tensor(patch_weights)
+    p = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    return entropy.numpy() if isinstance(patch_weights, np.ndarray) else entropy
 
 
 def threshold_mask(patch_weights: np.ndarray, fraction: float) -> np.ndarray:
@@ -146,15 +151,19 @@ def select_maps(maps: AttentionMaps, slots: Optional[Sequence[int]],
 
 
 # ================================================================================ images
-def list_images(image_path: str) -> List[Path]:
-    """One image, or every image under a folder (sorted)."""
+def list_images(image_path: str, output_dir: Optional[str] = None) -> List[Path]:
+    """One image, or every image under a folder (sorted), leaving out grids this script wrote
+    into output_dir (so a second run does not draw the grids of the first)."""
     path = Path(image_path)
     if not path.exists():
         raise utils.UserError(f"--image_path {image_path} does not exist")
     if path.is_file():
         return [path]
+    skip = Path(output_dir).resolve() if output_dir else None
     files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTENSIONS)
+                   if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTENSIONS
+                   and not (skip and p.resolve().is_relative_to(skip)
+                            and p.name.endswith(OUTPUT_SUFFIXES)))
     if not files:
         raise utils.UserError(f"--image_path {image_path} holds no images (extensions: "
                               f"{' '.join(utils.IMAGE_EXTENSIONS)})")
@@ -214,12 +223,12 @@ def upsample_nearest(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     return grid[rows][:, cols]
 
 
-def heat_overlay(image: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The patch weights (h, w), scaled to their peak and upsampled, as a colour heat map over
-    a grey version of the image (H, W, 3) uint8."""
+def heat_overlay(image: np.ndarray, weights: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """The patch weights (h, w), scaled to their peak and upsampled, as a colour heat map of
+    opacity alpha over a grey version of the image (H, W, 3) uint8."""
     heat = upsample_nearest(weights / max(float(weights.max()), 1e-30), *image.shape[:2])
     grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    blended = (1 - HEAT_ALPHA) * grey[..., None] + HEAT_ALPHA * colormap(heat)
+    blended = (1 - alpha) * grey[..., None] + alpha * colormap(heat)
     return np.round(blended).astype(np.uint8)
 
 
@@ -242,17 +251,19 @@ def font(size: int = FONT_SIZE):
 
 
 def titled(panel: np.ndarray, lines: Sequence[str]):
-    """A panel (H, W, 3) uint8 with two title lines above it, as a PIL image."""
+    """A panel (H, W, 3) uint8 under title lines (two lines: TITLE_HEIGHT), as a PIL image
+    at least as wide as its titles."""
     from PIL import Image, ImageDraw
 
     height, width = panel.shape[:2]
+    title_height = len(lines) * LINE_HEIGHT + 4
     text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font()))
-                     for t in lines[:2]) + 4
-    canvas = Image.new("RGB", (max(width, text_width), TITLE_HEIGHT + height), BACKGROUND)
+                     for t in lines) + 4
+    canvas = Image.new("RGB", (max(width, text_width), title_height + height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    for row, text in enumerate(lines[:2]):
+    for row, text in enumerate(lines):
         draw.text((2, 2 + row * LINE_HEIGHT), text, fill=TEXT_COLOR, font=font())
-    canvas.paste(Image.fromarray(panel), (0, TITLE_HEIGHT))
+    canvas.paste(Image.fromarray(panel), (0, title_height))
     return canvas
 
 
@@ -279,7 +290,7 @@ def colorbar(width: int) -> np.ndarray:
 
 def compose_grid(panels: Sequence, header: Sequence[str], columns: int):
     """Panels (PIL images) in rows of `columns`, in cells the size of the largest panel, under
-    header lines and a colour bar (low -> high attention, each map scaled to its own peak)."""
+    header lines and the colour bar of the heat maps (each map scaled to its own peak)."""
     from PIL import Image, ImageDraw
 
     columns = max(1, min(columns, len(panels)))
@@ -311,17 +322,12 @@ def header_height(lines: int) -> int:
 
 
 # ================================================================================= script
-def check_args(args: argparse.Namespace, config: dict) -> None:
-    """Refuse options that do not fit the checkpoint, with one clear line each."""
-    if config["readout"] != "sparo" and (args.slots is not None or args.top_k is not None):
-        raise utils.UserError(f"--slots and --top_k need a SPARO checkpoint; {args.pretrained_weights} "
-                              f"has readout={config['readout']} (its grid shows the CLS attention of each head)")
-    if args.slots is not None:
-        num_slots = config["sparo_slots"]
-        bad = [s for s in args.slots if not 0 <= s < num_slots]
-        if bad:
-            raise utils.UserError(f"--slots {' '.join(map(str, bad))} out of range: the checkpoint "
-                                  f"has {num_slots} slots (0 to {num_slots - 1})")
+def check_args(args: argparse.Namespace, config: dict) -> Optional[List[int]]:
+    """Refuse options that do not fit the checkpoint, with one clear line each; returns the
+    --slots list."""
+    if args.top_k is not None:
+        utils.require_sparo(config, "--top_k")
+    slots = utils.parse_slots(args.slots, config)
     if args.top_k is not None and args.top_k < 1:
         raise utils.UserError(f"--top_k must be at least 1, got {args.top_k}")
     if args.threshold is not None and not 0 < args.threshold <= 1:
@@ -330,6 +336,7 @@ def check_args(args: argparse.Namespace, config: dict) -> None:
         raise utils.UserError("--image_size takes one positive value (shorter side) or two (height width)")
     if args.display_size < 32 or args.columns < 1:
         raise utils.UserError("--display_size must be at least 32 and --columns at least 1")
+    return slots
 
 
 def describe_model(config: dict) -> str:
@@ -342,11 +349,11 @@ def output_name(path: Path, root: Path, readout: str) -> str:
     """A file name per image; images in sub-folders keep their relative path in the name."""
     relative = path.relative_to(root) if root.is_dir() else Path(path.name)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(relative.with_suffix("")))
-    return f"{stem}_{'slots' if readout == 'sparo' else 'heads'}.png"
+    return stem + OUTPUT_SUFFIXES[0 if readout == "sparo" else 1]
 
 
 def visualize_image(model: torch.nn.Module, config: dict, path: Path,
-                    args: argparse.Namespace):
+                    args: argparse.Namespace, slots: Optional[List[int]] = None):
     """The PNG grid of one image, as a PIL image."""
     image = open_image(path)
     size = input_size(image.width, image.height, args.image_size or [config["img_size"]],
@@ -354,7 +361,7 @@ def visualize_image(model: torch.nn.Module, config: dict, path: Path,
     device = next(model.parameters()).device
     maps = attention_maps(model, to_network_input(image, size).to(device))
     if config["readout"] == "sparo":
-        maps = select_maps(maps, args.slots, args.top_k)
+        maps = select_maps(maps, slots, args.top_k)
 
     shown_h, shown_w = display_size(size, args.display_size)
     shown = np.asarray(image.resize((shown_w, shown_h), resample=3))  # 3 = bicubic
@@ -376,12 +383,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
 
     # ============ checking the inputs ... ============
-    images = list_images(args.image_path)
+    images = list_images(args.image_path, args.output_dir)
 
     # ============ building network ... ============
     model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key,
                                         expected={"arch": args.arch, "patch_size": args.patch_size})
-    check_args(args, config)
+    slots = check_args(args, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
 
@@ -390,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     root = Path(args.image_path)
     for path in images:
-        grid = visualize_image(model, config, path, args)
+        grid = visualize_image(model, config, path, args, slots)
         target = output_dir / output_name(path, root, config["readout"])
         grid.save(target, optimize=True)
         print(f"{path} -> {target} ({grid.width}x{grid.height})")

@@ -1,5 +1,6 @@
 """visualize_slots.py: attention maps against independent computations, the PNG grids it writes
 (sizes, content) for a trained checkpoint and a CLS checkpoint, and its errors on bad input."""
+import json
 import math
 
 import numpy as np
@@ -165,7 +166,7 @@ def test_script_writes_a_readable_grid_for_a_trained_checkpoint(tiny_sparo_check
     _, paths = digit_images
     out = tmp_path / "vis"
     result = run_script("visualize_slots.py", "--pretrained_weights", tiny_sparo_checkpoint,
-                        "--image_path", paths[1], "--output_dir", out, "--slots", "0", "3", "5",
+                        "--image_path", paths[1], "--output_dir", out, "--slots", "0,3,5",
                         "--columns", "3", "--display_size", "160", "--threshold", "0.5")
     png = out / "wide_slots.png"
     assert png.exists() and str(png) in result.stdout
@@ -216,10 +217,12 @@ def test_bad_input_gives_one_clear_line(tiny_sparo_checkpoint, cls_checkpoint, d
         (ckpt + ["--image_path", str(tmp_path / "missing.png")], "does not exist"),
         (ckpt + ["--image_path", str(tmp_path / "empty")], "holds no images"),
         (ckpt + ["--image_path", str(tmp_path / "broken.png")], "cannot read image"),
-        (ckpt + ["--image_path", str(paths[0]), "--slots", "1", "99"], "--slots 99 out of range"),
+        (ckpt + ["--image_path", str(paths[0]), "--slots", "1,99"], "--slots must name slots between 0 and 15"),
         (ckpt + ["--image_path", str(paths[0]), "--threshold", "1.5"], "--threshold"),
         (["--pretrained_weights", str(cls_checkpoint), "--image_path", str(paths[0]), "--top_k", "2"],
-         "need a SPARO checkpoint"),
+         "--top_k needs a SPARO checkpoint"),
+        (["--pretrained_weights", str(cls_checkpoint), "--image_path", str(paths[0]), "--slots", "0"],
+         "--slots needs a SPARO checkpoint"),
         (["--pretrained_weights", str(tmp_path / "none.pth"), "--image_path", str(paths[0])],
          "does not exist"),
     ]
@@ -232,4 +235,70 @@ def test_bad_input_gives_one_clear_line(tiny_sparo_checkpoint, cls_checkpoint, d
     result = run_script("visualize_slots.py", *cases[3][0], check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --slots 99 out of range: the checkpoint has 16 slots (0 to 15)"]
+        "error: --slots must name slots between 0 and 15, got '1,99'"]
+
+
+# ------------------------------------------------------------------------ slot_gallery.py
+def test_slot_gallery_numbers_match_an_independent_computation(tiny_sparo_checkpoint, tmp_path):
+    import slot_gallery
+
+    out = tmp_path / "gallery"
+    slot_gallery.main(["--pretrained_weights", str(tiny_sparo_checkpoint), "--data_path", "digits",
+                       "--output_dir", str(out), "--num_workers", "0", "--slots", "0,3,7,12",
+                       "--images_per_slot", "5", "--top_k", "2", "--knn_backend", "torch",
+                       "--train_subset", "800", "--test_subset", "200"])
+    summary = json.loads((out / "slot_stats.json").read_text())
+    assert [r["slot"] for r in summary["slots"]] == [0, 3, 7, 12]
+    assert (summary["num_train"], summary["num_test"], summary["k"]) == (800, 200, 20)
+
+    # Independent: features and attention straight from the model, k-NN written out here.
+    model, config = utils.load_backbone(str(tiny_sparo_checkpoint))
+    model.eval()
+    transform = utils.eval_transform(config["img_size"])
+    def encode(split, subset):
+        dataset = utils.build_dataset("digits", split, transform, subset=subset)
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        with torch.no_grad():
+            return model(images), model.get_slot_attention(images), torch.as_tensor(utils.dataset_labels(dataset))
+    train, _, train_labels = encode("train", 800)
+    test, attention, test_labels = encode("test", 200)
+    num_slots = config["sparo_slots"]
+    for record in summary["slots"]:
+        slot = record["slot"]
+        unit = lambda enc: torch.nn.functional.normalize(enc.view(len(enc), num_slots, -1)[:, slot], dim=1)
+        sims, index = (unit(test) @ unit(train).t()).topk(20, dim=1)
+        votes = torch.zeros(len(test), 10, dtype=torch.float64)
+        votes.scatter_add_(1, train_labels[index], (sims.double() / 0.07).exp())
+        accuracy = (votes.argmax(1) == test_labels).double().mean().item() * 100
+        assert record["knn_top1"] == pytest.approx(accuracy, abs=1e-6)
+        patches = attention[:, slot, 1:] / attention[:, slot, 1:].sum(1, keepdim=True)
+        entropy = -(patches * patches.clamp_min(1e-38).log()).sum(1).mean().item()
+        assert record["entropy"] == pytest.approx(entropy, rel=1e-4)
+        assert record["cls_weight"] == pytest.approx(attention[:, slot, 0].mean().item(), rel=1e-4)
+        mean = unit(test).mean(0)
+        assert record["mean_resultant_length"] == pytest.approx(mean.norm().item(), rel=1e-4)
+        cosine = unit(test) @ (mean / mean.norm())
+        assert record["nearest"] == cosine.topk(5).indices.tolist()
+    assert 0 <= min(r["knn_top1"] for r in summary["slots"]) and summary["all_slots_knn_top1"] > 50
+
+    # The gallery: two rows (the two most concentrated of the four slots), five thumbnails each.
+    thumbnail, cell_h = 64, vis.LINE_HEIGHT + 4 + 64
+    gallery = Image.open(out / "slot_gallery.png")
+    header = vis.PAD + 4 * vis.LINE_HEIGHT + vis.COLORBAR_HEIGHT + 2 * vis.PAD
+    assert gallery.height == header + 2 * (cell_h + vis.PAD) + vis.PAD
+    assert gallery.width >= slot_gallery.ROW_LABEL_WIDTH + 5 * (thumbnail + vis.PAD)
+
+
+def test_slot_gallery_refuses_a_cls_checkpoint(cls_checkpoint, tmp_path):
+    import slot_gallery
+
+    with pytest.raises(utils.UserError, match="slot_gallery.py needs a SPARO checkpoint"):
+        slot_gallery.main(["--pretrained_weights", str(cls_checkpoint), "--data_path", "digits",
+                           "--output_dir", str(tmp_path), "--num_workers", "0"])
+
+
+def test_a_second_run_into_the_image_folder_skips_the_first_runs_grids(tmp_path):
+    for name in ("a.png", "a_slots.png", "b_heads.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    assert [p.name for p in vis.list_images(str(tmp_path), str(tmp_path))] == ["a.png"]
+    assert len(vis.list_images(str(tmp_path), str(tmp_path / "elsewhere"))) == 3
