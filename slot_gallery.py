@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import eval_knn
 import utils
@@ -142,22 +143,18 @@ def class_names(data_path: str, dataset: torch.utils.data.Dataset) -> List[str]:
 def display_image(normalised: torch.Tensor, size: int) -> np.ndarray:
     """A normalised network input (3, H, W) back to uint8 RGB, resized to `size` on its
     shorter side."""
-    from PIL import Image
-
     mean = torch.tensor(utils.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(utils.IMAGENET_STD)[:, None, None]
     pixels = ((normalised.cpu() * std + mean).clamp(0, 1) * 255).round().byte()
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     height, width = vis.display_size((image.height, image.width), size)
-    return np.asarray(image.resize((width, height), resample=3))  # 3 = bicubic
+    return np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))
 
 
 @torch.inference_mode()
 def gallery_row(model: torch.nn.Module, dataset: torch.utils.data.Dataset, record: Dict[str, Any],
                 names: List[str], k: int, args: argparse.Namespace):
     """One slot's row: its numbers, then its nearest images with the slot's attention."""
-    from PIL import Image, ImageDraw
-
     device = next(model.parameters()).device
     items = [dataset[i] for i in record["nearest"]]
     images = torch.stack([image for image, _ in items])

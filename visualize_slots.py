@@ -14,6 +14,7 @@ visualize_attention.py. Method: ../shared/SPARO.md ("Visualisation").
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 import utils
 
@@ -241,9 +243,8 @@ def mask_contour(mask: np.ndarray, thickness: int = 2) -> np.ndarray:
     return mask & ~inner
 
 
+@functools.lru_cache(maxsize=None)
 def font(size: int = FONT_SIZE):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
@@ -253,8 +254,6 @@ def font(size: int = FONT_SIZE):
 def titled(panel: np.ndarray, lines: Sequence[str]):
     """A panel (H, W, 3) uint8 under title lines (two lines: TITLE_HEIGHT), as a PIL image
     at least as wide as its titles."""
-    from PIL import Image, ImageDraw
-
     height, width = panel.shape[:2]
     title_height = len(lines) * LINE_HEIGHT + 4
     text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font()))
@@ -291,8 +290,6 @@ def colorbar(width: int) -> np.ndarray:
 def compose_grid(panels: Sequence, header: Sequence[str], columns: int):
     """Panels (PIL images) in rows of `columns`, in cells the size of the largest panel, under
     header lines and the colour bar of the heat maps (each map scaled to its own peak)."""
-    from PIL import Image, ImageDraw
-
     columns = max(1, min(columns, len(panels)))
     rows = math.ceil(len(panels) / columns)
     cell_w, cell_h = max(p.width for p in panels), max(p.height for p in panels)
@@ -364,7 +361,7 @@ def visualize_image(model: torch.nn.Module, config: dict, path: Path,
         maps = select_maps(maps, slots, args.top_k)
 
     shown_h, shown_w = display_size(size, args.display_size)
-    shown = np.asarray(image.resize((shown_w, shown_h), resample=3))  # 3 = bicubic
+    shown = np.asarray(image.resize((shown_w, shown_h), resample=Image.Resampling.BICUBIC))
     grid_h, grid_w = maps.patches.shape[1:]
     panels = [titled(shown, [path.name, f"{size[1]}x{size[0]} px, {grid_w}x{grid_h} patches"])]
     panels += map_panels(shown, maps, args.threshold)
