@@ -49,8 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Keep the features on the GPU (set to false if GPU memory runs out; "
                              "the search then runs on CPU). Ignored without CUDA.")
     parser.add_argument("--knn_backend", default="auto", choices=BACKENDS,
-                        help="auto: FAISS on GPU when CUDA and a FAISS GPU build exist, else FAISS "
-                             "on CPU, else torch. All give the same neighbours.")
+                        help="auto: FAISS on GPU when the features are on a GPU and FAISS has GPU "
+                             "support (torch on that GPU otherwise); FAISS on CPU for features in "
+                             "CPU memory (torch without FAISS). All give the same neighbours.")
     parser.add_argument("--knn_fp16", default=False, type=utils.bool_flag,
                         help="Store the feature bank in half precision (half the memory; "
                              "similarities then carry fp16 rounding, about 1e-3).")
@@ -78,15 +79,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ================================================================ k-NN: neighbour search
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for `auto`, and a clear error for one that is not installed."""
+    """The concrete backend for `auto`, and a clear error for one that is not installed.
+
+    auto: FAISS on GPU for a bank on a GPU when FAISS has GPU support; FAISS on CPU for a bank
+    in CPU memory; torch when FAISS is missing, and also for a bank on a GPU with a CPU-only
+    FAISS (copying it to the CPU to search there would be orders of magnitude slower than
+    one GEMM per block on the GPU).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"knn backend must be one of {BACKENDS}, got {backend!r}")
     faiss = _import_faiss()
     has_gpu_faiss = faiss is not None and hasattr(faiss, "StandardGpuResources") \
         and faiss.get_num_gpus() > 0
     if backend == "auto":
-        if device.type == "cuda" and has_gpu_faiss:
-            return "faiss-gpu"
+        if device.type == "cuda":
+            return "faiss-gpu" if has_gpu_faiss else "torch"
         return "faiss-cpu" if faiss is not None else "torch"
     if backend.startswith("faiss") and faiss is None:
         raise utils.UserError(f"--knn_backend {backend} needs FAISS: pip install faiss-cpu "
@@ -121,8 +128,10 @@ def _torch_search(train: torch.Tensor, test: torch.Tensor, k: int, chunk_size: O
                   bank_block: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner products with torch: one GEMM per block of test rows.
 
-    On GPU the GEMM runs in the bank's dtype (fp16 banks use tensor cores, accumulating in
-    fp32). CPUs have no fast fp16 GEMM, so a half bank is widened block by block there.
+    On GPU the GEMM runs in the bank's dtype (fp16 banks use tensor cores); its fp16 output
+    only picks the neighbours, whose similarities are then recomputed in fp32, because
+    exp(sim / 0.07) would turn fp16 rounding (5e-4) into 0.7% vote errors. CPUs have no fast
+    fp16 GEMM, so there a half bank is widened to fp32 block by block.
     """
     device = train.device
     widen = not train.is_cuda and train.dtype != torch.float32
@@ -145,8 +154,26 @@ def _torch_search(train: torch.Tensor, test: torch.Tensor, k: int, chunk_size: O
             else:
                 best_sims, best_index = merge_topk(torch.cat([best_sims, top], 1),
                                                    torch.cat([best_index, where], 1), k)
+        if sims.dtype != torch.float32:
+            best_sims, best_index = refine_similarities(queries, train, best_index)
         out_sims[start:start + chunk], out_index[start:start + chunk] = best_sims, best_index
     return out_sims, out_index
+
+
+def refine_similarities(queries: torch.Tensor, train: torch.Tensor,
+                        index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 inner products of each query with its chosen neighbours (M, k), re-sorted.
+
+    Costs M*k*D multiply-adds, a rounding error next to the M*N*D of the search.
+    """
+    sims = torch.empty(index.shape, dtype=torch.float32, device=index.device)
+    rows = max(1, (1 << 26) // (index.shape[1] * train.shape[1]))  # ~64M gathered values
+    for start in range(0, index.shape[0], rows):
+        block = slice(start, start + rows)
+        neighbours = train[index[block]].float()                       # (rows, k, D)
+        sims[block] = torch.bmm(neighbours, queries[block].float().unsqueeze(2)).squeeze(2)
+    sims, order = sims.sort(dim=1, descending=True)
+    return sims, index.gather(1, order)
 
 
 def _faiss_search(train: torch.Tensor, test: torch.Tensor, k: int, use_gpu: bool,
@@ -281,8 +308,8 @@ def _merge_shards(sims: torch.Tensor, labels: torch.Tensor, k: int) -> Tuple[tor
     if pad > 0:
         sims = torch.cat([sims, sims.new_full((sims.shape[0], pad), -math.inf)], 1)
         labels = torch.cat([labels, labels.new_zeros((labels.shape[0], pad))], 1)
-    all_sims = utils._gather_equal(sims.float())                  # (W, M, k)
-    all_labels = utils._gather_equal(labels.to(all_sims.device))
+    all_sims = utils.all_gather_stacked(sims.float())                  # (W, M, k)
+    all_labels = utils.all_gather_stacked(labels.to(all_sims.device))
     merged_sims = all_sims.permute(1, 0, 2).reshape(sims.shape[0], -1)
     merged_labels = all_labels.permute(1, 0, 2).reshape(sims.shape[0], -1)
     return merge_topk(merged_sims, merged_labels, k)
@@ -347,18 +374,19 @@ def score_slot_candidates(heldout: torch.Tensor, heldout_labels: torch.Tensor,
     Dot products and squared norms add up over slots, so the products for S are computed
     once per block and each candidate adds one (block x V) @ (V x bank) product.
     """
-    held, stored = _per_slot(heldout, num_slots), _per_slot(bank, num_slots)
+    device = bank.device
+    held, stored = _per_slot(heldout.to(device), num_slots), _per_slot(bank, num_slots)
     held_sq, bank_sq = held.pow(2).sum(-1), stored.pow(2).sum(-1)       # (L, h), (L, n)
     chosen = list(selected)
     correct = torch.zeros(len(candidates), dtype=torch.long)
-    bank_base_sq = bank_sq[chosen].sum(0) if chosen else torch.zeros(bank.shape[0])
-    labels = heldout_labels.long()
+    bank_base_sq = bank_sq[chosen].sum(0) if chosen else torch.zeros(bank.shape[0], device=device)
+    labels, bank_labels = heldout_labels.long().to(device), bank_labels.long().to(device)
     for start in range(0, heldout.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        base = torch.zeros((held[0, rows].shape[0], bank.shape[0]))
+        base = torch.zeros((held[0, rows].shape[0], bank.shape[0]), device=device)
         for slot in chosen:
             base.addmm_(held[slot, rows], stored[slot].T)
-        held_base_sq = held_sq[chosen, rows].sum(0) if chosen else torch.zeros(base.shape[0])
+        held_base_sq = held_sq[chosen, rows].sum(0) if chosen else torch.zeros(base.shape[0], device=device)
         for j, slot in enumerate(candidates):
             sims = torch.addmm(base, held[slot, rows], stored[slot].T)
             sims.mul_((held_base_sq + held_sq[slot, rows]).clamp_min(1e-24).rsqrt()[:, None])
@@ -390,7 +418,8 @@ def greedy_select_slots(train_features: torch.Tensor, train_labels: torch.Tensor
     if k > len(bank):
         raise utils.UserError(f"--select_k {k} exceeds the {len(bank)} training images left "
                               f"after holding out {len(heldout)}")
-    features, labels = train_features.cpu(), train_labels.cpu().long()
+    features, labels = train_features, train_labels.long().to(train_features.device)
+    heldout, bank = heldout.to(features.device), bank.to(features.device)
     num_classes = int(labels.max()) + 1
     print(f"Selecting {count} of {num_slots} slots greedily: {k}-NN top-1 of {len(heldout)} "
           f"held-out training images against {len(bank)} others (seed {seed}); the test set "
@@ -574,6 +603,11 @@ def eval_knn(args: argparse.Namespace) -> Dict:
         print(f"Evaluating on {len(slots)} of {config['sparo_slots']} slots: {','.join(map(str, slots))}")
         features["train"] = apply_slots(features["train"], config, slots)
         features["test"] = apply_slots(features["test"], config, slots)
+    if args.distributed and not sharded:  # the whole bank was needed here; still split the search
+        rank, world = utils.get_rank(), utils.get_world_size()
+        features["train"] = features["train"][rank::world]
+        features["train_labels"] = features["train_labels"][rank::world]
+        sharded = True
 
     # ============ k-NN classification ... ============
     print("Features are ready!\nStart the k-NN classification.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -164,6 +165,12 @@ def train_one_epoch(linear: nn.Module, optimizer: torch.optim.Optimizer, batches
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """DINO's per-epoch cosine decay to 0 (CosineAnnealingLR's closed form), computed from
+    the epoch so that a resumed run follows the same schedule."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[float]]:
@@ -329,17 +336,16 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     if args.distributed:
         linear_ddp = nn.parallel.DistributedDataParallel(
             linear, device_ids=[args.gpu] if args.device.type == "cuda" else None)
-    lr = args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256.0
-    optimizer = torch.optim.SGD(linear.parameters(), lr, momentum=0.9, weight_decay=0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    base_lr = args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256.0
+    optimizer = torch.optim.SGD(linear.parameters(), base_lr, momentum=0.9, weight_decay=0)
 
     # ============ optionally resume ... ============
-    start_epoch, best_acc, last: Dict[str, Any] = 0, 0.0, {}
+    start_epoch, best_acc = 0, 0.0
+    last: Dict[str, Any] = {}
     checkpoint_path = output_dir / CHECKPOINT_NAME
     if checkpoint_path.exists():
         checkpoint = load_head(checkpoint_path, linear, wanted)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, best_acc = int(checkpoint["epoch"]), float(checkpoint["best_acc"])
         last = dict(checkpoint.get("last_stats") or {})
         print(f"Resuming from {checkpoint_path} at epoch {start_epoch} (best so far {best_acc:.2f}%).")
@@ -347,8 +353,9 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         (batches if isinstance(batches, CachedBatches) else batches.sampler).set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(base_lr, epoch, args.epochs)
         train_stats = train_one_epoch(linear_ddp, optimizer, batches, train_features, epoch, args)
-        scheduler.step()
         log_stats: Dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
             last = validate(linear, test_data, test_labels,
@@ -360,7 +367,7 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
             print(f"Max accuracy so far: {best_acc:.2f}%")
             log_stats.update({f"test_{k}": v for k, v in last.items() if k != "epoch"})
         save = dict(epoch=epoch + 1, state_dict=linear.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), best_acc=best_acc, head_config=wanted,
+                    best_acc=best_acc, head_config=wanted,
                     last_stats=last, args=utils.plain(args))
         utils.save_on_master(save, checkpoint_path)
         if utils.is_main_process():

@@ -805,16 +805,18 @@ def feature_autocast(device: torch.device, enabled: bool) -> Any:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _gather_equal(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
     """all_gather of same-shaped tensors -> (world, *shape), on the backend's device."""
     world = get_world_size()
     if world == 1:
         return tensor.unsqueeze(0)
     if dist.get_backend() == "nccl" and not tensor.is_cuda:
         tensor = tensor.cuda()
-    out = torch.empty((world, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    # the output is the inputs stacked along dim 0 (the layout both gloo and NCCL expect)
+    out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
     dist.all_gather_into_tensor(out, tensor.contiguous())
-    return out
+    return out.view(world, *tensor.shape)
 
 
 @torch.no_grad()
@@ -857,7 +859,7 @@ def _extract(model: nn.Module, data: Any, gather: bool, batch_size: int, num_wor
         feats = feats.float().to(dtype)
         count = feats.shape[0]
         if gather:
-            gathered = _gather_equal(feats)                    # (W, batch, D)
+            gathered = all_gather_stacked(feats)                    # (W, batch, D)
             if full is None:
                 full = torch.empty((total, feats.shape[1]), dtype=dtype, device=storage)
             # (batch, W) order is dataset order: item (p, r) is r + p*W.
@@ -923,8 +925,8 @@ def gather_shards(features: torch.Tensor, indices: torch.Tensor, total: int) -> 
     padded[:features.shape[0]] = features
     index = torch.full((rows,), -1, dtype=torch.long)
     index[:indices.shape[0]] = indices
-    all_feats = _gather_equal(padded).reshape(world * rows, -1)
-    all_index = _gather_equal(index.to(all_feats.device)).reshape(-1)
+    all_feats = all_gather_stacked(padded).reshape(world * rows, -1)
+    all_index = all_gather_stacked(index.to(all_feats.device)).reshape(-1)
     out = torch.empty((total, features.shape[1]), dtype=features.dtype, device=features.device)
     valid = all_index >= 0
     out[all_index[valid].to(out.device)] = all_feats[valid].to(out.device)
