@@ -1,0 +1,106 @@
+"""torch.hub entry points: ViT backbones with the SPARO or the CLS read-out, from local files.
+
+    import torch
+    # a checkpoint of main_dino_sparo.py (teacher weights; the configuration comes with it)
+    model = torch.hub.load("/path/to/sparo-dino", "sparo_vit_small",
+                           pretrained_weights="out/checkpoint.pth", source="local")
+    # official DINO weights, downloaded by you beforehand
+    model = torch.hub.load("/path/to/sparo-dino", "dino_vits16",
+                           pretrained_weights="dino_deitsmall16_pretrain.pth", source="local")
+    # a randomly initialised model; keyword arguments go to the model
+    model = torch.hub.load("/path/to/sparo-dino", "sparo_vit_tiny", patch_size=4,
+                           sparo_slots=16, source="local")
+
+Entry points: sparo_vit_tiny/small/base and dino_vit_tiny/small/base (CLS read-out), plus DINO's
+names dino_vits16, dino_vits8, dino_vitb16, dino_vitb8 (CLS read-out, patch size fixed by the
+name). Nothing is ever downloaded: without `pretrained_weights` the model is randomly
+initialised. With weights, the architecture is read from the file and loaded strictly; model
+arguments given here (patch_size, sparo_slots, img_size, ...) are checked against it, and an
+architecture other than the entry point's is an error. Other keyword arguments
+(drop_path_rate, ...) are passed to the model. The model returns the backbone encoding (the
+unit-norm SPARO vector or the CLS token); see vision_transformer.py for get_slot_attention,
+get_last_selfattention and get_intermediate_layers.
+"""
+import contextlib
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Tuple
+
+dependencies = ["torch", "timm", "numpy"]
+
+_REPO = Path(__file__).resolve().parent
+_PROJECT_MODULES = ("utils", "vision_transformer", "sparo_head")
+
+
+@contextlib.contextmanager
+def _project_modules() -> Iterator[Tuple[Any, Any]]:
+    """This repository's utils and vision_transformer modules.
+
+    Names like `utils` are common (DINO has one too): a module of the same name imported from
+    elsewhere is set aside while ours are imported and used, and put back afterwards.
+    """
+    set_aside = {}
+    for name in _PROJECT_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and Path(getattr(module, "__file__", None) or "").resolve().parent != _REPO:
+            set_aside[name] = sys.modules.pop(name)
+    sys.path.insert(0, str(_REPO))
+    try:
+        yield importlib.import_module("utils"), importlib.import_module("vision_transformer")
+    finally:
+        sys.path.remove(str(_REPO))
+        for name, module in set_aside.items():
+            sys.modules[name] = module
+
+
+def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> Callable[..., Any]:
+    """An entry point building `arch` with `readout`; `patch_size` fixes the patch size."""
+
+    def build(pretrained_weights: Optional[str] = None, checkpoint_key: str = "teacher",
+              **kwargs: Any) -> Any:
+        if patch_size is not None:
+            if kwargs.setdefault("patch_size", patch_size) != patch_size:
+                raise ValueError(f"this entry point has patch size {patch_size}, not "
+                                 f"{kwargs['patch_size']}; use the {arch} entry point instead")
+        with _project_modules() as (utils, vits):
+            config_names = set(inspect.signature(vits.model_config).parameters)
+            for name in ("arch", "readout"):
+                if name in kwargs:
+                    raise TypeError(f"{name} is set by the entry point; pick another entry point")
+            config = {k: kwargs.pop(k) for k in list(kwargs) if k in config_names}
+            if pretrained_weights is None:
+                return vits.build_backbone(vits.model_config(arch=arch, readout=readout, **config),
+                                           **kwargs)
+            model, loaded_config = utils.load_backbone(
+                str(pretrained_weights), checkpoint_key,
+                expected={"arch": arch, "readout": readout, **config})
+            if kwargs:  # e.g. drop_path_rate for fine-tuning: rebuild around the same weights
+                rebuilt = vits.build_backbone(loaded_config, **kwargs)
+                rebuilt.load_state_dict(model.state_dict(), strict=True)
+                model = rebuilt
+            return model
+
+    prefix = "sparo" if readout == "sparo" else "dino"
+    build.__name__ = f"{prefix}_{arch}" if patch_size is None else f"dino_vit{arch[4]}{patch_size}"
+    kind = "SPARO read-out" if readout == "sparo" else "CLS read-out (DINO)"
+    fixed = f", patch size {patch_size}" if patch_size else ""
+    build.__doc__ = (f"{arch} with the {kind}{fixed}. pretrained_weights: a local checkpoint "
+                     f"(this project's, a bare state dict or an official DINO file; key "
+                     f"`checkpoint_key`), or None for random initialisation. Other keyword "
+                     f"arguments go to the model (patch_size, img_size, sparo_slots, ...).")
+    return build
+
+
+sparo_vit_tiny = _entry_point("vit_tiny", "sparo")
+sparo_vit_small = _entry_point("vit_small", "sparo")
+sparo_vit_base = _entry_point("vit_base", "sparo")
+dino_vit_tiny = _entry_point("vit_tiny", "cls")
+dino_vit_small = _entry_point("vit_small", "cls")
+dino_vit_base = _entry_point("vit_base", "cls")
+# DINO's own hub names (facebookresearch/dino), here from a local file only.
+dino_vits16 = _entry_point("vit_small", "cls", patch_size=16)
+dino_vits8 = _entry_point("vit_small", "cls", patch_size=8)
+dino_vitb16 = _entry_point("vit_base", "cls", patch_size=16)
+dino_vitb8 = _entry_point("vit_base", "cls", patch_size=8)

@@ -1,0 +1,404 @@
+"""See what each SPARO slot attends to: one PNG grid per image.
+
+    python visualize_slots.py --pretrained_weights OUT/checkpoint.pth --image_path IMG --output_dir VIS
+    python visualize_slots.py --pretrained_weights OUT/checkpoint.pth --image_path FOLDER --top_k 8 --threshold 0.6
+    python visualize_slots.py --pretrained_weights dino_deitsmall16_pretrain.pth --image_path IMG
+
+Each grid shows the input image, then one panel per slot: the slot's attention over the patch
+grid, upsampled to the image and drawn as a heat map over it, titled with the slot index, the
+weight the slot puts on the CLS token and the entropy of its attention over the patches (low =
+concentrated). For a CLS read-out checkpoint (official DINO weights, or --readout cls runs) the
+panels are the per-head attention of the CLS token in the last block, as in DINO's
+visualize_attention.py. Method: ../shared/SPARO.md ("Visualisation").
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import utils
+
+# Layout of the grids, in pixels (tests check image sizes against these).
+PAD = 6                # gap between panels and around the grid
+FONT_SIZE = 13
+LINE_HEIGHT = 16
+TITLE_HEIGHT = 2 * LINE_HEIGHT + 4   # two title lines above each panel
+COLORBAR_HEIGHT = 10
+HEAT_ALPHA = 0.7       # opacity of the heat map over the grey image
+CONTOUR_COLOR = (255, 48, 48)
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (20, 20, 20)
+OUTPUT_SUFFIXES = ("_slots.png", "_heads.png")   # grid file names: SPARO, CLS read-out
+
+# Viridis sampled at 10 evenly spaced points (matplotlib's published values): perceptually
+# uniform, readable in grey and by colour-blind readers. Interpolated linearly in between.
+VIRIDIS = np.array([
+    (0x44, 0x01, 0x54), (0x48, 0x28, 0x78), (0x3E, 0x49, 0x89), (0x31, 0x68, 0x8E),
+    (0x26, 0x82, 0x8E), (0x1F, 0x9E, 0x89), (0x35, 0xB7, 0x79), (0x6E, 0xCE, 0x58),
+    (0xB5, 0xDE, 0x2B), (0xFD, 0xE7, 0x25)], dtype=np.float64)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Visualize SPARO slots", add_help=False)
+    parser.add_argument("--pretrained_weights", required=True, type=str,
+                        help="A checkpoint of main_dino_sparo.py, a bare backbone state dict, or "
+                             "an official DINO file (CLS read-out).")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Which weights of a training checkpoint to show (DINO uses "teacher").')
+    parser.add_argument("--arch", default=None, type=str,
+                        help="Optional check: the architecture the checkpoint must hold (it is "
+                             "read from the checkpoint either way).")
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="Optional check: the patch size the checkpoint must hold.")
+    parser.add_argument("--image_path", required=True, type=str,
+                        help="An image, or a folder of images (searched recursively).")
+    parser.add_argument("--image_size", default=None, type=int, nargs="+",
+                        help="Network input size. One value: the shorter side, aspect ratio kept; "
+                             "two values: height width. Each side is rounded to a multiple of the "
+                             "patch size. Default: the resolution the model was trained at.")
+    parser.add_argument("--output_dir", default=".", type=str, help="Where to write the PNG grids.")
+    parser.add_argument("--threshold", default=None, type=float,
+                        help="Outline the smallest set of patches that holds this fraction of a "
+                             "map's attention over the patches (DINO's rule; e.g. 0.6).")
+    parser.add_argument("--slots", default=None, type=str,
+                        help="Show these slots, e.g. 0,5,9 (0-based, in this order; the same "
+                             "format as eval_knn.py). Default: every slot.")
+    parser.add_argument("--top_k", default=None, type=int,
+                        help="Show the K slots with the most concentrated attention (lowest "
+                             "entropy over the patches) for each image, most concentrated first; "
+                             "with --slots, the K best among those.")
+    parser.add_argument("--display_size", default=224, type=int,
+                        help="Shorter side of each panel in pixels; small images are upscaled so "
+                             "the heat maps stay readable.")
+    parser.add_argument("--columns", default=8, type=int, help="Panels per row of the grid.")
+    return parser
+
+
+# ============================================================================ attention maps
+@dataclass
+class AttentionMaps:
+    """Attention of several queries (slots or heads) of one image over its tokens."""
+    labels: List[str]          # panel names, e.g. "slot 3" or "head 0"
+    patches: np.ndarray        # (K, h, w) weight on each patch (row-major patch grid)
+    cls_weight: np.ndarray     # (K,) weight on the CLS token
+
+    @property
+    def entropy(self) -> np.ndarray:
+        return patch_entropy(self.patches.reshape(len(self.patches), -1))
+
+    def take(self, order: Sequence[int]) -> "AttentionMaps":
+        order = list(order)
+        return AttentionMaps([self.labels[i] for i in order], self.patches[order],
+                             self.cls_weight[order])
+
+
+@torch.inference_mode()
+def attention_maps(model: torch.nn.Module, image: torch.Tensor) -> AttentionMaps:
+    """Every slot's attention (SPARO) or every head's CLS attention (CLS read-out) for one
+    normalised image (1, 3, H, W)."""
+    grid = (image.shape[-2] // model.patch_size, image.shape[-1] // model.patch_size)
+    if model.sparo is not None:
+        weights = model.get_slot_attention(image)[0]              # (L, N): one row per slot
+        labels = [f"slot {i}" for i in range(len(weights))]
+    else:
+        weights = model.get_last_selfattention(image)[0, :, 0]    # (heads, N): the CLS query
+        labels = [f"head {i}" for i in range(len(weights))]
+    weights = weights.float().cpu().numpy()
+    return AttentionMaps(labels, weights[:, 1:].reshape(len(weights), *grid), weights[:, 0])
+
+
+def patch_entropy(patch_weights):
+    """Entropy in nats of each row (last axis) renormalised to sum to 1; log(P) for a uniform
+    row of P patches, 0 for a one-hot row. A numpy array or a torch tensor, same type out."""
+    weights = torch.as_tensor(patch_weights)
+    p = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    return entropy.numpy() if isinstance(patch_weights, np.ndarray) else entropy
+
+
+def threshold_mask(patch_weights: np.ndarray, fraction: float) -> np.ndarray:
+    """The smallest set of patches of each row holding `fraction` of its patch attention mass.
+
+    Patches are taken from the heaviest down until the mass reaches the fraction (DINO's
+    visualize_attention.py rule). patch_weights: (K, P); returns a boolean (K, P) mask.
+    """
+    p = patch_weights / np.maximum(patch_weights.sum(axis=-1, keepdims=True), 1e-30)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    mass_before = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1) - \
+        np.take_along_axis(p, order, axis=-1)
+    keep_sorted = mass_before < fraction
+    mask = np.zeros_like(keep_sorted)
+    np.put_along_axis(mask, order, keep_sorted, axis=-1)
+    return mask
+
+
+def select_maps(maps: AttentionMaps, slots: Optional[Sequence[int]],
+                top_k: Optional[int]) -> AttentionMaps:
+    """The slots given by --slots (in order), optionally narrowed to the top_k most
+    concentrated ones (lowest patch entropy first)."""
+    order = list(dict.fromkeys(slots)) if slots else list(range(len(maps.labels)))
+    if top_k:
+        entropy = maps.entropy
+        order = sorted(order, key=lambda i: (entropy[i], i))[:top_k]
+    return maps.take(order)
+
+
+# ================================================================================ images
+def list_images(image_path: str, output_dir: Optional[str] = None) -> List[Path]:
+    """One image, or every image under a folder (sorted), leaving out grids this script wrote
+    into output_dir (so a second run does not draw the grids of the first)."""
+    path = Path(image_path)
+    if not path.exists():
+        raise utils.UserError(f"--image_path {image_path} does not exist")
+    if path.is_file():
+        return [path]
+    skip = Path(output_dir).resolve() if output_dir else None
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTENSIONS
+                   and not (skip and p.resolve().is_relative_to(skip)
+                            and p.name.endswith(OUTPUT_SUFFIXES)))
+    if not files:
+        raise utils.UserError(f"--image_path {image_path} holds no images (extensions: "
+                              f"{' '.join(utils.IMAGE_EXTENSIONS)})")
+    return files
+
+
+def open_image(path: Path):
+    try:
+        return utils.load_rgb_image(str(path))
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for unreadable files
+        raise utils.UserError(f"cannot read image {path}: {error}") from error
+
+
+def input_size(width: int, height: int, image_size: Optional[Sequence[int]],
+               patch_size: int) -> Tuple[int, int]:
+    """(height, width) of the network input: the requested size with each side rounded to
+    the nearest multiple of the patch size (at least one patch)."""
+    if len(image_size) == 1:
+        scale = image_size[0] / min(width, height)
+        target = (height * scale, width * scale)
+    else:
+        target = (image_size[0], image_size[1])
+    return tuple(max(patch_size, int(round(side / patch_size)) * patch_size) for side in target)
+
+
+def to_network_input(image, size: Tuple[int, int]) -> torch.Tensor:
+    """A PIL image resized to size (height, width), as a normalised (1, 3, H, W) tensor."""
+    from torchvision import transforms
+
+    transform = transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.ToTensor(),
+        transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
+    ])
+    return transform(image).unsqueeze(0)
+
+
+def display_size(size: Tuple[int, int], shorter_side: int) -> Tuple[int, int]:
+    """(height, width) of a panel: the input size scaled so its shorter side is shorter_side."""
+    scale = shorter_side / min(size)
+    return int(round(size[0] * scale)), int(round(size[1] * scale))
+
+
+# ================================================================================ drawing
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Viridis colours (..., 3) uint8 for values in [0, 1]."""
+    position = np.clip(values, 0.0, 1.0) * (len(VIRIDIS) - 1)
+    low = np.minimum(np.floor(position).astype(int), len(VIRIDIS) - 2)
+    frac = (position - low)[..., None]
+    return np.round(VIRIDIS[low] * (1 - frac) + VIRIDIS[low + 1] * frac).astype(np.uint8)
+
+
+def upsample_nearest(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Each output pixel takes the value of the patch its centre falls in."""
+    rows = np.minimum(((np.arange(height) + 0.5) * grid.shape[0] / height).astype(int), grid.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * grid.shape[1] / width).astype(int), grid.shape[1] - 1)
+    return grid[rows][:, cols]
+
+
+def heat_overlay(image: np.ndarray, weights: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """The patch weights (h, w), scaled to their peak and upsampled, as a colour heat map of
+    opacity alpha over a grey version of the image (H, W, 3) uint8."""
+    heat = upsample_nearest(weights / max(float(weights.max()), 1e-30), *image.shape[:2])
+    grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    blended = (1 - alpha) * grey[..., None] + alpha * colormap(heat)
+    return np.round(blended).astype(np.uint8)
+
+
+def mask_contour(mask: np.ndarray, thickness: int = 2) -> np.ndarray:
+    """Pixels of a boolean mask (H, W) within `thickness` pixels of its border."""
+    inner = mask.copy()
+    for _ in range(thickness):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+@functools.lru_cache(maxsize=None)
+def font(size: int = FONT_SIZE):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def titled(panel: np.ndarray, lines: Sequence[str]):
+    """A panel (H, W, 3) uint8 under title lines (two lines: TITLE_HEIGHT), as a PIL image
+    at least as wide as its titles."""
+    height, width = panel.shape[:2]
+    title_height = len(lines) * LINE_HEIGHT + 4
+    text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font()))
+                     for t in lines) + 4
+    canvas = Image.new("RGB", (max(width, text_width), title_height + height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for row, text in enumerate(lines):
+        draw.text((2, 2 + row * LINE_HEIGHT), text, fill=TEXT_COLOR, font=font())
+    canvas.paste(Image.fromarray(panel), (0, title_height))
+    return canvas
+
+
+def map_panels(image: np.ndarray, maps: AttentionMaps, threshold: Optional[float]) -> List:
+    """One titled heat-map panel per map; with a threshold, its mask outlined in red."""
+    masks = None
+    if threshold is not None:
+        masks = threshold_mask(maps.patches.reshape(len(maps.patches), -1), threshold)
+        masks = masks.reshape(maps.patches.shape)
+    entropy = maps.entropy
+    panels = []
+    for i, label in enumerate(maps.labels):
+        panel = heat_overlay(image, maps.patches[i])
+        if masks is not None:
+            panel[mask_contour(upsample_nearest(masks[i], *image.shape[:2]))] = CONTOUR_COLOR
+            label += f"  ({threshold:.0%} in {int(masks[i].sum())} patches)"
+        panels.append(titled(panel, [label, f"CLS {maps.cls_weight[i]:.3f}  H {entropy[i]:.2f}"]))
+    return panels
+
+
+def colorbar(width: int) -> np.ndarray:
+    return np.repeat(colormap(np.linspace(0, 1, width))[None], COLORBAR_HEIGHT, axis=0)
+
+
+def compose_grid(panels: Sequence, header: Sequence[str], columns: int):
+    """Panels (PIL images) in rows of `columns`, in cells the size of the largest panel, under
+    header lines and the colour bar of the heat maps (each map scaled to its own peak)."""
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    cell_w, cell_h = max(p.width for p in panels), max(p.height for p in panels)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    low, high, bar_w = "low ", " high (each map scaled to its own peak)", 160
+    bar_line = [int(measure.textlength(t, font=font())) for t in (low, high)]
+    text_width = max([int(measure.textlength(t, font=font())) for t in header] +
+                     [sum(bar_line) + bar_w])
+    width = max(PAD + columns * (cell_w + PAD), 2 * PAD + text_width)
+    header_h = header_height(len(header))
+    canvas = Image.new("RGB", (width, header_h + rows * (cell_h + PAD) + PAD), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for row, text in enumerate(header):
+        draw.text((PAD, PAD + row * LINE_HEIGHT), text, fill=TEXT_COLOR, font=font())
+    bar_y = PAD + len(header) * LINE_HEIGHT + 2
+    draw.text((PAD, bar_y - 3), low, fill=TEXT_COLOR, font=font())
+    canvas.paste(Image.fromarray(colorbar(bar_w)), (PAD + bar_line[0], bar_y))
+    draw.text((PAD + bar_line[0] + bar_w, bar_y - 3), high, fill=TEXT_COLOR, font=font())
+    for index, panel in enumerate(panels):
+        row, column = divmod(index, columns)
+        canvas.paste(panel, (PAD + column * (cell_w + PAD), header_h + row * (cell_h + PAD)))
+    return canvas
+
+
+def header_height(lines: int) -> int:
+    return PAD + lines * LINE_HEIGHT + COLORBAR_HEIGHT + 2 * PAD
+
+
+# ================================================================================= script
+def check_args(args: argparse.Namespace, config: dict) -> Optional[List[int]]:
+    """Refuse options that do not fit the checkpoint, with one clear line each; returns the
+    --slots list."""
+    if args.top_k is not None:
+        utils.require_sparo(config, "--top_k")
+    slots = utils.parse_slots(args.slots, config)
+    if args.top_k is not None and args.top_k < 1:
+        raise utils.UserError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise utils.UserError(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
+    if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 1):
+        raise utils.UserError("--image_size takes one positive value (shorter side) or two (height width)")
+    if args.display_size < 32 or args.columns < 1:
+        raise utils.UserError("--display_size must be at least 32 and --columns at least 1")
+    return slots
+
+
+def describe_model(config: dict) -> str:
+    readout = (f"SPARO L={config['sparo_slots']} V={config['sparo_dim']}"
+               if config["readout"] == "sparo" else "CLS read-out")
+    return f"{config['arch']}/{config['patch_size']} {readout}"
+
+
+def output_name(path: Path, root: Path, readout: str) -> str:
+    """A file name per image; images in sub-folders keep their relative path in the name."""
+    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(relative.with_suffix("")))
+    return stem + OUTPUT_SUFFIXES[0 if readout == "sparo" else 1]
+
+
+def visualize_image(model: torch.nn.Module, config: dict, path: Path,
+                    args: argparse.Namespace, slots: Optional[List[int]] = None):
+    """The PNG grid of one image, as a PIL image."""
+    image = open_image(path)
+    size = input_size(image.width, image.height, args.image_size or [config["img_size"]],
+                      config["patch_size"])
+    device = next(model.parameters()).device
+    maps = attention_maps(model, to_network_input(image, size).to(device))
+    if config["readout"] == "sparo":
+        maps = select_maps(maps, slots, args.top_k)
+
+    shown_h, shown_w = display_size(size, args.display_size)
+    shown = np.asarray(image.resize((shown_w, shown_h), resample=Image.Resampling.BICUBIC))
+    grid_h, grid_w = maps.patches.shape[1:]
+    panels = [titled(shown, [path.name, f"{size[1]}x{size[0]} px, {grid_w}x{grid_h} patches"])]
+    panels += map_panels(shown, maps, args.threshold)
+    what = "slot" if config["readout"] == "sparo" else "CLS-query head (last block)"
+    header = [f"{path.name}: {describe_model(config)}, {len(maps.labels)} {what} attention maps",
+              f"CLS: weight on the CLS token. H: entropy over the patches in nats "
+              f"(uniform: {math.log(grid_h * grid_w):.2f})."]
+    if args.threshold is not None:
+        header.append(f"Red outline: the fewest patches holding {args.threshold:.0%} of the "
+                      f"attention over the patches.")
+    return compose_grid(panels, header, args.columns)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser("Visualize SPARO slots", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+
+    # ============ checking the inputs ... ============
+    images = list_images(args.image_path, args.output_dir)
+
+    # ============ building network ... ============
+    model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key,
+                                        expected={"arch": args.arch, "patch_size": args.patch_size})
+    slots = check_args(args, config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+
+    # ============ drawing one grid per image ... ============
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(args.image_path)
+    for path in images:
+        grid = visualize_image(model, config, path, args, slots)
+        target = output_dir / output_name(path, root, config["readout"])
+        grid.save(target, optimize=True)
+        print(f"{path} -> {target} ({grid.width}x{grid.height})")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
