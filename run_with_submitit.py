@@ -24,6 +24,7 @@ import argparse
 import copy
 import dataclasses
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -368,6 +369,17 @@ def stop_with_the_launcher() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def describe(result: Any) -> str:
+    """A job's result in one line: the checkpoint path, or an evaluation's numbers as JSON."""
+    return json.dumps(result, default=str) if isinstance(result, dict) else str(result)
+
+
+def remove_empty_template_folder(log_dir: Path) -> None:
+    """submitit's local controller also creates the log folder with %j unfilled; drop it."""
+    if "%j" in str(log_dir) and log_dir.is_dir() and not any(log_dir.iterdir()):
+        log_dir.rmdir()
+
+
 def stop_following(job: submitit.Job, cluster: str, output_dir: Optional[str]) -> str:
     """Cancel a local job (it lives on this machine, with the launcher); say how to go on."""
     if cluster != "local":
@@ -404,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     # ============ following it on this machine ... ============
     if args.cluster == "debug":
-        print(f"Job finished: {job.results()[0]}")
+        print(f"Job finished: {describe(job.results()[0])}")
         return
     if wait:
         try:
@@ -412,7 +424,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except KeyboardInterrupt:
             print(stop_following(job, args.cluster, output_dir), file=sys.stderr)
             sys.exit(130)
-        print(f"Job {job.job_id} finished: {result}")
+        remove_empty_template_folder(log_dir)
+        print(f"Job {job.job_id} finished: {describe(result)}")
 
 
 if __name__ == "__main__":

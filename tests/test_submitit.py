@@ -84,11 +84,11 @@ def test_preempted_local_job_requeues_and_resumes(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         deadline = time.time() + 400
-        while not list(tmp_path.glob("run_*/checkpoint.pth")):
+        while not list(tmp_path.glob("run_[0-9]*/checkpoint.pth")):
             assert launcher.poll() is None, f"launcher ended early:\n{launcher.communicate()}"
             assert time.time() < deadline, "no checkpoint after the first epoch"
             time.sleep(0.2)
-        output_dir = next(tmp_path.glob("run_*"))
+        output_dir = next(tmp_path.glob("run_[0-9]*"))
         pids = job_task_pids(tmp_path)
         assert len(pids) == 1
         os.kill(pids[0], signal.SIGUSR2)
@@ -99,6 +99,7 @@ def test_preempted_local_job_requeues_and_resumes(tmp_path):
             launcher.communicate(timeout=60)
     assert launcher.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert re.fullmatch(r"run_\d+", output_dir.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [output_dir.name]  # no stray run_%j
     assert f"Requeuing the train job; it resumes from {output_dir}/checkpoint.pth" in stdout
     resumed = re.findall(r"Resuming from (\S+) at epoch (\d+)\.", stdout)
     assert len(resumed) == 1, stdout[-3000:]
@@ -210,3 +211,18 @@ def test_local_gpus_must_exist(tmp_path):
     with pytest.raises(utils.UserError, match="0 CUDA GPU"):
         run_with_submitit.main(["--cluster", "local", "--ngpus", "1", "--nodes", "1",
                                 "--output_dir", str(tmp_path)])
+
+
+def test_config_file_sets_launcher_and_training_flags(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("cluster: local\nngpus: 0\nnodes: 1\nntasks_per_node: 2\n"
+                      "arch: vit_tiny\npatch_size: 4\nepochs: 7\n")
+    launcher, job_args = run_with_submitit.parse_args(
+        ["--config", str(config), "--epochs", "9", "--output_dir", str(tmp_path / "out")])
+    assert (launcher.cluster, launcher.ngpus, launcher.nodes, launcher.ntasks_per_node) == ("local", 0, 1, 2)
+    assert (job_args.arch, job_args.patch_size, job_args.epochs) == ("vit_tiny", 4, 9)  # flags win
+    # The job sees exactly the training script's arguments, nothing of the launcher's.
+    import main_dino_sparo
+
+    training_parser = main_dino_sparo.get_args_parser()
+    assert set(vars(job_args)) == {a.dest for a in training_parser._actions}
