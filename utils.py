@@ -677,3 +677,255 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
 def _short_list(keys: List[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# ============================================== evaluation: weights, data and features
+# Shared by eval_knn.py, eval_linear.py and any script that evaluates a frozen backbone.
+def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
+    """The flags every evaluation script shares, with DINO's names and defaults."""
+    import vision_transformer as vits
+
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Checkpoint to evaluate: this project's checkpoint.pth, a bare "
+                             "backbone state dict, or an official DINO file (CLS read-out).")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help="Which weights of a checkpoint to use: teacher (DINO's choice) or student.")
+    parser.add_argument("--arch", default=None, type=str, choices=sorted(vits.ARCHS),
+                        help="Expected architecture; read from the checkpoint, so only needed as "
+                             "a check (a mismatch is an error).")
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="Expected patch size; read from the checkpoint (a mismatch is an error).")
+    parser.add_argument("--readout", default=None, type=str, choices=vits.READOUTS,
+                        help="Expected read-out (sparo or cls); read from the checkpoint (a "
+                             "mismatch is an error).")
+    parser.add_argument("--img_size", default=None, type=int,
+                        help="Side of the centre crop fed to the network (default: the image size "
+                             "the checkpoint was trained at, e.g. 224 or 28).")
+    parser.add_argument("--resize_size", default=None, type=int,
+                        help="Short side the images are resized to before the centre crop "
+                             "(default: img_size * 256 / 224, DINO's 256 for 224).")
+    parser.add_argument("--data_path", default="fashion_mnist", type=str,
+                        help="A folder with train/ and val/ ImageFolders (DINO's layout), or a "
+                             "built-in data set: fashion_mnist (official 60k/10k split) or digits "
+                             "(scikit-learn; test = every 5th image).")
+    parser.add_argument("--batch_size_per_gpu", default=batch_size, type=int,
+                        help="Images per process (per GPU, or per CPU process).")
+    parser.add_argument("--num_workers", default=None, type=int,
+                        help="Data-loading processes per GPU/process (default: 10 on GPU as in "
+                             "DINO; on CPU a number that leaves the cores to the network).")
+    parser.add_argument("--use_fp16", default=False, type=bool_flag,
+                        help="Extract features under autocast on CUDA (bf16 where supported, else "
+                             "fp16): faster, slightly less exact. Ignored on CPU.")
+    parser.add_argument("--slots", default=None, type=str,
+                        help="SPARO only: evaluate on a subset of slots, e.g. 0,5,9 (the kept slots "
+                             "are rescaled to keep unit norm).")
+    parser.add_argument("--output_json", default=None, type=str,
+                        help="Also write every result to this JSON file.")
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="URL to set up distributed evaluation (torchrun and Slurm set the environment).")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored; torchrun sets LOCAL_RANK.")
+
+
+def default_num_workers(device: torch.device) -> int:
+    """DINO's 10 loaders per GPU; on CPU the network needs the cores, so few or none."""
+    if device.type == "cuda":
+        return 10
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores // (4 * get_world_size()))
+
+
+def load_eval_backbone(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The frozen backbone named by --pretrained_weights, checked against --arch/--patch_size,
+    on args.device in eval mode with gradients off."""
+    if not args.pretrained_weights:
+        raise UserError("--pretrained_weights is required (no weights are downloaded)")
+    model, config = load_backbone(args.pretrained_weights, args.checkpoint_key,
+                                  expected=dict(arch=args.arch, patch_size=args.patch_size,
+                                                readout=getattr(args, "readout", None)))
+    model.to(args.device).eval()
+    for param in model.parameters():
+        param.requires_grad = False
+    return model, config
+
+
+def eval_crop_size(args: argparse.Namespace, config: Dict[str, Any]) -> int:
+    """--img_size, else the checkpoint's training resolution; must be a multiple of the patch."""
+    size = args.img_size or int(config.get("img_size", 224))
+    if size < 1 or size % config["patch_size"]:
+        raise UserError(f"image size {size} is not a positive multiple of the patch size "
+                        f"{config['patch_size']}; choose --img_size accordingly")
+    return size
+
+
+def eval_transform(crop_size: int, resize_size: Optional[int] = None) -> Callable:
+    """DINO's evaluation pre-processing: bicubic resize of the short side (default
+    crop_size * 256 / 224), centre crop, ImageNet normalisation."""
+    from torchvision import transforms as T
+
+    resize = resize_size or int(round(crop_size * 256 / 224))
+    if resize < crop_size:
+        raise UserError(f"--resize_size {resize} is smaller than the crop size {crop_size}")
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(crop_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def parse_slots(text: Optional[str], config: Dict[str, Any]) -> Optional[List[int]]:
+    """--slots "0,5,9" -> [0, 5, 9], checked against the checkpoint's read-out and L."""
+    if text is None or str(text).strip() == "":
+        return None
+    require_sparo(config, "--slots")
+    try:
+        slots = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError as error:
+        raise UserError(f"--slots takes comma-separated slot numbers like 0,5,9, got {text!r}") from error
+    num_slots = int(config["sparo_slots"])
+    bad = [s for s in slots if not 0 <= s < num_slots]
+    if not slots or bad:
+        raise UserError(f"--slots must name slots between 0 and {num_slots - 1}, got {text!r}")
+    if len(set(slots)) != len(slots):
+        raise UserError(f"--slots names a slot twice: {text!r}")
+    return slots
+
+
+def require_sparo(config: Dict[str, Any], flag: str) -> None:
+    if config.get("readout") != "sparo":
+        raise UserError(f"{flag} needs a SPARO checkpoint; this one has readout="
+                        f"{config.get('readout')!r}, which has no slots")
+
+
+def feature_autocast(device: torch.device, enabled: bool) -> Any:
+    """Autocast for frozen-feature extraction on CUDA (bf16 if supported, else fp16)."""
+    import contextlib
+
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _gather_equal(tensor: torch.Tensor) -> torch.Tensor:
+    """all_gather of same-shaped tensors -> (world, *shape), on the backend's device."""
+    world = get_world_size()
+    if world == 1:
+        return tensor.unsqueeze(0)
+    if dist.get_backend() == "nccl" and not tensor.is_cuda:
+        tensor = tensor.cuda()
+    out = torch.empty((world, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor.contiguous())
+    return out
+
+
+@torch.no_grad()
+def _extract(model: nn.Module, data: Any, gather: bool, batch_size: int, num_workers: int,
+             device: torch.device, forward: Optional[Callable], use_amp: bool,
+             storage_device: Optional[torch.device], dtype: torch.dtype,
+             print_freq: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Shared body of extract_features / extract_feature_shard: (features, dataset indices)."""
+    world, rank = get_world_size(), get_rank()
+    if isinstance(data, torch.utils.data.DataLoader):
+        loader = data
+        sampler = loader.sampler
+        if world > 1 and not (isinstance(sampler, torch.utils.data.DistributedSampler)
+                              and not sampler.shuffle and not sampler.drop_last):
+            raise ValueError("a distributed feature loader needs a DistributedSampler with "
+                             "shuffle=False and drop_last=False")
+    else:
+        sampler = (torch.utils.data.DistributedSampler(data, world, rank, shuffle=False)
+                   if world > 1 else torch.utils.data.SequentialSampler(data))
+        loader = torch.utils.data.DataLoader(data, sampler=sampler, batch_size=batch_size,
+                                             num_workers=num_workers,
+                                             pin_memory=device.type == "cuda")
+    total = len(loader.dataset)
+    # DistributedSampler(shuffle=False) gives rank r the positions r, r + W, r + 2W, ... of
+    # the dataset followed by wrap-around padding, so every rank has the same count. Position
+    # p of this rank is dataset item r + p*W; items at or past `total` are padding.
+    local_count = len(sampler)
+    storage = storage_device or device
+    forward = forward or model
+    was_training = model.training
+    model.eval()
+    local: Optional[torch.Tensor] = None
+    full: Optional[torch.Tensor] = None
+    position = 0
+    metric_logger = MetricLogger(delimiter="  ")
+    for images, _ in metric_logger.log_every(loader, print_freq, "Extracting features:"):
+        images = images.to(device, non_blocking=True)
+        with feature_autocast(device, use_amp):
+            feats = forward(images)
+        feats = feats.float().to(dtype)
+        count = feats.shape[0]
+        if gather:
+            gathered = _gather_equal(feats)                    # (W, batch, D)
+            if full is None:
+                full = torch.empty((total, feats.shape[1]), dtype=dtype, device=storage)
+            # (batch, W) order is dataset order: item (p, r) is r + p*W.
+            rows = gathered.transpose(0, 1).reshape(-1, feats.shape[1])
+            start = position * world
+            keep = min(rows.shape[0], total - start)
+            if keep > 0:
+                full[start:start + keep] = rows[:keep].to(storage)
+        else:
+            if local is None:
+                local =  torch.empty((local_count, feats.shape[1]), dtype=dtype, device=storage)
+            local[position:position + count] = feats.to(storage)
+        position += count
+    model.train(was_training)
+    if gather:
+        return full, torch.arange(total)
+    positions = torch.arange(local_count)
+    valid = rank + positions * world < total
+    indices = rank + positions[valid] * world
+    return local[valid.to(local.device)], indices
+
+
+def extract_features(model: nn.Module, data: Any, batch_size: int = 128, num_workers: int = 0,
+                     device: Optional[torch.device] = None, forward: Optional[Callable] = None,
+                     use_amp: bool = False, storage_device: Optional[torch.device] = None,
+                     dtype: torch.dtype = torch.float32, print_freq: int = 50) -> torch.Tensor:
+    """Features (N, D) of every item of a data set, in data set order, on every rank.
+
+    data: a Dataset (sharded here with a DistributedSampler when distributed) or a DataLoader
+    (its sampler must then be a non-shuffling DistributedSampler). forward(images) -> (B, D)
+    defaults to model(images); it runs under torch.no_grad (and autocast on CUDA with
+    use_amp). Padding added by the sampler is dropped, so each item is counted exactly once.
+    Features are stored as `dtype` on `storage_device` (default: `device`).
+    """
+    device = device or torch.device("cpu")
+    features, _ = _extract(model, data, True, batch_size, num_workers, device, forward,
+                           use_amp, storage_device, dtype, print_freq)
+    return features
+
+
+def extract_feature_shard(model: nn.Module, dataset: torch.utils.data.Dataset,
+                          batch_size: int = 128, num_workers: int = 0,
+                          device: Optional[torch.device] = None, forward: Optional[Callable] = None,
+                          use_amp: bool = False, storage_device: Optional[torch.device] = None,
+                          dtype: torch.dtype = torch.float32,
+                          print_freq: int = 50) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the features without any communication: (features, indices),
+    indices being the data set positions (rank, rank + W, ...). Shards of all ranks together
+    hold every item exactly once. For banks too large to copy to every process."""
+    device = device or torch.device("cpu")
+    return _extract(model, dataset, False, batch_size, num_workers, device, forward, use_amp,
+                    storage_device, dtype, print_freq)
+
+
+def gather_shards(features: torch.Tensor, indices: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble shards from extract_feature_shard (on all ranks) into (total, D), in order."""
+    world = get_world_size()
+    if world == 1:
+        return features[torch.argsort(indices.to(features.device))]
+    # Shards differ by at most one row: pad to equal length for all_gather.
+    rows = (total + world - 1) // world
+    padded = torch.zeros((rows, features.shape[1]), dtype=features.dtype, device=features.device)
+    padded[:features.shape[0]] = features
+    index = torch.full((rows,), -1, dtype=torch.long)
+    index[:indices.shape[0]] = indices
+    all_feats = _gather_equal(padded).reshape(world * rows, -1)
+    all_index = _gather_equal(index.to(all_feats.device)).reshape(-1)
+    out = torch.empty((total, features.shape[1]), dtype=features.dtype, device=features.device)
+    valid = all_index >= 0
+    out[all_index[valid].to(out.device)] = all_feats[valid].to(out.device)
+    return out
