@@ -424,7 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except KeyboardInterrupt:
             print(stop_following(job, args.cluster, output_dir), file=sys.stderr)
             sys.exit(130)
-        remove_empty_template_folder(log_dir)
+        finally:
+            if args.cluster == "local":
+                remove_empty_template_folder(log_dir)
         print(f"Job {job.job_id} finished: {describe(result)}")
 
 

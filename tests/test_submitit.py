@@ -140,8 +140,7 @@ def test_knn_job_evaluates_the_two_task_checkpoint(two_task_checkpoint, tmp_path
     if not (REPO / "eval_knn.py").exists():
         pytest.skip("eval_knn.py is not in this checkout")
     out, _ = two_task_checkpoint
-    process = launch("--job", "knn", *LOCAL_CPU, "--ntasks_per_node", "2",
-                     "--shared_dir", tmp_path, "--pretrained_weights", out / "checkpoint.pth",
+    process = launch("--job", "knn", *LOCAL_CPU, "--shared_dir", tmp_path, "--pretrained_weights", out / "checkpoint.pth",
                      "--data_path", "digits", "--nb_knn", "10", "20", "--batch_size_per_gpu", "64",
                      "--num_workers", "0")
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
@@ -149,9 +148,11 @@ def test_knn_job_evaluates_the_two_task_checkpoint(two_task_checkpoint, tmp_path
     assert found, process.stdout[-3000:]
     # 10 balanced classes: chance is 10%; even 1 epoch of features separates digits far better.
     assert float(found[-1]) > 30.0
+    assert "finished: {" in process.stdout and '"knn": {"10": {"top1"' in process.stdout
+    assert [p.name for p in tmp_path.iterdir()] == [re.search(r"job_id: (\d+)", process.stdout).group(1)]
 
 
-def test_slurm_request_matches_the_flags(tmp_path):
+def test_slurm_request_matches_the_flags(tmp_path, monkeypatch, capsys):
     """The sbatch script submitit writes, captured by a stand-in sbatch (no Slurm here)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -161,14 +162,13 @@ def test_slurm_request_matches_the_flags(tmp_path):
     for name, text in fakes.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
-    env = {**JOB_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    process = launch("--nodes", "2", "--ngpus", "8", "--timeout", "600", "--partition", "gpu",
-                     "--use_volta32", "--comment", "deadline", "--arch", "vit_small",
-                     "--data_path", "/data/imagenet/train", "--shared_dir", tmp_path / "shared",
-                     env=env)
-    assert process.returncode == 0, process.stdout + process.stderr
-    assert "Submitted job_id: 4242" in process.stdout
-    assert f"Output: {tmp_path}/shared/4242" in process.stdout
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    run_with_submitit.main(["--nodes", "2", "--ngpus", "8", "--timeout", "600", "--partition", "gpu",
+                            "--use_volta32", "--comment", "deadline", "--arch", "vit_small",
+                            "--data_path", "/data/imagenet/train", "--shared_dir", str(tmp_path / "shared")])
+    stdout = capsys.readouterr().out
+    assert "Submitted job_id: 4242" in stdout
+    assert f"Output: {tmp_path}/shared/4242" in stdout
     script = capture.read_text()
     for line in ["--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=10",
                  "--mem=320GB", "--time=600", "--partition=gpu", "--constraint=volta32gb",
@@ -180,7 +180,7 @@ def test_slurm_request_matches_the_flags(tmp_path):
     # The pickled job carries the training flags and an absolute output folder with %j.
     pickled = next((tmp_path / "shared" / "4242").glob("*_submitted.pkl"))
     job = DelayedSubmission.load(pickled).function
-    assert job.job_args.arch == "vit_small" and job.ngpus == 8
+    assert job.job_args.arch == "vit_small" and job.ngpus == 8 and job.threads == 10
     assert job.job_args.output_dir == f"{tmp_path}/shared/%j"
 
 
