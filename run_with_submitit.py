@@ -283,9 +283,8 @@ class SubmititJob:
             result = run(args)
         finally:
             job_utils.cleanup_distributed()
-        output_dir = getattr(self.job_args, "output_dir", None)
-        if result is None and self.job == "train":
-            return str(Path(output_dir) / "checkpoint.pth")
+        if result is None and self.job == "train":  # training returns nothing: name its checkpoint
+            return str(Path(self.job_args.output_dir) / "checkpoint.pth")
         return result
 
     def fix_output_dir(self, job_id: str) -> None:
