@@ -456,8 +456,8 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
 
     # ============ preparing data ... ============
     transform = utils.eval_transform(utils.eval_crop_size(args, config), args.resize_size)
-    dataset_train = utils.build_dataset(args.data_path, "train", transform)
-    dataset_val = utils.build_dataset(args.data_path, "test", transform)
+    dataset_train = utils.build_dataset(args.data_path, "train", transform, subset=args.train_subset)
+    dataset_val = utils.build_dataset(args.data_path, "test", transform, subset=args.test_subset)
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
     train_labels = torch.as_tensor(utils.dataset_labels(dataset_train))
     test_labels = torch.as_tensor(utils.dataset_labels(dataset_val))

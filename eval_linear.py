@@ -296,8 +296,8 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     # ============ preparing data ... ============
     crop_size = utils.eval_crop_size(args, config)
     train_transform, val_transform = build_transforms(args, crop_size)
-    dataset_val = utils.build_dataset(args.data_path, "test", val_transform)
-    dataset_train = utils.build_dataset(args.data_path, "train", train_transform)
+    dataset_val = utils.build_dataset(args.data_path, "test", val_transform, subset=args.test_subset)
+    dataset_train = utils.build_dataset(args.data_path, "train", train_transform, subset=args.train_subset)
     train_labels = torch.as_tensor(utils.dataset_labels(dataset_train))
     test_labels = torch.as_tensor(utils.dataset_labels(dataset_val))
     num_labels = infer_num_labels(args, train_labels)

@@ -46,8 +46,9 @@ case "${1:-}" in
     shift
     out=${DEMO_OUTPUT_DIR:-runs/demo}
     "$PY" main_dino_sparo.py --config configs/cpu_demo.yaml --output_dir "$out" "$@"
+    # k-NN on the official 10k test images, with the first 10k training images as the bank
     "$PY" eval_knn.py --pretrained_weights "$out/checkpoint.pth" --data_path fashion_mnist \
-      --nb_knn 20 --num_workers 0
+      --nb_knn 10 20 --train_subset 10000 --num_workers 0
     ;;
   test) shift; "$PY" -m pytest "$@" ;;
   setup) echo "Ready: $VENV, Fashion-MNIST." ;;

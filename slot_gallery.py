@@ -52,11 +52,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Temperature T of the k-NN neighbour weights exp(similarity / T).")
     parser.add_argument("--knn_backend", default="auto", choices=eval_knn.BACKENDS,
                         help="Neighbour search of eval_knn.py: FAISS (GPU or CPU) or torch.")
-    parser.add_argument("--train_subset", default=None, type=int,
-                        help="Use the first N training images as the k-NN bank (default: all).")
-    parser.add_argument("--test_subset", default=None, type=int,
-                        help="Use the first N test images for the gallery, the statistics and "
-                             "the k-NN queries (default: all).")
     parser.add_argument("--images_per_slot", default=8, type=int,
                         help="Images shown in each slot's row.")
     parser.add_argument("--top_k", default=None, type=int,

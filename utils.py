@@ -504,9 +504,12 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, params_groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
-    """adamw (fused/foreach where available), sgd or lars; lr and wd are set per iteration."""
+    """adamw (fused kernel, else foreach), sgd or lars; lr and wd are set per iteration."""
     if name == "adamw":
-        return torch.optim.AdamW(params_groups, foreach=True)
+        try:  # one fused kernel for all parameters (CPU and CUDA since torch 2.4)
+            return torch.optim.AdamW(params_groups, fused=True)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(params_groups, foreach=True)
     if name == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9, foreach=True)
     if name == "lars":
@@ -800,6 +803,12 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> Non
                         help="A folder with train/ and val/ ImageFolders (DINO's layout), or a "
                              "built-in data set: fashion_mnist (official 60k/10k split) or digits "
                              "(scikit-learn; test = every 5th image).")
+    parser.add_argument("--train_subset", default=None, type=int,
+                        help="Use only the first N training images (the k-NN bank, the linear "
+                             "probe's training set), for quick evaluations. Default: all.")
+    parser.add_argument("--test_subset", default=None, type=int,
+                        help="Use only the first N test images. Results on a subset are not the "
+                             "official test figures; leave unset to report. Default: all.")
     parser.add_argument("--batch_size_per_gpu", default=batch_size, type=int,
                         help="Images per process (per GPU, or per CPU process).")
     parser.add_argument("--num_workers", default=None, type=int,

@@ -1,0 +1,31 @@
+"""Smoke tests of the benchmarks: one tiny step of each, real code paths, checked outputs."""
+from bench import knn_speed, train_throughput
+from helpers import run_script
+
+
+def test_train_throughput_runs_every_variant_and_reports_ratios(capsys):
+    results = train_throughput.main([
+        "--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "8", "--local_crops_size", "4",
+        "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--out_dim", "64",
+        "--sparo_slots", "4", "--sparo_dim", "4", "--steps", "1", "--warmup_steps", "1"])
+    out = capsys.readouterr().out
+    assert set(results) == {"sparo", "cls", "reference"}
+    for result in results.values():
+        assert result["images_per_s"] > 0 and result["peak_mib"] >= 0
+    assert "sparo/cls throughput ratio" in out and "sparo/reference throughput ratio" in out
+    assert "device: CPU" in out
+
+
+def test_knn_speed_methods_agree_and_report_the_gemm_floor(capsys):
+    summary = knn_speed.main(["--num_train", "400", "--num_test", "50", "--dim", "32",
+                              "--nb_knn", "5", "20", "--gemm_size", "256"])
+    out = capsys.readouterr().out
+    assert set(summary["results"]) == {"torch", "faiss-cpu", "dino"}
+    assert all(r["same_predictions"] for r in summary["results"].values())
+    assert summary["gemm_peak_gflops"] > 0 and "x the GEMM floor" in out
+
+
+def test_benchmark_scripts_run_from_the_command_line():
+    process = run_script("bench/knn_speed.py", "--num_train", "200", "--num_test", "20", "--dim", "16",
+                         "--nb_knn", "5", "--gemm_size", "128", "--methods", "torch", "dino")
+    assert "dino/torch time ratio" in process.stdout
