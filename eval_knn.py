@@ -448,6 +448,7 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
     if args.load_features:
         features, config = load_features(args)
         check_slot_config(args, config)
+        check_bank_size(args.nb_knn, len(features["train_labels"]))
         return features, config, False
     # ============ building network ... ============
     model, config = utils.load_eval_backbone(args)
@@ -458,6 +459,7 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
     transform = utils.eval_transform(utils.eval_crop_size(args, config), args.resize_size)
     dataset_train = utils.build_dataset(args.data_path, "train", transform, subset=args.train_subset)
     dataset_val = utils.build_dataset(args.data_path, "test", transform, subset=args.test_subset)
+    check_bank_size(args.nb_knn, len(dataset_train))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
     train_labels = torch.as_tensor(utils.dataset_labels(dataset_train))
     test_labels = torch.as_tensor(utils.dataset_labels(dataset_val))
@@ -487,11 +489,7 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
 
 
 def dump_features(folder: str, features: Dict[str, torch.Tensor], config: Dict, args) -> None:
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise utils.UserError(f"cannot create --dump_features {folder}: {error.strerror}") from error
+    path = utils.ensure_output_dir(folder, "--dump_features")
     tensors = (features["train"], features["test"], features["train_labels"], features["test_labels"])
     for name, tensor in zip(FEATURE_FILES, tensors):
         utils.atomic_save(tensor.cpu().contiguous(), path / name)
@@ -560,6 +558,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise utils.UserError("--knn_chunk_size must be at least 1")
     if args.batch_size_per_gpu < 1:
         raise utils.UserError("--batch_size_per_gpu must be at least 1")
+    if args.dump_features:
+        utils.ensure_output_dir(args.dump_features, "--dump_features")
+    if args.output_json:
+        utils.ensure_output_file(args.output_json, "--output_json")
 
 
 def check_slot_config(args: argparse.Namespace, config: Dict) -> Optional[List[int]]:
@@ -568,12 +570,13 @@ def check_slot_config(args: argparse.Namespace, config: Dict) -> Optional[List[i
         raise utils.UserError(f"--slots/--select_slots with --load_features need "
                               f"{FEATURE_INFO} (written by --dump_features) to know the slots")
     slots = utils.parse_slots(args.slots, config)
-    if args.select_slots:
-        utils.require_sparo(config, "--select_slots")
-        if args.select_slots > int(config["sparo_slots"]):
-            raise utils.UserError(f"--select_slots {args.select_slots} exceeds the "
-                                  f"{config['sparo_slots']} slots of this checkpoint")
+    utils.require_slot_count(args.select_slots or None, config, "--select_slots")
     return slots
+
+
+def check_bank_size(nb_knn: List[int], bank_size: int) -> None:
+    if max(nb_knn) > bank_size:
+        raise utils.UserError(f"--nb_knn {max(nb_knn)} exceeds the {bank_size} training images")
 
 
 def eval_knn(args: argparse.Namespace) -> Dict:

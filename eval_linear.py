@@ -261,6 +261,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise utils.UserError(f"--lr must be positive, got {args.lr}")
+    if not args.evaluate and utils.is_main_process():  # training writes its head and log there
+        utils.ensure_output_dir(args.output_dir, "--output_dir")
+    if args.output_json:
+        utils.ensure_output_file(args.output_json, "--output_json")
 
 
 def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> int:
@@ -318,12 +322,6 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
         results.update(evaluate=stats, top1=stats["acc1"])
         write_json(args, results)
         return results
-
-    if utils.is_main_process():
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise utils.UserError(f"cannot create --output_dir {output_dir}: {error.strerror}") from error
 
     # ============ features (cached) or images ... ============
     feature_kwargs = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,

@@ -319,6 +319,27 @@ def check_args(args: argparse.Namespace) -> None:
               f"rate warms up for the whole run and never decays.")
     if args.freeze_last_layer < 0 or args.warmup_epochs < 0 or args.warmup_teacher_temp_epochs < 0:
         raise utils.UserError("epoch counts (warm-ups, --freeze_last_layer) cannot be negative")
+    check_head_fits(args)
+
+
+# Copies of every head weight a training step keeps: student, gradient, teacher, AdamW's two moments.
+HEAD_WEIGHT_COPIES = 5
+
+
+def check_head_fits(args: argparse.Namespace) -> None:
+    """With SPARO the DINO head's input is L*V wide; refuse an L*V whose first head layer
+    alone cannot fit in the device's memory, instead of dying later in the allocator."""
+    if args.readout != "sparo":
+        return
+    width = args.sparo_slots * args.sparo_dim
+    needed = width * vits.DINO_HEAD_HIDDEN_DIM * 4 * HEAD_WEIGHT_COPIES
+    available = utils.device_memory_bytes(args.device)
+    if needed > available:
+        raise utils.UserError(
+            f"--sparo_slots {args.sparo_slots} x --sparo_dim {args.sparo_dim} = {width} does not fit: "
+            f"the DINO head's first layer alone needs {needed / 2**30:.1f} GiB for training "
+            f"(weights, gradients, teacher, AdamW state), more than the {available / 2**30:.1f} GiB "
+            f"of {args.device.type.upper()} memory here")
 
 
 def autocast_context(args: argparse.Namespace) -> Tuple[Any, Optional[torch.amp.GradScaler]]:

@@ -188,6 +188,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise utils.UserError(f"--temperature must be positive, got {args.temperature}")
     if args.thumbnail_size < 16:
         raise utils.UserError(f"--thumbnail_size must be at least 16, got {args.thumbnail_size}")
+    utils.ensure_output_dir(args.output_dir, "--output_dir")
+    if args.output_json:
+        utils.ensure_output_file(args.output_json, "--output_json")
 
 
 def slot_gallery(args: argparse.Namespace) -> Dict[str, Any]:
@@ -201,6 +204,7 @@ def slot_gallery(args: argparse.Namespace) -> Dict[str, Any]:
     utils.require_sparo(config, "slot_gallery.py")
     num_slots = int(config["sparo_slots"])
     slots = utils.parse_slots(args.slots, config) or list(range(num_slots))
+    utils.require_slot_count(args.top_k, config, "--top_k")
 
     # ============ preparing data ... ============
     crop = utils.eval_crop_size(args, config)
@@ -241,7 +245,6 @@ def slot_gallery(args: argparse.Namespace) -> Dict[str, Any]:
 
     # ============ writing the table and the gallery ... ============
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.output_json) if args.output_json else output_dir / "slot_stats.json"
     json_path.write_text(json.dumps(summary, indent=1) + "\n")
     shown = records

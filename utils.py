@@ -73,6 +73,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
     import yaml
 
     parser.error = _one_line_error  # type: ignore[method-assign]
+    if not any("--config" in action.option_strings for action in parser._actions):
+        parser.add_argument("--config", type=str, default=None,
+                            help="YAML file of flag values (keys are flag names); flags given here override it.")
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=str, default=None)
@@ -425,10 +428,12 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
     elif split == "pretrain":
         dataset = SkipUnreadableImages(image_folder(data_path, transform))
     else:
+        if not Path(data_path).is_dir():
+            image_folder(data_path)  # raises the "does not exist" error with the built-in names
         folder = Path(data_path) / ("train" if split_name == "train" else "val")
         if not folder.is_dir():
-            raise UserError(f"{data_path} needs {'train' if split_name == 'train' else 'val'}/ "
-                            f"sub-folder (DINO's layout: DATA/train/CLASS/IMG, DATA/val/CLASS/IMG)")
+            raise UserError(f"{data_path} needs a {folder.name}/ sub-folder (DINO's layout: "
+                            f"DATA/train/CLASS/IMG, DATA/val/CLASS/IMG)")
         dataset = FailOnUnreadableImages(image_folder(str(folder), transform))
     if subset is not None and subset > 0:
         if subset < len(dataset):
@@ -687,6 +692,35 @@ class MetricLogger:
 Sized = Any  # an iterable with len(); kept loose for DataLoaders
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of a CUDA device, or the machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def ensure_output_dir(path: str | Path, flag: str) -> Path:
+    """Create an output folder before any long work, so that a path that cannot be written
+    fails in the first second with one line instead of after hours of computation."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {flag} {folder}: {error.strerror}") from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable")
+    return folder
+
+
+def ensure_output_file(path: str | Path, flag: str) -> Path:
+    """The folder of an output file (--output_json), checked like ensure_output_dir."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{flag} {file} is a folder, not a file")
+    ensure_output_dir(file.parent, f"the folder of {flag}")
+    return file
+
+
 def write_json_line(path: str | Path, record: Dict[str, Any]) -> None:
     """Append one JSON record (one line) to a log file."""
     with open(path, "a") as handle:
@@ -753,13 +787,18 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
         else infer_model_config(state)
     for key, value in (expected or {}).items():
         if value is not None and key in config and config[key] != value:
-            raise UserError(f"{pretrained_weights} holds a {key}={config[key]!r} model, but "
+            raise UserError(f"{pretrained_weights} holds a model with {key}={config[key]!r}, but "
                             f"{key}={value!r} was asked for")
     model = vits.build_backbone(config)
-    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys: {_short_list(result.missing_keys)}")
+    if wrong_shape:
+        problems.append(f"shape mismatch: {_short_list([f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in wrong_shape])}")
+    missing = [k for k in result.missing_keys if k not in wrong_shape]
+    if missing:
+        problems.append(f"missing keys: {_short_list(missing)}")
     if result.unexpected_keys:
         problems.append(f"unexpected keys: {_short_list(result.unexpected_keys)}")
     if problems:
@@ -894,6 +933,15 @@ def require_sparo(config: Dict[str, Any], flag: str) -> None:
     if config.get("readout") != "sparo":
         raise UserError(f"{flag} needs a SPARO checkpoint; this one has readout="
                         f"{config.get('readout')!r}, which has no slots")
+
+
+def require_slot_count(count: Optional[int], config: Dict[str, Any], flag: str) -> None:
+    """A number of slots asked for (--top_k, --select_slots) must exist in this checkpoint."""
+    if count is None:
+        return
+    require_sparo(config, flag)
+    if count > int(config["sparo_slots"]):
+        raise UserError(f"{flag} {count} exceeds the {config['sparo_slots']} slots of this checkpoint")
 
 
 def feature_autocast(device: torch.device, enabled: bool) -> Any:

@@ -215,11 +215,14 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
+DINO_HEAD_HIDDEN_DIM = 2048  # DINO's head MLP width
+
+
 class DINOHead(nn.Module):
     """DINO's projection head: MLP -> bottleneck -> L2 normalise -> weight-normed prototypes."""
 
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False,
-                 norm_last_layer: bool = True, nlayers: int = 3, hidden_dim: int = 2048,
+                 norm_last_layer: bool = True, nlayers: int = 3, hidden_dim: int = DINO_HEAD_HIDDEN_DIM,
                  bottleneck_dim: int = 256) -> None:
         super().__init__()
         nlayers = max(nlayers, 1)

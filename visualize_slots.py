@@ -322,8 +322,7 @@ def header_height(lines: int) -> int:
 def check_args(args: argparse.Namespace, config: dict) -> Optional[List[int]]:
     """Refuse options that do not fit the checkpoint, with one clear line each; returns the
     --slots list."""
-    if args.top_k is not None:
-        utils.require_sparo(config, "--top_k")
+    utils.require_slot_count(args.top_k, config, "--top_k")
     slots = utils.parse_slots(args.slots, config)
     if args.top_k is not None and args.top_k < 1:
         raise utils.UserError(f"--top_k must be at least 1, got {args.top_k}")
@@ -381,6 +380,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # ============ checking the inputs ... ============
     images = list_images(args.image_path, args.output_dir)
+    utils.ensure_output_dir(args.output_dir, "--output_dir")
 
     # ============ building network ... ============
     model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key,
@@ -391,7 +391,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # ============ drawing one grid per image ... ============
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     root = Path(args.image_path)
     for path in images:
         grid = visualize_image(model, config, path, args, slots)

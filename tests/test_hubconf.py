@@ -84,11 +84,11 @@ def test_sparo_entry_loads_a_training_checkpoint(tiny_sparo_checkpoint):
         assert not torch.allclose(random(x), model(x))
     # Model arguments that agree with the checkpoint are accepted; others are refused.
     hub_load("sparo_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint), patch_size=4, sparo_slots=16)
-    with pytest.raises(utils.UserError, match="sparo_slots=16 model, but sparo_slots=64"):
+    with pytest.raises(utils.UserError, match="with sparo_slots=16, but sparo_slots=64"):
         hub_load("sparo_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint), sparo_slots=64)
-    with pytest.raises(utils.UserError, match="arch='vit_tiny' model, but arch='vit_small'"):
+    with pytest.raises(utils.UserError, match="with arch='vit_tiny', but arch='vit_small'"):
         hub_load("sparo_vit_small", pretrained_weights=str(tiny_sparo_checkpoint))
-    with pytest.raises(utils.UserError, match="readout='sparo' model, but readout='cls'"):
+    with pytest.raises(utils.UserError, match="with readout='sparo', but readout='cls'"):
         hub_load("dino_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint))
     # Extra model arguments rebuild the model around the same weights.
     with_drop_path = hub_load("sparo_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint),
@@ -115,7 +115,7 @@ def test_cls_entries_load_official_dino_layouts(tmp_path, layout):
         for entry in ("dino_vits16", "dino_vit_small"):
             model = hub_load(entry, pretrained_weights=str(path)).eval()
             torch.testing.assert_close(model(x), expected)
-    with pytest.raises(utils.UserError, match="patch_size=16 model, but patch_size=8"):
+    with pytest.raises(utils.UserError, match="with patch_size=16, but patch_size=8"):
         hub_load("dino_vits8", pretrained_weights=str(path))
     with pytest.raises(ValueError, match="patch size 16, not 8"):
         hub_load("dino_vits16", patch_size=8)

@@ -70,7 +70,7 @@ def test_official_full_checkpoint_with_namespace_args_and_prefixes(tmp_path):
 
 def test_sparo_checkpoint_into_a_cls_model_fails_clearly(tiny_sparo_checkpoint, tmp_path):
     # asked for a CLS backbone
-    with pytest.raises(utils.UserError, match="readout='sparo' model, but readout='cls'"):
+    with pytest.raises(utils.UserError, match="with readout='sparo', but readout='cls'"):
         utils.load_backbone(str(tiny_sparo_checkpoint), expected={"readout": "cls"})
     # a checkpoint whose configuration says CLS but whose weights are SPARO's
     checkpoint = utils.load_checkpoint(tiny_sparo_checkpoint)
@@ -95,8 +95,8 @@ def test_the_scripts_report_the_readout_mismatch(tiny_sparo_checkpoint):
 
 @pytest.mark.parametrize("script", [eval_knn, eval_linear])
 @pytest.mark.parametrize("flags, message", [
-    (["--arch", "vit_small"], "arch='vit_tiny' model, but arch='vit_small' was asked for"),
-    (["--patch_size", "8"], "patch_size=4 model, but patch_size=8 was asked for"),
+    (["--arch", "vit_small"], "with arch='vit_tiny', but arch='vit_small' was asked for"),
+    (["--patch_size", "8"], "with patch_size=4, but patch_size=8 was asked for"),
     (["--checkpoint_key", "ema"], "has no 'ema' weights"),
 ])
 def test_wrong_architecture_or_key_is_a_clear_error(tiny_sparo_checkpoint, tmp_path, script,

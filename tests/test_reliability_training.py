@@ -169,6 +169,7 @@ BAD_INPUT = [
     ("non-image folder", lambda d: ((d / "txt" / "cls").mkdir(parents=True), (d / "txt" / "cls" / "a.txt").write_text("x"))
      and ["--data_path", str(d / "txt")], "holds no images"),
     ("crop not a multiple of patch", lambda d: ["--global_crops_size", "18"], "not a multiple of --patch_size"),
+    ("L*V that does not fit", lambda d: ["--sparo_slots", "4096", "--sparo_dim", "4096"], "does not fit: the DINO head"),
     ("batch larger than data", lambda d: ["--batch_size_per_gpu", "1000"], "larger than the data set"),
     ("output dir under a file", lambda d: (d / "file").write_text("x") and ["--output_dir", str(d / "file" / "sub")],
      "cannot create --output_dir"),

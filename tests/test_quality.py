@@ -1,0 +1,118 @@
+"""bench/quality.py's pipeline at a tiny size: real pre-training and evaluation subprocesses on
+Fashion-MNIST, results checked against computations written here."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+from helpers import REPO, run_script
+
+pytestmark = pytest.mark.skipif(
+    not any((p / "train-labels-idx1-ubyte.gz").exists() or (p / "train-labels-idx1-ubyte").exists()
+            for p in map(__import__("pathlib").Path, utils.FASHION_MNIST_DIRS)),
+    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+BANK, TEST, K = 120, 60, 3
+TINY = ["--quick", "--pretrain_subset", "64", "--epochs", "1", "--bank_size", str(BANK),
+        "--test_size", str(TEST), "--select_slots", "1", str(K), "--untrained", "false"]
+TINY_TRAIN = ["--train_args", "--batch_size_per_gpu", "32", "--local_crops_number", "1",
+              "--out_dim", "64", "--print_freq", "1"]
+
+
+def weighted_knn_top1(bank, bank_labels, test, test_labels, k=20, temperature=0.07):
+    """DINO's weighted k-NN vote, brute force in float64 numpy (cosine similarity)."""
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    sims = test @ bank.T
+    correct = 0
+    for row, label in zip(sims, test_labels):
+        nearest = np.argsort(-row, kind="stable")[:k]
+        votes = np.zeros(int(bank_labels.max()) + 1)
+        np.add.at(votes, bank_labels[nearest], np.exp(row[nearest] / temperature))
+        correct += int(np.argmax(votes) == label)
+    return 100.0 * correct / len(test_labels)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    linear = out / "linear.yaml"
+    linear.write_text("epochs: 3\nbatch_size_per_gpu: 32\ncache_features: true\n"
+                      "train_augmentation: none\nval_freq: 3\nlr: 0.1\n")
+    args = ["bench/quality.py", *TINY, "--output_dir", out, "--linear_config", linear, *TINY_TRAIN]
+    run_script(*args, timeout=600)
+    return out, json.loads((out / "results.json").read_text()), args
+
+
+def test_table_has_every_variant_on_the_official_test_split(quick_run):
+    out, results, _ = quick_run
+    assert list(results["variants"]) == ["cls", "sparo"]
+    for row in results["variants"].values():
+        assert 0 <= row["knn20"]["mean"] <= 100 and 0 <= row["linear"]["mean"] <= 100
+        assert row["seeds"] == [0]
+    assert "official test split, images 0..59" in results["setup"]["evaluation"]
+    table = (out / "results.md").read_text()
+    assert "CLS read-out" in table and "SPARO, L=64, V=64" in table
+    # the dumped features are the bank (first training images) and the official test images,
+    # in ImageFolder order (by class, then by index within a class)
+    features = next((out / "eval").glob("*/sparo_seed0/features"))
+    _, train_labels = utils.load_fashion_mnist("train")
+    _, test_labels = utils.load_fashion_mnist("test")
+    in_folder_order = lambda labels: torch.as_tensor(np.sort(labels.astype(np.int64), kind="stable"))  # noqa: E731
+    assert torch.equal(torch.load(features / "trainlabels.pth"), in_folder_order(train_labels[:BANK]))
+    assert torch.equal(torch.load(features / "testlabels.pth"), in_folder_order(test_labels[:TEST]))
+    data = next((out / "data").glob("fmnist_bank*"))
+    assert sorted(int(p.stem) for p in (data / "val").rglob("*.png")) == list(range(TEST))
+
+
+def test_raw_pixel_floor_equals_brute_force(quick_run):
+    _, results, _ = quick_run
+    train_images, train_labels = utils.load_fashion_mnist("train")
+    test_images, test_labels = utils.load_fashion_mnist("test")
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float64)  # noqa: E731
+    expected = weighted_knn_top1(flat(train_images[:BANK]), train_labels[:BANK],
+                                 flat(test_images[:TEST]), test_labels[:TEST])
+    assert results["raw_pixels"]["same_bank"]["top1"] == pytest.approx(expected, abs=1e-9)
+    assert results["raw_pixels"]["full_bank"]["bank_size"] == 60000
+
+
+def test_reported_accuracies_equal_brute_force_on_the_features(quick_run):
+    out, results, _ = quick_run
+    features = next((out / "eval").glob("*/sparo_seed0/features"))
+    load = lambda name: torch.load(features / name).double().numpy()  # noqa: E731
+    bank, test = load("trainfeat.pth"), load("testfeat.pth")
+    bank_labels, test_labels = load("trainlabels.pth").astype(int), load("testlabels.pth").astype(int)
+    assert results["variants"]["sparo"]["knn20"]["mean"] == pytest.approx(
+        weighted_knn_top1(bank, bank_labels, test, test_labels), abs=1e-6)
+
+    # slot subsets: the kept 64-wide slots, the vector renormalised (cosine on those slots)
+    selection = results["slot_selection"]["0"]
+    assert len(selection["order"]) == K and len(set(selection["order"])) == K
+    slots = lambda x, s: x.reshape(len(x), 64, 64)[:, s].reshape(len(x), -1)  # noqa: E731
+    for k, row in selection["by_k"].items():
+        chosen = row["slots"]
+        assert chosen == selection["order"][:int(k)]
+        assert row["greedy"] == pytest.approx(weighted_knn_top1(
+            slots(bank, chosen), bank_labels, slots(test, chosen), test_labels), abs=1e-6)
+        first = list(range(int(k)))
+        assert row["first_k"] == pytest.approx(weighted_knn_top1(
+            slots(bank, first), bank_labels, slots(test, first), test_labels), abs=1e-6)
+
+
+def test_rerun_resumes_without_new_work(quick_run):
+    out, results, args = quick_run
+    mtime = (out / "pretrain" / "sparo_seed0" / "checkpoint.pth").stat().st_mtime
+    run_script(*args, timeout=120)
+    again = json.loads((out / "results.json").read_text())
+    assert again["variants"] == results["variants"]
+    assert (out / "pretrain" / "sparo_seed0" / "checkpoint.pth").stat().st_mtime == mtime
+
+
+def test_heldout_split_refuses_pretraining_on_held_out_images(tmp_path):
+    process = run_script("bench/quality.py", "--eval_split", "heldout", "--pretrain_subset", "60000",
+                         "--output_dir", tmp_path, check=False)
+    assert process.returncode == 2
+    assert "held-out images are never pre-trained on" in process.stderr
