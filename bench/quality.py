@@ -100,7 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "--quick 4). Greedy selection runs once for the largest K; smaller K "
                              "are its first K picks, the same slots --select_slots K would give.")
     parser.add_argument("--untrained", default=True, type=utils.bool_flag,
-                        help="Also evaluate untrained (randomly initialised) networks by k-NN.")
+                        help="Also evaluate untrained (randomly initialised) networks: k-NN, and "
+                             "the linear probe unless --linear false.")
     parser.add_argument("--linear", default=True, type=utils.bool_flag,
                         help="Run the linear probes (the slowest evaluation).")
     parser.add_argument("--threads", type=int, default=None,
@@ -342,7 +343,8 @@ def write_tables(out: Path, results: Dict[str, Any]) -> None:
     lines.append(f"| raw pixels, whole {floor['full_bank']['bank_size']}-image bank | - | "
                  f"{floor['full_bank']['top1']:.2f} | - | - |")
     for readout, row in results.get("untrained", {}).items():
-        lines.append(f"| untrained network ({readout} read-out) | {row['seed']} | {row['knn20']:.2f} | - | - |")
+        linear = f"{row['linear']:.2f}" if "linear" in row else "-"
+        lines.append(f"| untrained network ({readout} read-out) | {row['seed']} | {row['knn20']:.2f} | {linear} | - |")
     for name, row in results["variants"].items():
         minutes = np.mean(row["pretrain_seconds"]) / 60
         lines.append(f"| {row['description']} | {','.join(map(str, row['seeds']))} | "
@@ -392,8 +394,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         for readout in ("cls", "sparo"):
             weights = out / "untrained" / f"{readout}_seed{args.seeds[0]}.pth"
             save_untrained(weights, readout, recipe, args.seeds[0])
-            step = knn_eval(args, str(weights), data, eval_root / f"untrained_{readout}")
-            results["untrained"][readout] = dict(seed=args.seeds[0], knn20=top1_of(step))
+            tag = eval_root / f"untrained_{readout}"
+            row = dict(seed=args.seeds[0], knn20=top1_of(knn_eval(args, str(weights), data, tag)))
+            if args.linear:  # how much of a linear probe's accuracy the random features give
+                row["linear"] = linear_top1(linear_eval(args, str(weights), data, tag))
+            results["untrained"][readout] = row
 
     # ============ pre-training and evaluating each variant ... ============
     slot_selection_results = {}
