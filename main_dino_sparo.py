@@ -329,8 +329,8 @@ HEAD_WEIGHT_COPIES = 5
 def check_head_fits(args: argparse.Namespace) -> None:
     """With SPARO the DINO head's input is L*V wide; refuse an L*V whose first head layer
     alone cannot fit in the device's memory, instead of dying later in the allocator."""
-    if args.readout != "sparo":
-        return
+    if args.readout != "sparo" or getattr(args, "device", None) is None:
+        return  # no device yet (the launcher's early check): the job itself checks
     width = args.sparo_slots * args.sparo_dim
     needed = width * vits.DINO_HEAD_HIDDEN_DIM * 4 * HEAD_WEIGHT_COPIES
     available = utils.device_memory_bytes(args.device)
