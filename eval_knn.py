@@ -489,7 +489,7 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
 
 
 def dump_features(folder: str, features: Dict[str, torch.Tensor], config: Dict, args) -> None:
-    path = utils.ensure_output_dir(folder, "--dump_features")
+    path = Path(folder)  # created and checked by check_args, before the extraction
     tensors = (features["train"], features["test"], features["train_labels"], features["test_labels"])
     for name, tensor in zip(FEATURE_FILES, tensors):
         utils.atomic_save(tensor.cpu().contiguous(), path / name)

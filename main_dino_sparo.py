@@ -429,12 +429,7 @@ def prepare_output_dir(output_dir: Path) -> None:
     """Create the output folder (rank 0), check it is writable, clear stale temporary files."""
     if not utils.is_main_process():
         return
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise utils.UserError(f"cannot create --output_dir {output_dir}: {error.strerror}") from error
-    if not os.access(output_dir, os.W_OK):
-        raise utils.UserError(f"--output_dir {output_dir} is not writable")
+    utils.ensure_output_dir(output_dir, "--output_dir")
     utils.remove_stale_temporary_files(output_dir)
 
 

@@ -75,7 +75,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
     parser.error = _one_line_error  # type: ignore[method-assign]
     if not any("--config" in action.option_strings for action in parser._actions):
         parser.add_argument("--config", type=str, default=None,
-                            help="YAML file of flag values (keys are flag names); flags given here override it.")
+                            help="YAML file of flag values (keys are flag names); flags given on "
+                                 "the command line override it.")
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=str, default=None)
@@ -792,10 +793,12 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
     model = vits.build_backbone(config)
     own = model.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape},
+                                   strict=False)
     problems = []
     if wrong_shape:
-        problems.append(f"shape mismatch: {_short_list([f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in wrong_shape])}")
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]
+        problems.append(f"shape mismatch (file vs model): {_short_list(shapes)}")
     missing = [k for k in result.missing_keys if k not in wrong_shape]
     if missing:
         problems.append(f"missing keys: {_short_list(missing)}")

@@ -62,8 +62,9 @@ def test_table_has_every_variant_on_the_official_test_split(quick_run):
     _, train_labels = utils.load_fashion_mnist("train")
     _, test_labels = utils.load_fashion_mnist("test")
     in_folder_order = lambda labels: torch.as_tensor(np.sort(labels.astype(np.int64), kind="stable"))  # noqa: E731
-    assert torch.equal(torch.load(features / "trainlabels.pth"), in_folder_order(train_labels[:BANK]))
-    assert torch.equal(torch.load(features / "testlabels.pth"), in_folder_order(test_labels[:TEST]))
+    load = lambda name: torch.load(features / name, weights_only=True)  # noqa: E731
+    assert torch.equal(load("trainlabels.pth"), in_folder_order(train_labels[:BANK]))
+    assert torch.equal(load("testlabels.pth"), in_folder_order(test_labels[:TEST]))
     data = next((out / "data").glob("fmnist_bank*"))
     assert sorted(int(p.stem) for p in (data / "val").rglob("*.png")) == list(range(TEST))
 
@@ -82,7 +83,7 @@ def test_raw_pixel_floor_equals_brute_force(quick_run):
 def test_reported_accuracies_equal_brute_force_on_the_features(quick_run):
     out, results, _ = quick_run
     features = next((out / "eval").glob("*/sparo_seed0/features"))
-    load = lambda name: torch.load(features / name).double().numpy()  # noqa: E731
+    load = lambda name: torch.load(features / name, weights_only=True).double().numpy()  # noqa: E731
     bank, test = load("trainfeat.pth"), load("testfeat.pth")
     bank_labels, test_labels = load("trainlabels.pth").astype(int), load("testlabels.pth").astype(int)
     assert results["variants"]["sparo"]["knn20"]["mean"] == pytest.approx(
