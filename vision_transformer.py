@@ -26,7 +26,11 @@ Readout = Literal["sparo", "cls"]
 READOUTS = ("sparo", "cls")
 
 # DINO's architectures: (embed_dim, depth, num_heads); all use mlp_ratio 4 and qkv bias.
+# vit_nano is not DINO's: a CPU-sized ViT (half the width and depth of vit_tiny; a SPARO-DINO
+# step on 28-px images took 0.45x vit_tiny's time on 2 cores) for the learning-speed study in
+# RESULTS.md and quick experiments.
 ARCHS: Dict[str, tuple] = {
+    "vit_nano": (96, 6, 3),
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
@@ -190,6 +194,7 @@ def _arch_factory(arch: str):
     return build
 
 
+vit_nano = _arch_factory("vit_nano")
 vit_tiny = _arch_factory("vit_tiny")
 vit_small = _arch_factory("vit_small")
 vit_base = _arch_factory("vit_base")

@@ -1,15 +1,16 @@
 """Does SPARO beat the CLS read-out? A small, reproducible DINO experiment on Fashion-MNIST.
 
     python bench/quality.py                        # the full table (about 2 h on 2 CPU cores)
-    python bench/quality.py --quick                # the same pipeline, small (about 15 min)
+    python bench/quality.py --quick                # the same pipeline, small (about 5 min)
     python bench/quality.py --eval_split heldout    # for tuning: never touches the test split
 
 Every variant is pre-trained by the real command-line script (main_dino_sparo.py, in a
 subprocess) with the same small-data recipe (configs/quality/recipe.yaml) and the same budget
 (images, epochs, crops, batch), then evaluated by the real eval_knn.py (weighted 20-NN,
 T=0.07, cosine) and eval_linear.py (a linear probe on frozen features). Next to them: the
-raw-pixel k-NN floor (computed with eval_knn's own k-NN code on the raw 28x28 pixels) and the
-k-NN of untrained networks. For SPARO, greedy slot selection (eval_knn.py --select_slots,
+raw-pixel k-NN floor (computed with eval_knn's own k-NN code on the raw 28x28 pixels) and
+each variant's network untrained (randomly initialised), to tell what the architecture gives
+from what pre-training adds. For SPARO, greedy slot selection (eval_knn.py --select_slots,
 scored on a held-out part of the training bank) is reported next to all slots.
 
 Evaluation data. --eval_split test: the k-NN bank and the linear probe's training set are
@@ -66,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("SPARO vs CLS quality benchmark", add_help=False)
     parser.add_argument("--quick", action="store_true",
                         help="The same pipeline at a small size (CLS and SPARO, one seed, fewer "
-                             "images): about 15 minutes on 2 CPU cores. Flags given explicitly win.")
+                             "images): about 5 minutes on 2 CPU cores. Flags given explicitly win.")
     parser.add_argument("--output_dir", default=str(REPO / "runs" / "quality"),
                         help="Where checkpoints, features, logs and the results go (rerun to resume).")
     parser.add_argument("--eval_split", default="test", choices=("test", "heldout"),
@@ -100,8 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "--quick 4). Greedy selection runs once for the largest K; smaller K "
                              "are its first K picks, the same slots --select_slots K would give.")
     parser.add_argument("--untrained", default=True, type=utils.bool_flag,
-                        help="Also evaluate untrained (randomly initialised) networks: k-NN, and "
-                             "the linear probe unless --linear false.")
+                        help="Also evaluate every variant's network untrained (randomly "
+                             "initialised): k-NN, and the linear probe unless --linear false.")
     parser.add_argument("--linear", default=True, type=utils.bool_flag,
                         help="Run the linear probes (the slowest evaluation).")
     parser.add_argument("--threads", type=int, default=None,
@@ -206,14 +207,22 @@ def raw_pixel_floor(bank_size: int, eval_split: str, test_size: int) -> Dict[str
     return result
 
 
-def save_untrained(path: Path, readout: str, recipe: Dict[str, Any], seed: int) -> None:
+def variant_model_config(name: str, recipe: str, train_args: Sequence[str] = ()) -> Dict[str, Any]:
+    """The backbone configuration variant `name` pre-trains (recipe + its flags + --train_args),
+    read by main_dino_sparo.py's own parser, so that its untrained network is the same model."""
+    import main_dino_sparo
+
+    parser = argparse.ArgumentParser("SPARO-DINO", parents=[main_dino_sparo.get_args_parser()])
+    args = utils.parse_args_with_config(parser, ["--config", recipe, *VARIANTS[name][1], *train_args])
+    return main_dino_sparo.model_config_from_args(args)
+
+
+def save_untrained(path: Path, config: Dict[str, Any], seed: int) -> None:
     """A randomly initialised backbone (DINO's initialisation) saved like a training checkpoint,
-    for the untrained-network k-NN."""
+    for the untrained-network evaluations."""
     if path.exists():
         return
     utils.fix_random_seeds(seed)
-    config = vits.model_config(arch=recipe["arch"], patch_size=int(recipe["patch_size"]),
-                               img_size=int(recipe["global_crops_size"]), readout=readout)
     model = vits.build_backbone(dict(config))
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_save(dict(teacher=model.state_dict(), model_config=config), path)
@@ -335,20 +344,21 @@ def fmt(summary: Dict[str, Any]) -> str:
 def write_tables(out: Path, results: Dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [f"Evaluation: {results['setup']['evaluation']}", "",
-             "| variant | seeds | k-NN top-1 (k=20) | linear top-1 | pre-training time |",
-             "|---|---|---|---|---|"]
+             "| variant | seeds | k-NN top-1 (k=20) | linear top-1 | untrained: k-NN | untrained: linear "
+             "| pre-training time |", "|---|---|---|---|---|---|---|"]
     floor = results["raw_pixels"]
     lines.append(f"| raw pixels, same {floor['same_bank']['bank_size']}-image bank | - | "
-                 f"{floor['same_bank']['top1']:.2f} | - | - |")
+                 f"{floor['same_bank']['top1']:.2f} | - | - | - | - |")
     lines.append(f"| raw pixels, whole {floor['full_bank']['bank_size']}-image bank | - | "
-                 f"{floor['full_bank']['top1']:.2f} | - | - |")
-    for readout, row in results.get("untrained", {}).items():
-        linear = f"{row['linear']:.2f}" if "linear" in row else "-"
-        lines.append(f"| untrained network ({readout} read-out) | {row['seed']} | {row['knn20']:.2f} | {linear} | - |")
+                 f"{floor['full_bank']['top1']:.2f} | - | - | - | - |")
     for name, row in results["variants"].items():
         minutes = np.mean(row["pretrain_seconds"]) / 60
+        untrained = results.get("untrained", {}).get(name, {})
+        untrained_cells = " | ".join(f"{untrained[key]:.2f}" if key in untrained else "-"
+                                     for key in ("knn20", "linear"))
         lines.append(f"| {row['description']} | {','.join(map(str, row['seeds']))} | "
-                     f"{fmt(row['knn20'])} | {fmt(row.get('linear'))} | {minutes:.1f} min/run |")
+                     f"{fmt(row['knn20'])} | {fmt(row.get('linear'))} | {untrained_cells} | "
+                     f"{minutes:.1f} min/run |")
     if results.get("slot_selection"):
         lines += ["", "SPARO slot selection (k-NN top-1, k=20, test; slots chosen greedily by "
                   "held-out 20-NN on the training bank):", "",
@@ -390,15 +400,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     eval_root = out / "eval" / data.name
 
     # ============ untrained networks ... ============
+    # Each variant's own architecture, randomly initialised: how much of its figures the
+    # architecture gives before any training.
     if args.untrained:
-        for readout in ("cls", "sparo"):
-            weights = out / "untrained" / f"{readout}_seed{args.seeds[0]}.pth"
-            save_untrained(weights, readout, recipe, args.seeds[0])
-            tag = eval_root / f"untrained_{readout}"
+        for name in args.variants:
+            weights = out / "untrained" / f"{name}_seed{args.seeds[0]}.pth"
+            save_untrained(weights, variant_model_config(name, args.recipe, args.train_args), args.seeds[0])
+            tag = eval_root / f"untrained_{name}"
             row = dict(seed=args.seeds[0], knn20=top1_of(knn_eval(args, str(weights), data, tag)))
-            if args.linear:  # how much of a linear probe's accuracy the random features give
+            if args.linear:
                 row["linear"] = linear_top1(linear_eval(args, str(weights), data, tag))
-            results["untrained"][readout] = row
+            results["untrained"][name] = row
 
     # ============ pre-training and evaluating each variant ... ============
     slot_selection_results = {}

@@ -117,3 +117,31 @@ def test_heldout_split_refuses_pretraining_on_held_out_images(tmp_path):
                          "--output_dir", tmp_path, check=False)
     assert process.returncode == 2
     assert "held-out images are never pre-trained on" in process.stderr
+
+
+def test_untrained_networks_have_each_variants_architecture(tmp_path):
+    """The untrained rows must be the very model each variant pre-trains, --train_args included."""
+    from bench import quality
+    import vision_transformer as vits
+
+    recipe = str(quality.RECIPE)
+    configs = {name: quality.variant_model_config(name, recipe) for name in quality.VARIANTS}
+    assert configs["cls"]["readout"] == "cls" and configs["sparo"]["readout"] == "sparo"
+    assert (configs["sparo"]["sparo_slots"], configs["sparo"]["sparo_dim"]) == (64, 64)
+    assert (configs["sparo_L16_V256"]["sparo_slots"], configs["sparo_L16_V256"]["sparo_dim"]) == (16, 256)
+    assert (configs["sparo_L128_V32"]["sparo_slots"], configs["sparo_L128_V32"]["sparo_dim"]) == (128, 32)
+    assert configs["sparo_global"]["sparo_norm"] == "global"
+    assert configs["sparo_keep_all"]["sparo_keep_all_blocks"] is True
+    assert all(c["arch"] == "vit_tiny" and c["patch_size"] == 7 and c["img_size"] == 28
+               for c in configs.values())
+    assert quality.variant_model_config("sparo", recipe, ["--sparo_slots", "8"])["sparo_slots"] == 8
+
+    path = tmp_path / "untrained.pth"
+    quality.save_untrained(path, configs["sparo_L16_V256"], seed=0)
+    backbone, config = utils.load_backbone(str(path))
+    assert config["sparo_slots"] == 16 and backbone.num_features == 16 * 256
+    again = tmp_path / "again.pth"
+    quality.save_untrained(again, configs["sparo_L16_V256"], seed=0)  # same seed, same network
+    first, second = (torch.load(p, weights_only=True)["teacher"] for p in (path, again))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert isinstance(backbone, vits.VisionTransformer)

@@ -112,6 +112,23 @@ def test_build_backbone_from_config_round_trip():
         vits.model_config(arch="vit_huge")
 
 
+@pytest.mark.parametrize("arch", sorted(vits.ARCHS))
+@pytest.mark.parametrize("keep_all", [False, True])
+def test_every_arch_is_recovered_from_its_weights(arch, keep_all):
+    """Checkpoints without a configuration (official DINO files) are rebuilt from weight shapes;
+    this needs every arch to have its own width."""
+    import utils
+
+    config = vits.model_config(arch=arch, patch_size=8, img_size=16, sparo_slots=4, sparo_dim=8,
+                               sparo_keep_all_blocks=keep_all)
+    state = vits.build_backbone(config).state_dict()
+    inferred = utils.infer_model_config(state)
+    assert inferred["arch"] == arch and inferred["sparo_keep_all_blocks"] == keep_all
+    assert (inferred["sparo_slots"], inferred["sparo_dim"], inferred["patch_size"]) == (4, 8, 8)
+    widths = [width for width, _, _ in vits.ARCHS.values()]
+    assert len(set(widths)) == len(widths)
+
+
 def test_dino_head_matches_dino_definition():
     torch.manual_seed(0)
     head = vits.DINOHead(in_dim=32, out_dim=100, hidden_dim=64, bottleneck_dim=16)
