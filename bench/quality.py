@@ -56,7 +56,7 @@ VARIANTS: Dict[str, tuple] = {
     "cls": ("CLS read-out (DINO's baseline)", ["--readout", "cls"]),
     "sparo": ("SPARO, L=64, V=64 (default)", ["--readout", "sparo"]),
     "sparo_global": ("SPARO, --sparo_norm global", ["--readout", "sparo", "--sparo_norm", "global"]),
-    "sparo_keep_all": ("SPARO, all 12 blocks kept", ["--readout", "sparo", "--sparo_keep_all_blocks", "true"]),
+    "sparo_keep_all": ("SPARO, every block kept (none replaced)", ["--readout", "sparo", "--sparo_keep_all_blocks", "true"]),
     "sparo_L16_V256": ("SPARO, L=16, V=256", ["--readout", "sparo", "--sparo_slots", "16", "--sparo_dim", "256"]),
     "sparo_L128_V32": ("SPARO, L=128, V=32", ["--readout", "sparo", "--sparo_slots", "128", "--sparo_dim", "32"]),
 }

@@ -121,7 +121,10 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
 
 
 def test_shipped_configs_parse():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    recipes = [*sorted((REPO / "configs").glob("*.yaml")),
+               *sorted((REPO / "configs" / "quality").glob("recipe*.yaml"))]
+    assert len(recipes) >= 5
+    for path in recipes:
         args = utils.parse_args_with_config(dino.get_args_parser(), ["--config", str(path)])
         assert args.arch in vits.ARCHS, path
 
