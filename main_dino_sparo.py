@@ -319,7 +319,6 @@ def check_args(args: argparse.Namespace) -> None:
               f"rate warms up for the whole run and never decays.")
     if args.freeze_last_layer < 0 or args.warmup_epochs < 0 or args.warmup_teacher_temp_epochs < 0:
         raise utils.UserError("epoch counts (warm-ups, --freeze_last_layer) cannot be negative")
-    check_head_fits(args)
 
 
 # Copies of every head weight a training step keeps: student, gradient, teacher, AdamW's two moments.
@@ -328,9 +327,10 @@ HEAD_WEIGHT_COPIES = 5
 
 def check_head_fits(args: argparse.Namespace) -> None:
     """With SPARO the DINO head's input is L*V wide; refuse an L*V whose first head layer
-    alone cannot fit in the device's memory, instead of dying later in the allocator."""
-    if args.readout != "sparo" or getattr(args, "device", None) is None:
-        return  # no device yet (the launcher's early check): the job itself checks
+    alone cannot fit in the device's memory, instead of dying later in the allocator. Needs
+    args.device, so it runs in the job, not in the launcher's early check_args."""
+    if args.readout != "sparo":
+        return
     width = args.sparo_slots * args.sparo_dim
     needed = width * vits.DINO_HEAD_HIDDEN_DIM * 4 * HEAD_WEIGHT_COPIES
     available = utils.device_memory_bytes(args.device)
@@ -436,6 +436,7 @@ def prepare_output_dir(output_dir: Path) -> None:
 def train_dino(args: argparse.Namespace) -> None:
     utils.init_distributed_mode(args)
     check_args(args)
+    check_head_fits(args)
     utils.fix_random_seeds(args.seed + args.rank)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 

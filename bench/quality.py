@@ -405,7 +405,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.untrained:
         for name in args.variants:
             weights = out / "untrained" / f"{name}_seed{args.seeds[0]}.pth"
-            save_untrained(weights, variant_model_config(name, args.recipe, args.train_args), args.seeds[0])
+            config = variant_model_config(name, args.recipe, args.train_args)
+            save_untrained(weights, config, args.seeds[0])
             tag = eval_root / f"untrained_{name}"
             row = dict(seed=args.seeds[0], knn20=top1_of(knn_eval(args, str(weights), data, tag)))
             if args.linear:
