@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Attention, Block
 
 from sparo_head import SLOT_NORMS, SparoReadout
 
@@ -137,6 +137,14 @@ class VisionTransformer(nn.Module):
         return outputs
 
 
+def set_fused_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch every timm attention layer in model between torch's fused scaled-dot-product
+    kernel (enabled) and the explicit softmax(q k^T) v (same result, other kernels)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = enabled
+
+
 def attention_weights(block: Block, x: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) of a timm Block's attention for input tokens x."""
     attn = block.attn
@@ -221,6 +229,7 @@ class WeightNormLinear(nn.Module):
 
 
 DINO_HEAD_HIDDEN_DIM = 2048  # DINO's head MLP width
+DINO_HEAD_BOTTLENECK_DIM = 256  # DINO's L2-normalised bottleneck before the prototypes
 
 
 class DINOHead(nn.Module):
@@ -228,7 +237,7 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False,
                  norm_last_layer: bool = True, nlayers: int = 3, hidden_dim: int = DINO_HEAD_HIDDEN_DIM,
-                 bottleneck_dim: int = 256) -> None:
+                 bottleneck_dim: int = DINO_HEAD_BOTTLENECK_DIM) -> None:
         super().__init__()
         nlayers = max(nlayers, 1)
         widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]

@@ -5,7 +5,7 @@
     python bench/quality.py --eval_split heldout    # for tuning: never touches the test split
 
 Every variant is pre-trained by the real command-line script (main_dino_sparo.py, in a
-subprocess) with the same small-data recipe (configs/quality/recipe.yaml) and the same budget
+subprocess) with the same small-data recipe (configs/quality/recipe_cpu.yaml) and the same budget
 (images, epochs, crops, batch), then evaluated by the real eval_knn.py (weighted 20-NN,
 T=0.07, cosine) and eval_linear.py (a linear probe on frozen features). Next to them: the
 raw-pixel k-NN floor (computed with eval_knn's own k-NN code on the raw 28x28 pixels) and
@@ -14,12 +14,13 @@ from what pre-training adds. For SPARO, greedy slot selection (eval_knn.py --sel
 scored on a held-out part of the training bank) is reported next to all slots.
 
 Evaluation data. --eval_split test: the k-NN bank and the linear probe's training set are
-the first --bank_size images of Fashion-MNIST's official training split, and the test set is
-the official 10k test split (its first --test_size images). --eval_split heldout: the test
-set is replaced by training images 50000..50000+test_size, which pre-training never sees
-(--pretrain_subset must stay at or below 50000); use it to tune, never the test split.
-Both are written once as ImageFolders (DINO's DATA/train, DATA/val layout, grey PNGs) so that
-the evaluation scripts read exactly these images.
+the first --bank_size images of Fashion-MNIST's official training split (default: all 60k),
+and the test set is the official 10k test split (its first --test_size images); the scripts
+read them from the built-in data set (--data_path fashion_mnist --train_subset/--test_subset).
+--eval_split heldout: the test set is replaced by training images 50000..50000+test_size,
+which pre-training never sees (--pretrain_subset must stay at or below 50000); use it to
+tune, never the test split. These images are written once as ImageFolders (DINO's
+DATA/train, DATA/val layout, grey PNGs) so that the evaluation scripts read exactly them.
 
 Results: OUTPUT_DIR/results.json and OUTPUT_DIR/results.md. Every finished step leaves its
 own JSON file, so rerunning the same command after an interruption continues where it stopped.
@@ -47,7 +48,7 @@ import eval_knn  # noqa: E402
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 
-RECIPE = REPO / "configs" / "quality" / "recipe.yaml"
+RECIPE = REPO / "configs" / "quality" / "recipe_cpu.yaml"
 LINEAR = REPO / "configs" / "quality" / "linear.yaml"
 HELDOUT_START = 50000  # training images from here on are never pre-trained on (tuning split)
 
@@ -92,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Further main_dino_sparo.py flags for every variant (last on the line).")
     parser.add_argument("--bank_size", type=int, default=None,
                         help="k-NN bank / linear-probe training images: the first N of the training "
-                             "split (default 10000; --quick 2000).")
+                             "split (default 60000, the whole split, as in DINO's k-NN protocol and "
+                             "the raw-pixel floor; --quick 2000).")
     parser.add_argument("--test_size", type=int, default=None,
                         help="Test images: the first N of the official test split, or of the "
                              "held-out images (default 10000, all; --quick 2000).")
@@ -107,12 +109,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Run the linear probes (the slowest evaluation).")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for the subprocesses (default: the number of cores).")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="Pre-training runs at once, sharing the threads (default: one per "
+                             "core on a CPU-only machine, one on a GPU). On a small CPU, two "
+                             "1-thread runs train more images per second together than one "
+                             "2-thread run: each spends part of its time on single-threaded "
+                             "data augmentation.")
     return parser
 
 
 QUICK_DEFAULTS = dict(variants=["cls", "sparo"], seeds=[0], bank_size=2000, test_size=2000,
                       select_slots=[4], pretrain_subset=2000, epochs=1)
-FULL_DEFAULTS = dict(variants=list(VARIANTS), seeds=[0, 1], bank_size=10000, test_size=10000,
+FULL_DEFAULTS = dict(variants=list(VARIANTS), seeds=[0, 1], bank_size=None, test_size=10000,
                      select_slots=[1, 4, 16], pretrain_subset=None, epochs=None)
 
 
@@ -121,9 +129,14 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # The whole training split is the bank (heldout: all of it before the held-out images).
+    available = HELDOUT_START if args.eval_split == "heldout" else 60000
+    args.bank_size = args.bank_size or available
     args.variants = [v for v in VARIANTS if v in args.variants]  # table order
     recipe = load_yaml(args.recipe)
-    args.pretrain_subset = args.pretrain_subset if args.pretrain_subset is not None else int(recipe.get("subset", 0))
+    if args.pretrain_subset is None:
+        # a recipe that pre-trains on every image (subset 0) uses every image it may see
+        args.pretrain_subset = int(recipe.get("subset", 0)) or available
     args.epochs = args.epochs if args.epochs is not None else int(recipe["epochs"])
     check_args(args)
 
@@ -156,6 +169,26 @@ def load_yaml(path: str) -> Dict[str, Any]:
 
 
 # ============================================================================= data
+class EvalData:
+    """Where the evaluation scripts read the bank and the test images: --data_path plus flags."""
+
+    def __init__(self, name: str, data_path: str, flags: Sequence[str] = ()) -> None:
+        self.name, self.data_path, self.flags = name, data_path, list(flags)
+
+    def args(self) -> List[str]:
+        return ["--data_path", self.data_path, *self.flags]
+
+
+def evaluation_data(root: Path, bank_size: int, eval_split: str, test_size: int) -> EvalData:
+    """The test split is the built-in data set's (first images of each split); the held-out
+    split mixes training images into the test set, so it is exported as ImageFolders."""
+    if eval_split == "test":
+        return EvalData(f"fmnist_bank{bank_size}_test{test_size}", "fashion_mnist",
+                        ["--train_subset", str(bank_size), "--test_subset", str(test_size)])
+    folder = export_image_folders(root, bank_size, eval_split, test_size)
+    return EvalData(folder.name, str(folder))
+
+
 def export_image_folders(root: Path, bank_size: int, eval_split: str, test_size: int) -> Path:
     """DATA/train (the k-NN bank / linear training images) and DATA/val (the test images) as
     grey PNG ImageFolders with class folders 0..9, written once."""
@@ -258,24 +291,37 @@ def cached_step(path: Path, compute) -> Dict[str, Any]:
     return result
 
 
-def pretrain(args: argparse.Namespace, name: str, seed: int, out: Path) -> Dict[str, Any]:
+def pretrain_all(args: argparse.Namespace, out: Path) -> Dict[tuple, Dict[str, Any]]:
+    """Every (variant, seed) pre-training run, --jobs at a time; results by (name, seed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [(name, seed) for name in args.variants
+            for seed in (args.seeds if name in SEEDED else args.seeds[:1])]
+    threads = max(1, args.threads // args.jobs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {run: pool.submit(pretrain, args, *run, out, threads) for run in runs}
+        return {run: future.result() for run, future in futures.items()}
+
+
+def pretrain(args: argparse.Namespace, name: str, seed: int, out: Path,
+             threads: Optional[int] = None) -> Dict[str, Any]:
     run_dir = out / "pretrain" / f"{name}_seed{seed}"
     command = ["main_dino_sparo.py", "--config", args.recipe, *VARIANTS[name][1],
                "--subset", str(args.pretrain_subset), "--epochs", str(args.epochs),
                "--seed", str(seed), "--output_dir", str(run_dir), *args.train_args]
 
     def compute() -> Dict[str, Any]:
-        seconds = run_logged(command, run_dir / "stdout.log", args.threads)
+        seconds = run_logged(command, run_dir / "stdout.log", threads or args.threads)
         history = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if line.strip()]
         return dict(command=" ".join(["python", *command]), seconds=seconds, train_log=history,
                     checkpoint=str(run_dir / "checkpoint.pth"))
     return cached_step(run_dir / "pretrain.json", compute)
 
 
-def knn_eval(args: argparse.Namespace, weights: str, data: Path, tag: Path,
+def knn_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path,
              extra: Sequence[str] = ()) -> Dict[str, Any]:
-    """eval_knn.py on the exported ImageFolders; features dumped next to the result."""
-    command = ["eval_knn.py", "--pretrained_weights", weights, "--data_path", str(data),
+    """eval_knn.py on the evaluation data (extra: e.g. --dump_features, --load_features)."""
+    command = ["eval_knn.py", "--pretrained_weights", weights, *data.args(),
                "--resize_size", str(args.resize_size), "--nb_knn",
                *[str(k) for k in (10, 20, 100, 200) if k <= args.bank_size],
                "--num_workers", "0", "--output_json", str(tag / "knn.json"), *extra]
@@ -287,9 +333,9 @@ def knn_eval(args: argparse.Namespace, weights: str, data: Path, tag: Path,
     return cached_step(tag / "knn_step.json", compute)
 
 
-def linear_eval(args: argparse.Namespace, weights: str, data: Path, tag: Path) -> Dict[str, Any]:
+def linear_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path) -> Dict[str, Any]:
     command = ["eval_linear.py", "--config", args.linear_config, "--pretrained_weights", weights,
-               "--data_path", str(data), "--resize_size", str(args.resize_size),
+               *data.args(), "--resize_size", str(args.resize_size),
                "--num_workers", "0", "--output_dir", str(tag / "linear"),
                "--output_json", str(tag / "linear.json")]
 
@@ -304,14 +350,15 @@ def slot_selection(args: argparse.Namespace, features: Path, tag: Path) -> Dict[
     """Greedy selection of max(K) slots on the training bank, then the test k-NN of the first K
     picks for each K, and of the first K slots by index (an unselected subset) for contrast."""
     largest = max(args.select_slots)
-    selected = knn_eval(args, "", features, tag / f"select{largest}",
+    dumped = EvalData(features.name, str(features))  # --load_features reads no images
+    selected = knn_eval(args, "", dumped, tag / f"select{largest}",
                         ["--load_features", str(features), "--select_slots", str(largest)])
     order = selected["result"]["selected_slots"]
     rows = {}
     for k in sorted(set(args.select_slots)):
-        picked = knn_eval(args, "", features, tag / f"greedy{k}",
+        picked = knn_eval(args, "", dumped, tag / f"greedy{k}",
                           ["--load_features", str(features), "--slots", ",".join(map(str, order[:k]))])
-        first = knn_eval(args, "", features, tag / f"first{k}",
+        first = knn_eval(args, "", dumped, tag / f"first{k}",
                          ["--load_features", str(features), "--slots", ",".join(map(str, range(k)))])
         rows[str(k)] = dict(slots=order[:k], greedy=top1_of(picked), first_k=top1_of(first),
                             heldout_score=selected["result"]["selection_scores"][k - 1])
@@ -379,6 +426,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     recipe = load_yaml(args.recipe)
     args.resize_size = int(recipe["global_crops_size"])  # the whole 28-px image, no centre crop
     args.threads = args.threads or len(os.sched_getaffinity(0))
+    args.jobs = args.jobs or (1 if torch.cuda.is_available() else args.threads)
+    args.jobs = min(args.jobs, args.threads)
     evaluation = (f"k-NN bank and linear-probe training set: Fashion-MNIST training images "
                   f"0..{args.bank_size - 1}; test: " +
                   (f"official test split, images 0..{args.test_size - 1}" if args.eval_split == "test"
@@ -388,11 +437,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         test_size=args.test_size, recipe=recipe, recipe_file=os.path.relpath(args.recipe, REPO),
         pretrain_subset=args.pretrain_subset, epochs=args.epochs, train_args=args.train_args,
         linear_config=load_yaml(args.linear_config),
-        machine=f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, fp32",
+        machine=f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.jobs} "
+                f"pre-training job(s) at once, torch {torch.__version__}, "
+                f"{'bf16 autocast' if recipe.get('cpu_bf16') else 'fp32'} on CPU",
         quick=args.quick), variants={}, untrained={})
 
     # ============ preparing data ... ============
-    data = export_image_folders(out / "data", args.bank_size, args.eval_split, args.test_size)
+    data = evaluation_data(out / "data", args.bank_size, args.eval_split, args.test_size)
     results["raw_pixels"] = cached_step(out / "eval" / f"raw_pixels_{data.name}.json", lambda: raw_pixel_floor(
         args.bank_size, args.eval_split, args.test_size))
     print(f"Raw-pixel 20-NN: {results['raw_pixels']['same_bank']['top1']:.2f} (same bank), "
@@ -413,7 +464,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 row["linear"] = linear_top1(linear_eval(args, str(weights), data, tag))
             results["untrained"][name] = row
 
-    # ============ pre-training and evaluating each variant ... ============
+    # ============ pre-training every variant and seed ... ============
+    trained_runs = pretrain_all(args, out)
+
+    # ============ evaluating each variant ... ============
     slot_selection_results = {}
     for name in args.variants:
         seeds = args.seeds if name in SEEDED else args.seeds[:1]
@@ -421,16 +475,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                    runs={})
         knn, linear = [], []
         for seed in seeds:
-            trained = pretrain(args, name, seed, out)
+            trained = trained_runs[(name, seed)]
             tag = eval_root / f"{name}_seed{seed}"
+            select = name == "sparo" and bool(args.select_slots)
+            # only slot selection reads the features again (60k x 4096 floats are 1 GB)
             knn_step = knn_eval(args, trained["checkpoint"], data, tag,
-                                ["--dump_features", str(tag / "features")])
+                                ["--dump_features", str(tag / "features")] if select else [])
             run_result = dict(pretrain=trained, knn=knn_step)
             knn.append(top1_of(knn_step))
             if args.linear:
                 run_result["linear"] = linear_eval(args, trained["checkpoint"], data, tag)
                 linear.append(linear_top1(run_result["linear"]))
-            if name == "sparo" and args.select_slots:
+            if select:
                 selection = slot_selection(args, tag / "features", tag / "slots")
                 selection["all_slots"] = top1_of(knn_step)
                 slot_selection_results[str(seed)] = selection

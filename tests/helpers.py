@@ -29,3 +29,18 @@ def run_script(script, *args, env=None, timeout=600, check=True):
 
 def read_log(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def fashion_mnist_installed():
+    """Whether utils finds Fashion-MNIST (the Debian package, or FASHION_MNIST_DIR)."""
+    import utils
+    try:
+        utils.fashion_mnist_dir()
+    except utils.UserError:
+        return False
+    return True
+
+
+needs_fashion_mnist = __import__("pytest").mark.skipif(
+    not fashion_mnist_installed(),
+    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

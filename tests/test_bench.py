@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks: one tiny step of each, real code paths, checked outputs."""
-from bench import knn_speed, train_throughput
-from helpers import run_script
+from bench import augmentation_speed, knn_speed, train_throughput
+from helpers import needs_fashion_mnist, run_script
 
 
 def test_train_throughput_runs_every_variant_and_reports_ratios(capsys):
@@ -29,3 +29,11 @@ def test_benchmark_scripts_run_from_the_command_line():
     process = run_script("bench/knn_speed.py", "--num_train", "200", "--num_test", "20", "--dim", "16",
                          "--nb_knn", "5", "--gemm_size", "128", "--methods", "torch", "dino")
     assert "dino/torch time ratio" in process.stdout
+
+
+@needs_fashion_mnist
+def test_augmentation_speed_times_both_paths(capsys):
+    result = augmentation_speed.main(["--images", "10", "--rounds", "1"])
+    assert result["rgb_ms_per_image"] > 0 and result["grey_ms_per_image"] > 0
+    assert result["ratio"] == result["grey_ms_per_image"] / result["rgb_ms_per_image"]
+    assert "grey/rgb time ratio" in capsys.readouterr().out

@@ -136,6 +136,49 @@ def test_augmentation_produces_the_crops_asked_for():
     assert [tuple(c.shape) for c in crops] == [(3, 28, 28)] * 2 + [(3, 12, 12)] * 3
 
 
+def test_grey_images_augment_exactly_like_their_rgb_copies():
+    """The single-channel path (build_dataset(grey=True)) is a speed-up only: the same random
+    draws give the same crops as the RGB image."""
+    import random
+    from PIL import Image
+    transform = dino.DataAugmentationDINO((0.3, 1.0), (0.1, 0.3), 2, 28, 14)
+    images, _ = utils.load_digits_split("train")
+    for i in range(40):
+        grey = Image.fromarray((images[i] * 16).clip(0, 255).astype(np.uint8), mode="L").resize((28, 28))
+        random.seed(i), torch.manual_seed(i)
+        from_grey = transform(grey)
+        random.seed(i), torch.manual_seed(i)
+        from_rgb = transform(grey.convert("RGB"))
+        assert [c.shape[0] for c in from_grey] == [3] * 4
+        for a, b in zip(from_grey, from_rgb):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_head_width_flags_reach_the_head_and_the_checkpoint_config():
+    args = tiny_args(["--head_hidden_dim", "48", "--head_bottleneck_dim", "12"])
+    student, _, _, head_config = dino.build_student_teacher(args)
+    linears = [m for m in student.head.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(256, 48), (48, 48), (48, 12)]
+    assert student.head.last_layer.weight_v.shape == (args.out_dim, 12)
+    assert head_config["hidden_dim"] == 48 and head_config["bottleneck_dim"] == 12
+    defaults = dino.build_student_teacher(tiny_args())[3]  # DINO's head unless asked otherwise
+    assert (defaults["hidden_dim"], defaults["bottleneck_dim"]) == (2048, 256)
+
+
+def test_cpu_bf16_uses_explicit_attention_with_the_same_result():
+    torch.manual_seed(0)
+    args = tiny_args(["--cpu_bf16", "true"])
+    student, teacher, _, _ = dino.build_student_teacher(args)
+    attentions = [m for m in student.modules() if hasattr(m, "fused_attn")]
+    assert attentions and not any(m.fused_attn for m in attentions)
+    reference = dino.build_student_teacher(tiny_args())[0]  # fp32: torch's fused kernel
+    assert all(m.fused_attn for m in reference.modules() if hasattr(m, "fused_attn"))
+    reference.load_state_dict(student.state_dict())
+    student.eval(), reference.eval()  # no stochastic depth
+    images = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(student.backbone(images), reference.backbone(images), atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------- real runs (digits)
 @pytest.mark.slow
 def test_one_epoch_then_resume(tmp_path):

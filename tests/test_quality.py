@@ -1,6 +1,7 @@
 """bench/quality.py's pipeline at a tiny size: real pre-training and evaluation subprocesses on
 Fashion-MNIST, results checked against computations written here."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,12 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from helpers import REPO, run_script
+from helpers import REPO, needs_fashion_mnist, run_script
 
-pytestmark = pytest.mark.skipif(
-    not any((p / "train-labels-idx1-ubyte.gz").exists() or (p / "train-labels-idx1-ubyte").exists()
-            for p in map(__import__("pathlib").Path, utils.FASHION_MNIST_DIRS)),
-    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = needs_fashion_mnist
 
 BANK, TEST, K = 120, 60, 3
 TINY = ["--quick", "--pretrain_subset", "64", "--epochs", "1", "--bank_size", str(BANK),
@@ -57,16 +55,35 @@ def test_table_has_every_variant_on_the_official_test_split(quick_run):
     table = (out / "results.md").read_text()
     assert "CLS read-out" in table and "SPARO, L=64, V=64" in table
     # the dumped features are the bank (first training images) and the official test images,
-    # in ImageFolder order (by class, then by index within a class)
+    # in data set order
     features = next((out / "eval").glob("*/sparo_seed0/features"))
     _, train_labels = utils.load_fashion_mnist("train")
     _, test_labels = utils.load_fashion_mnist("test")
-    in_folder_order = lambda labels: torch.as_tensor(np.sort(labels.astype(np.int64), kind="stable"))  # noqa: E731
     load = lambda name: torch.load(features / name, weights_only=True)  # noqa: E731
-    assert torch.equal(load("trainlabels.pth"), in_folder_order(train_labels[:BANK]))
-    assert torch.equal(load("testlabels.pth"), in_folder_order(test_labels[:TEST]))
-    data = next((out / "data").glob("fmnist_bank*"))
-    assert sorted(int(p.stem) for p in (data / "val").rglob("*.png")) == list(range(TEST))
+    assert torch.equal(load("trainlabels.pth"), torch.as_tensor(train_labels[:BANK].astype(np.int64)))
+    assert torch.equal(load("testlabels.pth"), torch.as_tensor(test_labels[:TEST].astype(np.int64)))
+    assert not (out / "eval" / "fmnist_bank120_test60" / "cls_seed0" / "features").exists()
+
+
+def test_heldout_images_are_exported_once_with_their_labels(tmp_path):
+    from PIL import Image
+    from bench import quality
+
+    data = quality.evaluation_data(tmp_path, 30, "heldout", 12)
+    folder = Path(data.data_path)
+    assert data.flags == [] and data.name == folder.name
+    images, labels = utils.load_fashion_mnist("train")
+    for split, index in (("train", range(30)), ("val", range(50000, 50012))):
+        files = sorted((folder / split).rglob("*.png"))
+        assert sorted(int(f.stem) for f in files) == list(index)
+        for f in files:
+            assert int(f.parent.name) == labels[int(f.stem)]
+            assert np.array_equal(np.asarray(Image.open(f)), images[int(f.stem)])
+    stamp = (folder / "done.json").stat().st_mtime
+    assert quality.evaluation_data(tmp_path, 30, "heldout", 12).data_path == str(folder)
+    assert (folder / "done.json").stat().st_mtime == stamp  # not written again
+    official = quality.evaluation_data(tmp_path, 30, "test", 12)
+    assert official.args() == ["--data_path", "fashion_mnist", "--train_subset", "30", "--test_subset", "12"]
 
 
 def test_raw_pixel_floor_equals_brute_force(quick_run):
@@ -132,7 +149,7 @@ def test_untrained_networks_have_each_variants_architecture(tmp_path):
     assert (configs["sparo_L128_V32"]["sparo_slots"], configs["sparo_L128_V32"]["sparo_dim"]) == (128, 32)
     assert configs["sparo_global"]["sparo_norm"] == "global"
     assert configs["sparo_keep_all"]["sparo_keep_all_blocks"] is True
-    assert all(c["arch"] == "vit_tiny" and c["patch_size"] == 7 and c["img_size"] == 28
+    assert all(c["arch"] == "vit_nano" and c["patch_size"] == 7 and c["img_size"] == 28
                for c in configs.values())
     assert quality.variant_model_config("sparo", recipe, ["--sparo_slots", "8"])["sparo_slots"] == 8
 
