@@ -525,10 +525,13 @@ def train_dino(args: argparse.Namespace) -> None:
         data_loader.sampler.set_epoch(epoch)
 
         # ============ training one epoch of DINO ... ============
+        epoch_start = time.time()
         train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args)
 
         # ============ writing logs and checkpoints ... ============
-        history.append({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+        # epoch_seconds lets a run's training time be summed across resumes (the log is kept).
+        history.append({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                        "epoch_seconds": round(time.time() - epoch_start, 2)})
         save_dict = dict(student=student_without_ddp.state_dict(), teacher=teacher_without_ddp.state_dict(),
                          optimizer=optimizer.state_dict(), epoch=epoch + 1, args=utils.plain(args),
                          dino_loss=dino_loss.state_dict(),

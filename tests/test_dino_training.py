@@ -192,7 +192,8 @@ def test_one_epoch_then_resume(tmp_path):
     assert checkpoint["model_config"]["readout"] == "sparo" and checkpoint["args"]["arch"] == "vit_tiny"
     log = read_log(out / "log.txt")
     assert len(log) == 1 and log[0]["epoch"] == 0 and math.isfinite(log[0]["train_loss"])
-    assert {"train_loss", "train_lr", "train_wd", "epoch"} <= set(log[0])
+    assert {"train_loss", "train_lr", "train_wd", "epoch", "epoch_seconds"} <= set(log[0])
+    assert log[0]["epoch_seconds"] > 0
 
     second = run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "2", "--output_dir", out)
     assert "at epoch 1" in second.stdout and "Epoch: [0/2]" not in second.stdout

@@ -54,6 +54,11 @@ def test_table_has_every_variant_on_the_official_test_split(quick_run):
     assert "official test split, images 0..59" in results["setup"]["evaluation"]
     table = (out / "results.md").read_text()
     assert "CLS read-out" in table and "SPARO, L=64, V=64" in table
+    # pre-training time is the epochs' time from the run's log (it survives a resume)
+    run = results["variants"]["sparo"]["runs"]["0"]["pretrain"]
+    assert run["training_seconds"] == pytest.approx(sum(e["epoch_seconds"] for e in run["train_log"]))
+    assert 0 < run["training_seconds"] <= run["seconds"]
+    assert results["variants"]["sparo"]["pretrain_seconds"] == [run["training_seconds"]]
     # the dumped features are the bank (first training images) and the official test images,
     # in data set order
     features = next((out / "eval").glob("*/sparo_seed0/features"))
@@ -162,3 +167,19 @@ def test_untrained_networks_have_each_variants_architecture(tmp_path):
     first, second = (torch.load(p, weights_only=True)["teacher"] for p in (path, again))
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert isinstance(backbone, vits.VisionTransformer)
+
+
+def test_table_shows_one_floor_row_when_the_bank_is_the_whole_split(tmp_path):
+    from bench import quality
+
+    def table(same_bank_size):
+        results = dict(setup=dict(evaluation="e"), variants={}, seconds=60.0, raw_pixels=dict(
+            same_bank=dict(bank_size=same_bank_size, top1=80.0),
+            full_bank=dict(bank_size=60000, top1=84.59)))
+        quality.write_tables(tmp_path, results)
+        return [line for line in (tmp_path / "results.md").read_text().splitlines()
+                if line.startswith("| raw pixels")]
+
+    assert table(60000) == ["| raw pixels, whole 60000-image bank | - | 84.59 | - | - | - | - |"]
+    assert table(2000) == ["| raw pixels, same 2000-image bank | - | 80.00 | - | - | - | - |",
+                           "| raw pixels, whole 60000-image bank | - | 84.59 | - | - | - | - |"]
