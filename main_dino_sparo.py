@@ -390,8 +390,7 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
     head_config = head_config_from_args(args, student_backbone.num_features)
     student = MultiCropWrapper(student_backbone, DINOHead(**head_config))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(**head_config))
-    device = getattr(args, "device", None)
-    if args.cpu_bf16 and device is not None and device.type == "cpu":
+    if args.cpu_bf16 and args.device.type == "cpu":
         # torch's CPU flash attention is slow in bf16 on short token sequences (its backward
         # took 3x the fp32 time on 17 tokens); the explicit q.k^T softmax runs in AMX matmuls.
         for backbone in (student_backbone, teacher_backbone):

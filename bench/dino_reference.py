@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main_dino_sparo as dino  # noqa: E402
+import vision_transformer as vits  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -48,8 +49,7 @@ class ReferenceStep:
         args = argparse.Namespace(**{**vars(args), "readout": "cls"})
         self.student, self.teacher, _, _ = dino.build_student_teacher(args)
         for model in (self.student, self.teacher):
-            for block in model.backbone.blocks:
-                block.attn.fused_attn = False  # explicit softmax(q k^T) v, as in DINO
+            vits.set_fused_attention(model, False)  # explicit softmax(q k^T) v, as in DINO
             model.to(args.device)
         self.teacher.load_state_dict(self.student.state_dict())
         for param in self.teacher.parameters():

@@ -305,15 +305,14 @@ def pretrain_all(args: argparse.Namespace, out: Path) -> Dict[tuple, Dict[str, A
         return {run: future.result() for run, future in futures.items()}
 
 
-def pretrain(args: argparse.Namespace, name: str, seed: int, out: Path,
-             threads: Optional[int] = None) -> Dict[str, Any]:
+def pretrain(args: argparse.Namespace, name: str, seed: int, out: Path, threads: int) -> Dict[str, Any]:
     run_dir = out / "pretrain" / f"{name}_seed{seed}"
     command = ["main_dino_sparo.py", "--config", args.recipe, *VARIANTS[name][1],
                "--subset", str(args.pretrain_subset), "--epochs", str(args.epochs),
                "--seed", str(seed), "--output_dir", str(run_dir), *args.train_args]
 
     def compute() -> Dict[str, Any]:
-        seconds = run_logged(command, run_dir / "stdout.log", threads or args.threads)
+        seconds = run_logged(command, run_dir / "stdout.log", threads)
         history = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if line.strip()]
         result = dict(command=" ".join(["python", *command]), seconds=seconds, train_log=history,
                       checkpoint=str(run_dir / "checkpoint.pth"))

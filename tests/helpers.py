@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A small SPARO-DINO run on scikit-learn digits (8x8 images upsampled to 16 px crops).
@@ -41,6 +43,6 @@ def fashion_mnist_installed():
     return True
 
 
-needs_fashion_mnist = __import__("pytest").mark.skipif(
+needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_installed(),
     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

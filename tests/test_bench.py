@@ -1,4 +1,6 @@
 """Smoke tests of the benchmarks: one tiny step of each, real code paths, checked outputs."""
+import pytest
+
 from bench import augmentation_speed, knn_speed, train_throughput
 from helpers import needs_fashion_mnist, run_script
 
@@ -35,5 +37,5 @@ def test_benchmark_scripts_run_from_the_command_line():
 def test_augmentation_speed_times_both_paths(capsys):
     result = augmentation_speed.main(["--images", "10", "--rounds", "1"])
     assert result["rgb_ms_per_image"] > 0 and result["grey_ms_per_image"] > 0
-    assert result["ratio"] == result["grey_ms_per_image"] / result["rgb_ms_per_image"]
+    assert result["ratio"] == pytest.approx(result["grey_ms_per_image"] / result["rgb_ms_per_image"])
     assert "grey/rgb time ratio" in capsys.readouterr().out
