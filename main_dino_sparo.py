@@ -16,10 +16,11 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # -------------------------------------------------------------------- optimisation
     parser.add_argument("--use_fp16", default=True, type=utils.bool_flag,
-                        help="Mixed precision on CUDA (bf16 where the GPU supports it, else fp16 "
+                        help="Mixed precision on CUDA (bf16 on compute capability 8.0+, else fp16 "
                              "with loss scaling). Ignored on CPU, which trains in fp32 unless "
                              "--cpu_bf16 is set.")
     parser.add_argument("--cpu_bf16", default=False, type=utils.bool_flag,
@@ -140,6 +141,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print_freq", default=10, type=int, help="Print progress every this many iterations.")
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL to set up distributed training (torchrun and Slurm set the environment).")
+    parser.add_argument("--device", default="auto", choices=utils.DEVICE_CHOICES,
+                        help="auto: CUDA when usable; an error when GPUs are visible but CUDA "
+                             "cannot use them. cuda: require a GPU. cpu: never use a GPU.")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Ignored; torchrun sets LOCAL_RANK.")
     return parser
@@ -357,7 +361,7 @@ def check_head_fits(args: argparse.Namespace) -> None:
 def autocast_context(args: argparse.Namespace) -> Tuple[Any, Optional[torch.amp.GradScaler]]:
     """(autocast context factory, grad scaler or None) for this device and precision."""
     if args.device.type == "cuda" and args.use_fp16:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = utils.amp_dtype(args.device)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
     if args.device.type == "cpu" and args.cpu_bf16:
@@ -450,47 +454,43 @@ def prepare_output_dir(output_dir: Path) -> None:
     utils.remove_stale_temporary_files(output_dir)
 
 
-def train_dino(args: argparse.Namespace) -> None:
-    utils.init_distributed_mode(args)
-    check_args(args)
-    check_head_fits(args)
-    utils.fix_random_seeds(args.seed + args.rank)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+class TrainingSetup(NamedTuple):
+    student: nn.Module  # DDP-wrapped when distributed
+    teacher: nn.Module
+    student_without_ddp: nn.Module
+    teacher_without_ddp: nn.Module
+    dino_loss: "DINOLoss"
+    optimizer: torch.optim.Optimizer
+    autocast: Any
+    fp16_scaler: Optional[torch.amp.GradScaler]
+    config: Dict[str, Any]
+    head_config: Dict[str, Any]
+    start_epoch: int
+    history: List[Dict[str, Any]]
 
-    # ============ preparing data ... ============
-    data_loader = build_data_loader(args)  # before creating anything: bad data changes no files
-    output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir)
 
-    # ============ building student and teacher networks ... ============
+def set_up_training(args: argparse.Namespace, output_dir: Path) -> TrainingSetup:
+    """Networks, loss, optimizer and scaler, resumed from output_dir's checkpoint if any.
+
+    The checkpoint is loaded before the DDP wrap and every rank must resume from the same
+    epoch. A fresh teacher is copied from the student after the wrap (as in DINO): the wrap
+    broadcasts rank 0's student, so every rank starts with the same student and teacher.
+    """
     student, teacher, config, head_config = build_student_teacher(args)
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.use_bn_in_head and args.distributed:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    teacher.load_state_dict(student.state_dict())  # the teacher starts as the student
     for param in teacher.parameters():
         param.requires_grad = False
     student_without_ddp, teacher_without_ddp = student, teacher
-    if args.distributed:
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
     print(f"Student and teacher are {args.arch} with readout={args.readout} "
           f"(encoding width {student_without_ddp.backbone.num_features}, "
           f"{sum(p.numel() for p in student_without_ddp.backbone.parameters()) / 1e6:.2f}M backbone parameters).")
-
-    # ============ preparing loss, optimizer and schedules ... ============
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
     optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student_without_ddp))
     autocast, fp16_scaler = autocast_context(args)
-    iters = len(data_loader)
-    total_batch = args.batch_size_per_gpu * args.world_size
-    schedules = dict(
-        lr=utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, iters,
-                                  warmup_epochs=args.warmup_epochs),
-        wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters),
-        momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
 
     # ============ optionally resume training ... ============
     start_epoch, history = 0, []
@@ -506,6 +506,58 @@ def train_dino(args: argparse.Namespace) -> None:
             fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])
         start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("train_log", []))
         print(f"Resuming from {path} at epoch {start_epoch}.")
+    check_same_start_epoch(start_epoch, output_dir)
+
+    if args.distributed:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    if found is None:
+        teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())  # after the broadcast
+    return TrainingSetup(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
+                         optimizer, autocast, fp16_scaler, config, head_config, start_epoch, history)
+
+
+def check_same_start_epoch(start_epoch: int, output_dir: Path) -> None:
+    """Every rank must resume from the same epoch; a node-local --output_dir would otherwise
+    train diverging models and hang at the end."""
+    if not utils.is_dist_avail_and_initialized():
+        return
+    low = torch.tensor([start_epoch, -start_epoch], device=utils.collective_device())
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    first, last = int(low[0]), -int(low[1])
+    if first != last:
+        raise utils.UserError(
+            f"the processes found different checkpoints in {output_dir} (epochs {first} to {last}; "
+            f"this rank: {start_epoch}): --output_dir must be one folder shared by all nodes")
+
+
+def train_dino(args: argparse.Namespace) -> None:
+    utils.init_distributed_mode(args)
+    utils.enable_fast_fp32(args.device)
+    check_args(args)
+    check_head_fits(args)
+    utils.fix_random_seeds(args.seed + args.rank)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    # ============ preparing data ... ============
+    data_loader = build_data_loader(args)  # before creating anything: bad data changes no files
+    output_dir = Path(args.output_dir)
+    prepare_output_dir(output_dir)
+
+    # ============ building networks, loss, optimizer; optionally resuming ... ============
+    setup = set_up_training(args, output_dir)
+    student, teacher = setup.student, setup.teacher
+    student_without_ddp, teacher_without_ddp = setup.student_without_ddp, setup.teacher_without_ddp
+    dino_loss, optimizer, fp16_scaler = setup.dino_loss, setup.optimizer, setup.fp16_scaler
+    autocast, config, head_config = setup.autocast, setup.config, setup.head_config
+    start_epoch, history = setup.start_epoch, setup.history
+    iters = len(data_loader)
+    total_batch = args.batch_size_per_gpu * args.world_size
+    schedules = dict(
+        lr=utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, iters,
+                                  warmup_epochs=args.warmup_epochs),
+        wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters),
+        momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
     if utils.is_main_process():
         # log.txt always tells the story of the checkpoint training continues from, even after
         # a crash between writing the checkpoint and appending to the log.
@@ -516,6 +568,7 @@ def train_dino(args: argparse.Namespace) -> None:
 
     train_step = TrainStep(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
                            optimizer, autocast, fp16_scaler, args)
+    train_step.first_epoch = start_epoch  # its first step explains a CUDA out-of-memory error
     start_time = time.time()
     print("Starting DINO training!")
     for epoch in range(start_epoch, args.epochs):
@@ -554,6 +607,7 @@ class TrainStep:
         self.student, self.teacher, self.dino_loss, self.optimizer = student, teacher, dino_loss, optimizer
         self.student_without_ddp = student_without_ddp
         self.autocast, self.fp16_scaler, self.args = autocast, fp16_scaler, args
+        self.first_epoch = 0  # the epoch this process starts at (train_dino sets it on resume)
         # The EMA pairs each teacher parameter with the student parameter of the same name.
         teacher_params = dict(teacher_without_ddp.named_parameters())
         self.ema_pairs = [(teacher_params[name], param)
@@ -610,8 +664,9 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
                                                              samples_per_iter=images_per_iter)):
         step = iters * epoch + it  # global training iteration
         images = [im.to(args.device, non_blocking=non_blocking) for im in images]
-        loss = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
-                          float(schedules["momentum"][step]))
+        with explain_out_of_memory(args, first_step=it == 0 and epoch == train_step.first_epoch):
+            loss = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
+                              float(schedules["momentum"][step]))
         tracker.add(loss, train_step.dino_loss.last_teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
             window_loss, _ = tracker.flush(epoch, it + 1)
@@ -625,6 +680,41 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
           f"teacher entropy: {teacher_entropy:.3f} (uniform: {math.log(args.out_dim):.3f})")
     warn_if_collapsed(teacher_entropy, args.out_dim, epoch)
     return stats
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(args: argparse.Namespace, first_step: bool) -> Any:
+    """A CUDA out-of-memory error in a process's first training step becomes one line with
+    the memory used and a batch size that would fit; later ones stay tracebacks (they mean
+    something else: fragmentation, a leak)."""
+    if not first_step or args.device.type != "cuda":
+        yield
+        return
+    base = torch.cuda.memory_allocated(args.device)  # weights, optimizer state, inputs
+    torch.cuda.reset_peak_memory_stats(args.device)
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        peak = torch.cuda.max_memory_allocated(args.device)
+        total = torch.cuda.get_device_properties(args.device).total_memory
+        raise utils.UserError(out_of_memory_message(str(error), base, peak, total,
+                                                    args.batch_size_per_gpu)) from None
+
+
+def out_of_memory_message(error: str, base: int, peak: int, total: int, batch: int) -> str:
+    """The one-line advice for a first-step OOM. Activation memory grows with the batch: the
+    part above `base` at the failure, plus the allocation that failed, is at least what
+    `batch` images need, so the batch that fits in 90 % of the GPU is at most the estimate."""
+    match = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)", error)
+    scale = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
+    failed = float(match.group(1)) * scale[match.group(2)] if match else 0.0
+    per_image = max(peak + failed - base, 1.0) / batch
+    fits = int((0.9 * total - base) // per_image)
+    advice = (f"try --batch_size_per_gpu {fits} or less (estimate)" if fits >= 1 else
+              "the model and optimizer alone nearly fill it: use a smaller --arch or --out_dim")
+    return (f"CUDA out of memory in the first training step at --batch_size_per_gpu {batch}: "
+            f"{base / 2**30:.1f} GiB held before the step, {peak / 2**30:.1f} GiB peak, "
+            f"{failed / 2**30:.2f} GiB more asked, {total / 2**30:.1f} GiB on the GPU; {advice}")
 
 
 def warn_if_collapsed(teacher_entropy: float, out_dim: int, epoch: int) -> None:

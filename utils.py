@@ -126,45 +126,203 @@ def plain(value: Any) -> Any:
 def init_distributed_mode(args: argparse.Namespace) -> None:
     """Set args.rank, args.world_size, args.gpu, args.device and join the process group.
 
-    Launched by torchrun (RANK/WORLD_SIZE), by Slurm's srun (SLURM_PROCID) or as a plain
-    process (a group of one, no process group). NCCL on GPUs, gloo on CPU.
+    Launched by torchrun (RANK/WORLD_SIZE), by Slurm's srun (SLURM_PROCID within a job step)
+    or as a plain process (a group of one, no process group). NCCL on GPUs, gloo on CPU.
+    args.device may hold the --device choice (auto, cuda or cpu; default auto).
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         local_rank = int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
+    elif _in_srun_step(env):
+        # srun sets the step variables; sbatch alone sets SLURM_NTASKS and SLURM_PROCID=0 in
+        # the batch script, which is one plain process, not rank 0 of a group.
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         local_rank = int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_ADDR", _slurm_master_address())
-        env.setdefault("MASTER_PORT", str(_port_from_job_id(env.get("SLURM_JOB_ID", "0"))))
+        local_world = _slurm_tasks_on_this_node(env)
+        if args.world_size > 1:
+            env.setdefault("MASTER_ADDR", _slurm_master_address())
+            env.setdefault("MASTER_PORT", str(_port_from_job_id(env.get("SLURM_JOB_ID", "0"))))
     else:
-        args.rank, args.world_size, local_rank = 0, 1, 0
+        args.rank, args.world_size, local_rank, local_world = 0, 1, 0, 1
 
-    use_cuda = torch.cuda.is_available()
-    # A task may see all of the node's GPUs (torchrun) or only its own (Slurm --gpus-per-task).
-    args.gpu = local_rank % torch.cuda.device_count() if use_cuda else None
+    requested = getattr(args, "device", None)
+    requested = requested.type if isinstance(requested, torch.device) else (requested or "auto")
+    use_cuda = resolve_use_cuda(requested)
+    args.gpu = choose_gpu(local_rank, local_world) if use_cuda else None
     if use_cuda:
         torch.cuda.set_device(args.gpu)
-    args.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    args.device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
     args.distributed = args.world_size > 1
     if args.distributed:
         backend = "nccl" if use_cuda else "gloo"
+        extra = dict(device_id=args.device) if use_cuda else {}
         dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
                                 world_size=args.world_size, rank=args.rank,
-                                timeout=datetime.timedelta(minutes=30))
+                                timeout=datetime.timedelta(minutes=30), **extra)
         dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    setup_for_distributed(args.rank == 0, args.rank if args.distributed else None)
+
+
+def _in_srun_step(env: Any) -> bool:
+    return "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
+
+
+def _slurm_tasks_on_this_node(env: Any) -> int:
+    """Tasks of this srun step on this node (SLURM_STEP_TASKS_PER_NODE reads e.g. "4(x2),3")."""
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    node = int(env.get("SLURM_NODEID", 0))
+    counts: List[int] = []
+    for part in per_node.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def choose_gpu(local_rank: int, local_world: int) -> int:
+    """This process's GPU: its local rank among the visible GPUs. One GPU visible to each of
+    several local processes means per-task binding (Slurm --gpus-per-task): GPU 0. Fewer
+    GPUs than local processes otherwise would put two ranks on one GPU: an error."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise UserError(f"{local_world} processes on this node but only {count} visible GPUs: "
+                    f"local rank {local_rank} has no GPU of its own; start at most {count} "
+                    f"processes per node (torchrun --nproc_per_node, srun --ntasks-per-node)")
+
+
+def gpus_expected(env: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """Why this process should have GPUs (visible devices, NVIDIA device files, a launcher
+    that asked for GPUs), or None. CUDA_VISIBLE_DEVICES set to "" or -1 hides them on purpose."""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        visible = env["CUDA_VISIBLE_DEVICES"].strip()
+        return None if visible in ("", "-1", "none", "NoDevFiles") else f"CUDA_VISIBLE_DEVICES={visible}"
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_TASK",
+                 "SLURM_GPUS_PER_NODE", "SLURM_GPUS"):
+        if env.get(name, "").strip() not in ("", "0"):
+            return f"{name}={env[name]}"
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl"):
+        return "NVIDIA device files in /dev"
+    return None
+
+
+def arch_supported(capability: Tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """Whether a torch build with these CUDA architectures runs on a GPU of this capability:
+    a cubin sm_XY runs on the same major with minor >= Y; PTX (compute_XY) on any newer GPU.
+    Architecture-specific targets (sm_90a) run only on their own GPU."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        specific = number.endswith(("a", "f"))
+        digits = number.rstrip("af")
+        if not digits.isdigit():
+            continue
+        arch_major, arch_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "compute" and (arch_major, arch_minor) <= capability:
+            return True
+        if kind == "sm" and arch_major == major and (
+                arch_minor == minor if specific else arch_minor <= minor):
+            return True
+    return False
+
+
+GPU_INSTALL_HINT = ("install a torch build for this GPU and driver (a build for an older CUDA, "
+                    "e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126, "
+                    "runs on older drivers and GPUs; see https://pytorch.org/get-started/locally/), "
+                    "or pass --device cpu")
+
+
+def _nvidia_smi_gpus() -> str:
+    """The GPUs nvidia-smi sees (name, capability, driver), for error messages."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return "nvidia-smi not available"
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        return f"nvidia-smi failed: {(out.stderr or out.stdout).strip().splitlines()[:1]}"
+    first = lines[0].split(", ")
+    if len(first) == 3:
+        return f"{first[0]} (capability {first[1]}, driver {first[2]}) x{len(lines)}"
+    return lines[0]
+
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+
+
+def resolve_use_cuda(requested: str = "auto") -> bool:
+    """--device auto|cuda|cpu -> whether to run on CUDA. A GPU that cannot be used where one
+    is expected is an error naming it, never a silent run on the CPU."""
+    if requested not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device must be auto, cuda or cpu, got {requested!r}")
+    if requested == "cpu":
+        return False
+    build = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+    if not torch.cuda.is_available():
+        reason = gpus_expected()
+        if requested == "auto" and reason is None:
+            return False
+        seen = f"GPUs are expected ({reason}) but" if reason else "--device cuda, but"
+        raise UserError(f"{seen} {build} cannot use CUDA; GPUs: {_nvidia_smi_gpus()}; "
+                        f"{'a CUDA 13 build needs driver R580+ and sm_75 or newer; ' if torch.version.cuda else ''}"
+                        f"{GPU_INSTALL_HINT}")
+    check_gpu_arch(build)
+    return True
+
+
+def check_gpu_arch(build: str) -> None:
+    """Every visible GPU must be one this torch build has kernels for."""
+    arch_list = torch.cuda.get_arch_list()
+    for index in range(torch.cuda.device_count()):
+        capability = tuple(torch.cuda.get_device_capability(index))
+        if arch_list and not arch_supported(capability, arch_list):
+            name = torch.cuda.get_device_name(index)
+            raise UserError(f"GPU {index} {name} (capability {capability[0]}.{capability[1]}) is "
+                            f"not supported by {build}, built for {' '.join(arch_list)}; "
+                            f"{GPU_INSTALL_HINT}")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Autocast dtype on a CUDA GPU: bf16 on compute capability 8.0+ (Ampere and newer, native
+    bf16 and flash attention), else fp16 with loss scaling as in DINO. (torch reports bf16
+    as supported on V100/T4 too, but emulated.)"""
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def enable_fast_fp32(device: torch.device) -> None:
+    """DINO's CUDA speed settings for fp32 network passes: TF32 matrix products and
+    convolutions, cudnn autotuning (fixed crop sizes). Not for exact fp32 k-NN similarities:
+    eval_knn never calls it."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def _slurm_master_address() -> str:
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    """The first host of the job's node list (scontrol expands "node[01-04]")."""
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") \
+        or os.environ.get("SLURM_NODELIST", "")
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
                              capture_output=True, text=True).stdout.split()
         return out[0] if out else socket.gethostname()
     except (OSError, subprocess.CalledProcessError):
-        return nodes.split(",")[0] if nodes and "[" not in nodes else "127.0.0.1"
+        pass
+    if int(os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1"))) <= 1:
+        return "127.0.0.1"
+    if nodes and "[" not in nodes:
+        return nodes.split(",")[0]
+    # 127.0.0.1 would make every node wait for a rank 0 of its own until the timeout
+    raise UserError(f"cannot find the first node of {nodes!r} without scontrol; set MASTER_ADDR "
+                    f"to rank 0's host name")
 
 
 def _port_from_job_id(job_id: str) -> int:
@@ -172,16 +330,21 @@ def _port_from_job_id(job_id: str) -> int:
     return 20000 + int(digits[-4:]) % 20000
 
 
-def setup_for_distributed(is_master: bool) -> None:
-    """Silence print() on every rank but 0 (print(..., force=True) still prints)."""
+def setup_for_distributed(is_master: bool, rank: Optional[int] = None) -> None:
+    """Silence print() on every rank but 0 (print(..., force=True) still prints), except
+    errors and warnings (print(..., file=sys.stderr)): those come from every rank, prefixed
+    with `[rank N]` when `rank` is given (a distributed run), so a failure on rank 3 is seen."""
     import builtins
 
     builtin_print = getattr(builtins, "_sparo_original_print", builtins.print)
     builtins._sparo_original_print = builtin_print
 
     def rank_aware_print(*args: Any, **kwargs: Any) -> None:
-        if is_master or kwargs.pop("force", False):
-            kwargs.pop("force", None)
+        force = kwargs.pop("force", False)
+        to_stderr = kwargs.get("file") is sys.stderr
+        if to_stderr and rank is not None:
+            args = (f"[rank {rank}]",) + args
+        if is_master or force or to_stderr:
             builtin_print(*args, **kwargs)
 
     builtins.print = rank_aware_print
@@ -878,6 +1041,9 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> Non
                         help="Also write every result to this JSON file.")
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL to set up distributed evaluation (torchrun and Slurm set the environment).")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="auto: CUDA when usable; an error when GPUs are visible but CUDA "
+                             "cannot use them. cuda: require a GPU. cpu: never use a GPU.")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Ignored; torchrun sets LOCAL_RANK.")
 
@@ -960,13 +1126,12 @@ def require_slot_count(count: Optional[int], config: Dict[str, Any], flag: str) 
 
 
 def feature_autocast(device: torch.device, enabled: bool) -> Any:
-    """Autocast for frozen-feature extraction on CUDA (bf16 if supported, else fp16)."""
+    """Autocast for frozen-feature extraction on CUDA (bf16 on capability 8.0+, else fp16)."""
     import contextlib
 
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=amp_dtype(device))
 
 
 def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
