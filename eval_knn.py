@@ -10,8 +10,9 @@ token). Each test image is classified by its k nearest training images under cos
 similarity, each neighbour voting for its class with weight exp(similarity / T) (Wu et al.
 2018, as in DINO). Top-1 and top-5 accuracy are printed for every k.
 
-The neighbour search runs on FAISS (an exact inner-product index, on GPU when CUDA and a
-FAISS GPU build are present, else on CPU) or on plain torch; all give the same neighbours.
+The neighbour search runs on plain torch for a bank on a GPU (no second copy of the bank), on
+FAISS's exact inner-product index for a bank in CPU memory (torch without FAISS), or on FAISS's
+GPU index with --knn_backend faiss-gpu; all give the same neighbours.
 Under torchrun the training bank stays split across the processes: each one searches its own
 shard and the per-shard top-k lists are merged, so a bank of 1.28M x 4096 fits (halved again
 by --knn_fp16).
@@ -49,9 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Keep the features on the GPU (set to false if GPU memory runs out; "
                              "the search then runs on CPU). Ignored without CUDA.")
     parser.add_argument("--knn_backend", default="auto", choices=BACKENDS,
-                        help="auto: FAISS on GPU when the features are on a GPU and FAISS has GPU "
-                             "support (torch on that GPU otherwise); FAISS on CPU for features in "
-                             "CPU memory (torch without FAISS). All give the same neighbours.")
+                        help="auto: torch for features on a GPU (no second copy of the bank); "
+                             "FAISS on CPU for features in CPU memory (torch without FAISS). "
+                             "faiss-gpu copies the bank into FAISS's own GPU storage. All give "
+                             "the same neighbours.")
     parser.add_argument("--knn_fp16", default=False, type=utils.bool_flag,
                         help="Store the feature bank in half precision (half the memory; "
                              "similarities then carry fp16 rounding, about 1e-3).")
@@ -81,10 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for `auto`, and a clear error for one that is not installed.
 
-    auto: FAISS on GPU for a bank on a GPU when FAISS has GPU support; FAISS on CPU for a bank
-    in CPU memory; torch when FAISS is missing, and also for a bank on a GPU with a CPU-only
-    FAISS (copying it to the CPU to search there would be orders of magnitude slower than
-    one GEMM per block on the GPU).
+    auto: torch for a bank on a GPU (one GEMM per block over the bank where it lies; FAISS's
+    GPU index would hold a second copy of it, and a CPU FAISS would be orders of magnitude
+    slower); FAISS on CPU for a bank in CPU memory; torch when FAISS is missing.
     """
     if backend not in BACKENDS:
         raise ValueError(f"knn backend must be one of {BACKENDS}, got {backend!r}")
@@ -93,7 +94,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         and faiss.get_num_gpus() > 0
     if backend == "auto":
         if device.type == "cuda":
-            return "faiss-gpu" if has_gpu_faiss else "torch"
+            return "torch"
         return "faiss-cpu" if faiss is not None else "torch"
     if backend.startswith("faiss") and faiss is None:
         raise utils.UserError(f"--knn_backend {backend} needs FAISS: pip install faiss-cpu "
@@ -446,10 +447,16 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
     """Train/test features and labels, the model configuration, and whether the train bank
     is this process's shard."""
     if args.load_features:
-        features, config = load_features(args)
+        # under torchrun each process reads only its shard of the bank, unless slot
+        # selection needs all of it
+        shard = (args.rank, args.world_size) if args.distributed and not args.select_slots else None
+        features, config = load_features(args, shard)
         check_slot_config(args, config)
-        check_bank_size(args.nb_knn, len(features["train_labels"]))
-        return features, config, False
+        bank_size = len(features["train_labels"])
+        if shard is not None:
+            bank_size = _all_reduce_ints([bank_size], [dist.ReduceOp.SUM])[0]
+        check_bank_size(args.nb_knn, bank_size)
+        return features, config, shard is not None
     # ============ building network ... ============
     model, config = utils.load_eval_backbone(args)
     check_slot_config(args, config)  # before the long extraction
@@ -499,8 +506,13 @@ def dump_features(folder: str, features: Dict[str, torch.Tensor], config: Dict, 
     print(f"Features saved to {path} ({', '.join(FEATURE_FILES)}).")
 
 
-def load_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """Features dumped by --dump_features (or by DINO's eval_knn.py), checked for consistency."""
+def load_features(args: argparse.Namespace,
+                  shard: Optional[Tuple[int, int]] = None) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """Features dumped by --dump_features (or by DINO's eval_knn.py), checked for consistency.
+
+    Files are memory-mapped; with shard=(rank, world) only the bank rows rank, rank + world,
+    ... are read and converted, so no process holds the whole bank or a second copy of it.
+    """
     path = Path(args.load_features)
     tensors = {}
     for key, name in zip(("train", "test", "train_labels", "test_labels"), FEATURE_FILES):
@@ -508,7 +520,7 @@ def load_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor], Di
             raise utils.UserError(f"--load_features {path} has no {name} (expected "
                                   f"{', '.join(FEATURE_FILES)})")
         try:
-            tensor = torch.load(path / name, map_location="cpu", weights_only=True)
+            tensor = _load_mapped(path / name)
         except Exception as error:  # noqa: BLE001 - any failure means an unusable file
             raise utils.UserError(f"cannot read {path / name}: {str(error).splitlines()[0]}") from error
         if not isinstance(tensor, torch.Tensor):
@@ -523,9 +535,11 @@ def load_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor], Di
         raise utils.UserError(f"{path}: train and test features differ in width")
     storage = args.device if args.use_cuda else torch.device("cpu")
     dtype = torch.float16 if args.knn_fp16 else torch.float32
+    if shard is not None:
+        tensors["train"], tensors["train_labels"] = bank_shard(tensors["train"], tensors["train_labels"], *shard)
     for split in ("train", "test"):
         # DINO's dumps are normalised already; normalising again makes foreign files safe.
-        tensors[split] = F.normalize(tensors[split].float(), dim=1).to(storage, dtype)
+        tensors[split] = normalised_copy(tensors[split], storage, dtype)
         tensors[f"{split}_labels"] = tensors[f"{split}_labels"].long()
     config = {}
     if (path / FEATURE_INFO).is_file():
@@ -533,6 +547,35 @@ def load_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor], Di
     print(f"Features loaded from {path}: {tensors['train'].shape[0]} train and "
           f"{tensors['test'].shape[0]} test images, {tensors['train'].shape[1]} dimensions.")
     return tensors, config
+
+
+def _load_mapped(path: Path) -> object:
+    """torch.load memory-mapped (pages are read as rows are used); files in the pre-1.6
+    format cannot be mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def normalised_copy(features: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                    rows: int = 1 << 16) -> torch.Tensor:
+    """L2-normalised rows as `dtype` on `device`, converted block by block: a memory-mapped
+    or fp16 file never turns into a whole fp32 copy next to the result."""
+    out = torch.empty(features.shape, dtype=dtype, device=device)
+    for start in range(0, features.shape[0], rows):
+        block = features[start:start + rows].to(device).float()
+        out[start:start + rows] = F.normalize(block, dim=1)
+    return out
+
+
+def bank_shard(features: torch.Tensor, labels: torch.Tensor, rank: int,
+               world: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows rank, rank + world, ... as compact tensors: a strided view would keep the whole
+    bank alive (on the GPU, on every rank)."""
+    return features[rank::world].clone(), labels[rank::world].clone()
 
 
 def apply_slots(features: torch.Tensor, config: Dict, slots: Optional[List[int]]) -> torch.Tensor:
@@ -607,9 +650,8 @@ def eval_knn(args: argparse.Namespace) -> Dict:
         features["train"] = apply_slots(features["train"], config, slots)
         features["test"] = apply_slots(features["test"], config, slots)
     if args.distributed and not sharded:  # the whole bank was needed here; still split the search
-        rank, world = utils.get_rank(), utils.get_world_size()
-        features["train"] = features["train"][rank::world]
-        features["train_labels"] = features["train_labels"][rank::world]
+        features["train"], features["train_labels"] = bank_shard(
+            features["train"], features["train_labels"], utils.get_rank(), utils.get_world_size())
         sharded = True
 
     # ============ k-NN classification ... ============
