@@ -279,6 +279,7 @@ def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> in
 
 def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     utils.init_distributed_mode(args)
+    utils.enable_fast_fp32(args.device)  # TF32 for the default fp32 backbone passes, as DINO
     check_args(args)
     utils.fix_random_seeds(args.seed)
     if args.num_workers is None:

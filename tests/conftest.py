@@ -4,6 +4,17 @@ import torch
 from helpers import REPO, TINY_TRAIN_ARGS, run_script
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Tests not marked gpu run on the CPU even on a GPU host: scripts started in a subprocess
+    (torchrun's gloo tests included) see no GPU, and in-process code finds no CUDA, so a CPU
+    test never puts two NCCL ranks on one GPU or meets non-deterministic GPU kernels."""
+    if "gpu" in request.keywords:
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_sparo_checkpoint(tmp_path_factory):
     """One real SPARO-DINO epoch on digits; returns the checkpoint path (shared by tests)."""

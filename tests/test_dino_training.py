@@ -207,11 +207,12 @@ def test_one_epoch_then_resume(tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_run_with_torchrun(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # gloo on the CPU even on a GPU host (two NCCL ranks would share one GPU there)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     process = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
          str(REPO / "main_dino_sparo.py"), *TINY_TRAIN_ARGS, "--batch_size_per_gpu", "16",
-         "--epochs", "1", "--output_dir", str(out)],
+         "--epochs", "1", "--device", "cpu", "--output_dir", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)

@@ -354,3 +354,22 @@ def test_loaded_features_are_memory_mapped_and_sliced_first(tmp_path, monkeypatc
     torch.testing.assert_close(tensors["train"], bank[2::3].float(), atol=1e-3, rtol=0)
     assert torch.equal(tensors["train_labels"], torch.arange(100)[2::3])
     assert tensors["test"].shape == (10, 8)  # every rank keeps all test features
+
+
+# --------------------------------------------------------------- 10: TF32 settings
+def test_tf32_for_training_and_probe_but_never_for_knn(monkeypatch):
+    flags = dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32,
+                 bench=torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        utils.enable_fast_fp32(torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32  # nothing changes on CPU
+        utils.enable_fast_fp32(torch.device("cuda", 0))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flags["matmul"]
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags["cudnn"], flags["bench"]
+    for script in ("main_dino_sparo.py", "eval_linear.py"):
+        assert "utils.enable_fast_fp32(args.device)" in (REPO / script).read_text()
+    assert "enable_fast_fp32" not in (REPO / "eval_knn.py").read_text()  # exact fp32 similarities
