@@ -88,7 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--constraint", default=None, type=str,
                        help="Slurm node feature constraint, e.g. 'volta32gb' or 'a100|h100'.")
     group.add_argument("--use_volta32", action="store_true",
-                       help="Request 32GB V100 GPUs (DINO's flag; the same as --constraint volta32gb).")
+                       help="Request 32GB V100 GPUs (DINO's flag; the same as --constraint volta32gb). "
+                            "The pinned torch build has no V100 kernels: see README, GPUs.")
     group.add_argument("--mem_per_gpu", default=40, type=float,
                        help="Host memory in GB per GPU (per task with --ngpus 0); the node asks "
                             "for this times the tasks per node.")

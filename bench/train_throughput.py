@@ -39,7 +39,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "plain DINO-style step (bench/dino_reference.py, CLS read-out).")
     parser.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps per variant.")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per variant.")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--output_json", default=None, help="Also write the results here.")
     # The reference configuration of the speed issue (2-core CPU): vit_tiny/4, 28/12 px crops.
     parser.set_defaults(arch="vit_tiny", patch_size=4, global_crops_size=28, local_crops_size=12,
@@ -140,7 +139,7 @@ def describe_device(device: torch.device) -> str:
 
 def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
     args = utils.parse_args_with_config(get_args_parser(), argv)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    use_cuda = utils.resolve_use_cuda(args.device)  # --device comes from main_dino_sparo's flags
     args.device = torch.device("cuda" if use_cuda else "cpu")
     args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0 if use_cuda else None, False
     dino.check_args(args)
