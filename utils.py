@@ -148,7 +148,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         torch.cuda.set_device(args.gpu)
     args.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     args.distributed = args.world_size > 1
-    if args.distributed:
+    if args.distributed and not dist.is_initialized():  # a caller may run several trainings in one group
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
                                 world_size=args.world_size, rank=args.rank,
