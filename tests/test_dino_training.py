@@ -1,9 +1,11 @@
 """DINO recipe pieces against independent computations, and real training runs on digits."""
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -177,6 +179,34 @@ def test_cpu_bf16_uses_explicit_attention_with_the_same_result():
     student.eval(), reference.eval()  # no stochastic depth
     images = torch.randn(5, 3, 16, 16)
     torch.testing.assert_close(student.backbone(images), reference.backbone(images), atol=1e-5, rtol=1e-4)
+
+
+class SlowLoader:
+    """Four batches, each taking 50 ms to arrive (a data-loading bottleneck)."""
+
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        for i in range(4):
+            time.sleep(0.05)
+            yield i
+
+
+def test_progress_line_has_dinos_time_data_and_max_mem_fields(capsys):
+    import resource
+
+    logger = utils.MetricLogger()
+    for _ in logger.log_every(SlowLoader(), 2, "Epoch: [0/1]", samples_per_iter=8):
+        time.sleep(0.02)  # the training step
+    lines = [line for line in capsys.readouterr().out.splitlines() if "eta:" in line]
+    assert [line.split("]  [")[1][:3] for line in lines] == ["0/4", "2/4", "3/4"]
+    fields = re.search(r"time: ([\d.]+)  data: ([\d.]+)  max mem: (\d+)  img/s: ([\d.]+)", lines[-1])
+    assert fields, lines[-1]
+    iteration, data, memory, throughput = map(float, fields.groups())
+    assert 0.05 <= data < 0.2 and iteration >= data + 0.02  # means over the 4 iterations
+    assert memory == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, abs=2)
+    assert 0 < throughput < 8 / 0.07  # 8 images per iteration of at least 70 ms
 
 
 # ------------------------------------------------------------------- real runs (digits)
