@@ -65,7 +65,10 @@ class SparoReadout(nn.Module):
         self.share_kv, self.norm = share_kv, norm
 
         self.queries = nn.Parameter(torch.empty(num_slots, attn_dim))          # q_l
-        self.key = nn.Linear(embed_dim, num_slots * attn_dim)                 # all W_l, b_l
+        # With separate values the key biases b_l would only add q_l . b_l, a constant over
+        # tokens, to each slot's logits: the softmax cancels it, so the read-out does not
+        # depend on b_l at all (zero gradient, which DDP refuses). They are left out.
+        self.key = nn.Linear(embed_dim, num_slots * attn_dim, bias=share_kv)  # all W_l (, b_l)
         self.value = None if share_kv else nn.Linear(embed_dim, num_slots * attn_dim)
         self.out_proj = nn.Linear(attn_dim, slot_dim)                         # W_o, b_o
         self.reset_parameters()
@@ -76,18 +79,30 @@ class SparoReadout(nn.Module):
         return self.num_slots * self.slot_dim
 
     def reset_parameters(self) -> None:
-        """SPARO.md's initialisation: standard-normal queries, Xavier-uniform maps, zero biases."""
+        """SPARO.md's initialisation: standard-normal queries, Xavier-uniform key and value
+        maps, W_o with nn.Linear's default initialisation (as in the authors' code), zero biases."""
         nn.init.normal_(self.queries)
-        for linear in (self.key, self.value, self.out_proj):
+        for linear in (self.key, self.value):
             if linear is not None:
                 nn.init.xavier_uniform_(linear.weight)
-                nn.init.zeros_(linear.bias)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+        self.out_proj.reset_parameters()
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # Checkpoints written before the key biases were left out (share_kv false) still carry
+        # them; the read-out never depended on their values, so they are dropped.
+        if self.key.bias is None:
+            state_dict.pop(prefix + "key.bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- the equations, factorised
-    def slot_maps(self, linear: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A Linear(d, L*a) seen as L maps: weights (L, a, d) and biases (L, a)."""
+    def slot_maps(self, linear: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A Linear(d, L*a) seen as L maps: weights (L, a, d) and biases (L, a) or None."""
         L, a = self.num_slots, self.attn_dim
-        return linear.weight.view(L, a, self.embed_dim), linear.bias.view(L, a)
+        bias = None if linear.bias is None else linear.bias.view(L, a)
+        return linear.weight.view(L, a, self.embed_dim), bias
 
     def attention(self, h: torch.Tensor) -> torch.Tensor:
         """alpha, shape (B, L, N): each slot's softmax over the N tokens."""

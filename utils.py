@@ -155,7 +155,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         torch.cuda.set_device(args.gpu)
     args.device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
     args.distributed = args.world_size > 1
-    if args.distributed:
+    if args.distributed and not dist.is_initialized():  # a caller may run several trainings in one group
         backend = "nccl" if use_cuda else "gloo"
         extra = dict(device_id=args.device) if use_cuda else {}
         dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
@@ -844,25 +844,43 @@ class MetricLogger:
 
     def log_every(self, iterable: Sized, print_freq: int, header: str = "",
                   samples_per_iter: int = 0) -> Iterator[Any]:
-        """Yield from iterable, printing progress, throughput and ETA every print_freq steps."""
+        """Yield from iterable, printing DINO's progress line every print_freq steps: ETA, the
+        meters, `time` (mean seconds per iteration), `data` (mean seconds of it spent waiting
+        for the next batch: a data-loading bottleneck shows here), `max mem` (MiB, peak_memory_mib)
+        and, this project's addition, `img/s` over the last print window."""
         total = len(iterable)
         width = len(str(total))
-        start = last = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        start = last = end = time.time()
         for i, item in enumerate(iterable):
+            data_time.update(time.time() - end)
             yield item
+            iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
                 now = time.time()
-                per_iter = (now - start) / (i + 1)
-                eta = datetime.timedelta(seconds=int(per_iter * (total - i - 1)))
-                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self)]
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}", f"max mem: {peak_memory_mib():.0f}"]
                 if samples_per_iter and i > 0:
                     steps = i % print_freq or print_freq
                     parts.append(f"img/s: {samples_per_iter * steps / max(now - last, 1e-9):.1f}")
                 print(self.delimiter.join(p for p in parts if p), flush=True)
                 last = now
+            end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - start))
         print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)",
               flush=True)
+
+
+def peak_memory_mib() -> float:
+    """Peak memory so far in MiB: CUDA's allocator peak on a GPU (DINO's `max mem`), else the
+    peak resident set of this process (getrusage's ru_maxrss, KiB on Linux)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 Sized = Any  # an iterable with len(); kept loose for DataLoaders

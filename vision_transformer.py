@@ -1,7 +1,7 @@
 """Vision Transformer with a CLS or SPARO read-out, and the DINO projection head.
 
-Built from timm's blocks (fused scaled-dot-product attention, stochastic depth, position-
-embedding resampling) with the parameter names of DINO's vision_transformer.py, so an official
+Built from timm's blocks (fused scaled-dot-product attention, stochastic depth) with the
+parameter names of DINO's vision_transformer.py, so an official
 DINO backbone state dict loads strictly into `readout="cls"`.
 
     readout="cls":    patches -> blocks[0..depth-1] -> norm -> token 0
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Attention, Block
 
 from sparo_head import SLOT_NORMS, SparoReadout
@@ -95,8 +95,7 @@ class VisionTransformer(nn.Module):
         patches = self.patch_embed(x)                                # (B, D, h, w)
         grid = list(patches.shape[-2:])
         patches = patches.flatten(2).transpose(1, 2)
-        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=grid,
-                                           old_size=list(self.pos_grid), num_prefix_tokens=1)
+        pos_embed = interpolate_pos_embed(self.pos_embed, tuple(self.pos_grid), tuple(grid))
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
         return self.pos_drop(tokens + pos_embed.to(tokens.dtype))
 
@@ -135,6 +134,28 @@ class VisionTransformer(nn.Module):
             if len(self.blocks) - i <= n:
                 outputs.append(self.norm(x))
         return outputs
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int],
+                          new_grid: Tuple[int, int]) -> torch.Tensor:
+    """Position embeddings (1, 1 + h*w, D) of an old_grid = (h, w) resampled to new_grid, the
+    way DINO's interpolate_pos_encoding does it, so that DINO weights give DINO's features.
+
+    DINO resamples by plain bicubic interpolation (no antialiasing) and asks for scale factors
+    (n + 0.1) / h rather than for the size n: the 0.1 keeps floor(h * factor) at n despite
+    rounding, and since PyTorch samples at (i + 0.5) / factor - 0.5 when given a factor, the
+    offset also moves the sampling positions slightly. Both are part of DINO's embeddings.
+    """
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    (old_h, old_w), (new_h, new_w) = old_grid, new_grid
+    dim = pos_embed.shape[-1]
+    patch_grid = pos_embed[:, 1:].reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    resampled = F.interpolate(patch_grid, scale_factor=((new_h + 0.1) / old_h, (new_w + 0.1) / old_w),
+                              mode="bicubic", align_corners=False)
+    if resampled.shape[-2:] != (new_h, new_w):  # DINO asserts the same
+        raise RuntimeError(f"resampled a {old_grid} grid to {tuple(resampled.shape[-2:])}, not {new_grid}")
+    return torch.cat([pos_embed[:, :1], resampled.flatten(2).transpose(1, 2)], dim=1)
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> None:
@@ -220,7 +241,10 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
-        trunc_normal_(self.weight_v, std=0.02)
+        # DINO's prototypes start from nn.Linear's default initialisation (uniform within
+        # +-1/sqrt(in_dim)), not the trunc-normal(0.02) of its other layers: the scale of v sets
+        # how fast AdamW turns the prototype directions.
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.weight_v

@@ -1,9 +1,11 @@
 """DINO recipe pieces against independent computations, and real training runs on digits."""
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,6 +181,34 @@ def test_cpu_bf16_uses_explicit_attention_with_the_same_result():
     torch.testing.assert_close(student.backbone(images), reference.backbone(images), atol=1e-5, rtol=1e-4)
 
 
+class SlowLoader:
+    """Four batches, each taking 50 ms to arrive (a data-loading bottleneck)."""
+
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        for i in range(4):
+            time.sleep(0.05)
+            yield i
+
+
+def test_progress_line_has_dinos_time_data_and_max_mem_fields(capsys):
+    import resource
+
+    logger = utils.MetricLogger()
+    for _ in logger.log_every(SlowLoader(), 2, "Epoch: [0/1]", samples_per_iter=8):
+        time.sleep(0.02)  # the training step
+    lines = [line for line in capsys.readouterr().out.splitlines() if "eta:" in line]
+    assert [line.split("]  [")[1][:3] for line in lines] == ["0/4", "2/4", "3/4"]
+    fields = re.search(r"time: ([\d.]+)  data: ([\d.]+)  max mem: (\d+)  img/s: ([\d.]+)", lines[-1])
+    assert fields, lines[-1]
+    iteration, data, memory, throughput = map(float, fields.groups())
+    assert 0.05 <= data < 0.2 and iteration >= data + 0.02  # means over the 4 iterations
+    assert memory == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, abs=2)
+    assert 0 < throughput < 8 / 0.07  # 8 images per iteration of at least 70 ms
+
+
 # ------------------------------------------------------------------- real runs (digits)
 @pytest.mark.slow
 def test_one_epoch_then_resume(tmp_path):
@@ -205,18 +235,24 @@ def test_one_epoch_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_with_torchrun(tmp_path):
-    out = tmp_path / "ddp"
+def test_every_variant_trains_under_two_process_gloo(tmp_path):
+    """Every read-out and SPARO option, 2 iterations each, under torchrun with 2 processes in
+    one launch: DDP stops on a parameter that gets no gradient (the separate-values key bias did)."""
+    from ddp_variants import VARIANTS
+
+    covered = {flags[flags.index("--readout") + 1] for flags in VARIANTS.values()}
+    assert covered == set(vits.READOUTS), "a read-out is missing from tests/ddp_variants.py"
     # gloo on the CPU even on a GPU host (two NCCL ranks would share one GPU there)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     process = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-         str(REPO / "main_dino_sparo.py"), *TINY_TRAIN_ARGS, "--batch_size_per_gpu", "16",
-         "--epochs", "1", "--device", "cpu", "--output_dir", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
-    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
-    assert checkpoint["args"]["world_size"] == 2
-    # 256 images / (2 processes x 16) = 8 iterations per epoch
-    assert "[7/8]" in process.stdout
-    assert len(read_log(out / "log.txt")) == 1
+         str(REPO / "tests" / "ddp_variants.py"), str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    for name in VARIANTS:
+        checkpoint = torch.load(tmp_path / name / "checkpoint.pth", map_location="cpu", weights_only=True)
+        assert checkpoint["args"]["world_size"] == 2 and checkpoint["epoch"] == 1, name
+        log = read_log(tmp_path / name / "log.txt")
+        assert len(log) == 1 and math.isfinite(log[0]["train_loss"]), name
+    # 64 images / (2 processes x 16) = 2 iterations per variant, both run
+    assert process.stdout.count("[1/2]") == len(VARIANTS)

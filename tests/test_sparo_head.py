@@ -7,13 +7,18 @@ import torch
 from sparo_head import SparoReadout, select_slots
 
 
-def reference_sparo(head: SparoReadout, h: torch.Tensor):
-    """Slow and obvious: every slot's keys, values and softmax computed on their own."""
+def reference_sparo(head: SparoReadout, h: torch.Tensor, key_bias=None):
+    """Slow and obvious: every slot's keys, values and softmax computed on their own.
+
+    key_bias stands for the key biases b_l of SPARO.md when the module has none (share_kv
+    false, where they cannot change the result); any values may be passed.
+    """
     L, a = head.num_slots, head.attn_dim
+    key_bias = head.key.bias if head.key.bias is not None else key_bias
     slots, attentions = [], []
     for l in range(L):
         rows = slice(l * a, (l + 1) * a)
-        keys = h @ head.key.weight[rows].T + head.key.bias[rows]               # (B, N, a)
+        keys = h @ head.key.weight[rows].T + key_bias[rows]                    # (B, N, a)
         if head.share_kv:
             values = keys
         else:
@@ -38,7 +43,7 @@ def randomise_biases(head: SparoReadout) -> None:
     # Zero-initialised biases would hide a wrongly handled bias; give them values.
     with torch.no_grad():
         for linear in (head.key, head.value, head.out_proj):
-            if linear is not None:
+            if linear is not None and linear.bias is not None:
                 linear.bias.normal_()
 
 
@@ -52,7 +57,10 @@ def test_matches_per_slot_reference(share_kv, norm, num_tokens):
     randomise_biases(head)
     h = torch.randn(3, num_tokens, 48, dtype=torch.float64)
     encoding, alpha = head(h, return_attention=True)
-    expected_encoding, expected_alpha = reference_sparo(head, h)
+    # Without shared values the equations' key biases b_l drop out of the softmax; the module
+    # has none, and the literal evaluation with arbitrary b_l must agree with it.
+    key_bias = torch.randn(6 * 8, dtype=torch.float64) * 3
+    expected_encoding, expected_alpha = reference_sparo(head, h, key_bias)
     assert encoding.shape == (3, 60) and alpha.shape == (3, 6, num_tokens)
     torch.testing.assert_close(alpha, expected_alpha.to(alpha.dtype), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(encoding, expected_encoding.to(encoding.dtype), rtol=1e-6, atol=1e-7)
@@ -68,6 +76,38 @@ def test_defaults_and_unit_norm():
     # per-slot normalisation: every slot has norm 1/sqrt(L)
     per_slot = encoding.view(4, 64, 64).norm(dim=-1)
     torch.testing.assert_close(per_slot, torch.full((4, 64), 1 / 8.0))
+
+
+def test_initialisation_follows_the_authors_code():
+    """W_o keeps nn.Linear's default init (uniform within +-1/sqrt(a)), b_o = 0; the key map is
+    Xavier-uniform; without shared values there is no key bias (it would get no gradient)."""
+    torch.manual_seed(5)
+    a, V, d = 64, 64, 384
+    head = SparoReadout(embed_dim=d, num_slots=64, slot_dim=V, attn_dim=a)
+    bound = 1 / math.sqrt(a)
+    weight = head.out_proj.weight
+    assert weight.abs().max() <= bound and weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.count_nonzero(head.out_proj.bias) == 0
+    xavier_bound = math.sqrt(6 / (d + 64 * a))  # one Linear(d, L*a) holds all L key maps
+    key = head.key.weight
+    assert key.abs().max() <= xavier_bound and key.std().item() == pytest.approx(xavier_bound / math.sqrt(3), rel=0.05)
+    separate = SparoReadout(embed_dim=d, num_slots=4, slot_dim=V, attn_dim=a, share_kv=False)
+    assert separate.key.bias is None and torch.count_nonzero(separate.value.bias) == 0
+    # Weights saved when the unused key bias still existed load, and compute the same.
+    state = {**separate.state_dict(), "key.bias": torch.randn(4 * a)}
+    reloaded = SparoReadout(embed_dim=d, num_slots=4, slot_dim=V, attn_dim=a, share_kv=False)
+    reloaded.load_state_dict(state, strict=True)
+    h = torch.randn(2, 9, d)
+    torch.testing.assert_close(reloaded(h), separate(h))
+
+
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_every_parameter_gets_a_gradient(share_kv):
+    """DDP (without find_unused_parameters) stops on a parameter the loss does not reach."""
+    head = SparoReadout(embed_dim=16, num_slots=4, slot_dim=4, attn_dim=4, share_kv=share_kv)
+    head(torch.randn(2, 5, 16)).square().sum().backward()
+    unused = [name for name, p in head.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not unused
 
 
 def test_dot_product_is_mean_slot_cosine():

@@ -1,4 +1,7 @@
 """ViT backbone: shapes, DINO-compatible parameter names, read-outs, head and multi-crop."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +71,53 @@ def test_position_embeddings_unchanged_at_native_size_and_resampled_elsewhere():
     torch.testing.assert_close(tokens[:, 1:], patches + model.pos_embed[:, 1:])
     torch.testing.assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, :1])[:, 0])
     assert model.prepare_tokens(torch.randn(1, 3, 12, 20)).shape == (1, 1 + 3 * 5, 192)
+
+
+def cubic_weights(t: float) -> np.ndarray:
+    """Keys' cubic convolution (A = -0.75, PyTorch's bicubic) for the 4 taps at -1, 0, 1, 2."""
+    A = -0.75
+    def kernel(x):
+        x = abs(x)
+        if x <= 1:
+            return (A + 2) * x ** 3 - (A + 3) * x ** 2 + 1
+        return A * x ** 3 - 5 * A * x ** 2 + 8 * A * x - 4 * A if x < 2 else 0.0
+    return np.array([kernel(t + 1), kernel(t), kernel(1 - t), kernel(2 - t)])
+
+
+def dino_resampling_matrix(old: int, new: int) -> np.ndarray:
+    """(new x old) matrix of DINO's 1-D resampling: bicubic at scale factor (new + 0.1) / old,
+    output pixel i sampled at (i + 0.5) / factor - 0.5 of the input, borders replicated."""
+    factor = (new + 0.1) / old
+    matrix = np.zeros((new, old))
+    for i in range(new):
+        source = (i + 0.5) / factor - 0.5
+        base = math.floor(source)
+        for tap, weight in zip(range(-1, 3), cubic_weights(source - base)):
+            matrix[i, min(max(base + tap, 0), old - 1)] += weight
+    return matrix
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (7, 7), (10, 10), (30, 30), (3, 5), (7, 28), (14, 14)])
+def test_position_embeddings_follow_dinos_formula(grid):
+    """The embeddings added to the tokens equal an independent NumPy evaluation of DINO's
+    interpolate_pos_encoding (plain bicubic, no antialiasing, the +0.1 factor offset)."""
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16, readout="cls")
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    x = torch.randn(1, 3, grid[0] * 16, grid[1] * 16)
+    with torch.no_grad():
+        tokens = model.prepare_tokens(x)
+        patches = model.patch_embed(x).flatten(2).transpose(1, 2)
+        added = torch.cat([tokens[:, :1] - model.cls_token, tokens[:, 1:] - patches], dim=1)[0].double().numpy()
+    table = model.pos_embed[0].detach().double().numpy()
+    rows, cols = dino_resampling_matrix(14, grid[0]), dino_resampling_matrix(14, grid[1])
+    patch_table = table[1:].reshape(14, 14, -1)
+    expected = np.einsum("ih,hwd,jw->ijd", rows, patch_table, cols).reshape(-1, table.shape[1])
+    if grid == (14, 14):  # DINO returns its table untouched at the training grid
+        expected = table[1:]
+    np.testing.assert_allclose(added[0], table[0], atol=1e-5)
+    np.testing.assert_allclose(added[1:], expected, atol=1e-5)
 
 
 def test_last_selfattention_is_the_attention_the_block_applies():
