@@ -42,9 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Evaluation with weighted k-NN on ImageNet-style data",
                                      add_help=False)
     utils.add_eval_args(parser, batch_size=128)
-    parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int,
+    parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=utils.positive_int,
                         help="Numbers of nearest neighbours k to evaluate (20 is the headline number).")
-    parser.add_argument("--temperature", default=0.07, type=float,
+    parser.add_argument("--temperature", default=0.07, type=utils.positive_float,
                         help="Temperature T of the neighbour weights exp(similarity / T).")
     parser.add_argument("--use_cuda", default=True, type=utils.bool_flag,
                         help="Keep the features on the GPU (set to false if GPU memory runs out; "
@@ -57,21 +57,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn_fp16", default=False, type=utils.bool_flag,
                         help="Store the feature bank in half precision (half the memory; "
                              "similarities then carry fp16 rounding, about 1e-3).")
-    parser.add_argument("--knn_chunk_size", default=None, type=int,
+    parser.add_argument("--knn_chunk_size", default=None, type=utils.positive_int,
                         help="Test images per similarity block (default: sized to the memory).")
     parser.add_argument("--dump_features", default=None,
                         help="Save the features and labels to this folder (DINO's file names).")
     parser.add_argument("--load_features", default=None,
                         help="Load features and labels from this folder instead of extracting them.")
-    parser.add_argument("--select_slots", default=0, type=int,
+    parser.add_argument("--select_slots", default=0, type=utils.non_negative_int,
                         help="SPARO only: pick this many slots by greedy forward selection, scored "
                              "by k-NN on a held-out part of the training set, then report the "
                              "test accuracy of the chosen slots.")
-    parser.add_argument("--select_k", default=20, type=int,
+    parser.add_argument("--select_k", default=20, type=utils.positive_int,
                         help="k of the k-NN score used by --select_slots.")
     parser.add_argument("--select_heldout", default=0.1, type=float,
                         help="Fraction of the (sampled) training images held out to score slots.")
-    parser.add_argument("--select_max_images", default=10000, type=int,
+    parser.add_argument("--select_max_images", default=10000, type=utils.non_negative_int,
                         help="Score slots on a random sample of at most this many training images "
                              "(0: all of them; the cost grows with its square).")
     parser.add_argument("--seed", default=0, type=int,
@@ -525,6 +525,8 @@ def load_features(args: argparse.Namespace,
             raise utils.UserError(f"cannot read {path / name}: {str(error).splitlines()[0]}") from error
         if not isinstance(tensor, torch.Tensor):
             raise utils.UserError(f"{path / name} holds a {type(tensor).__name__}, not a tensor")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise utils.UserError(f"{path / name} holds features that are not finite (NaN or inf)")
         tensors[key] = tensor
     for split in ("train", "test"):
         feats, labels = tensors[split], tensors[f"{split}_labels"]
@@ -587,20 +589,10 @@ def apply_slots(features: torch.Tensor, config: Dict, slots: Optional[List[int]]
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if min(args.nb_knn) < 1:
-        raise utils.UserError(f"--nb_knn values must be positive, got {args.nb_knn}")
-    if args.temperature <= 0:
-        raise utils.UserError(f"--temperature must be positive, got {args.temperature}")
     if args.select_slots and args.slots:
         raise utils.UserError("use either --slots or --select_slots, not both")
-    if args.select_slots < 0:
-        raise utils.UserError("--select_slots must be positive")
     if args.load_features and args.dump_features:
         raise utils.UserError("--load_features and --dump_features exclude each other")
-    if args.knn_chunk_size is not None and args.knn_chunk_size < 1:
-        raise utils.UserError("--knn_chunk_size must be at least 1")
-    if args.batch_size_per_gpu < 1:
-        raise utils.UserError("--batch_size_per_gpu must be at least 1")
     if args.dump_features:
         utils.ensure_output_dir(args.dump_features, "--dump_features")
     if args.output_json:

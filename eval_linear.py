@@ -17,6 +17,7 @@ and a rerun resumes from it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -37,7 +38,7 @@ LOG_NAME = "linear_log.txt"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Evaluation with linear classification", add_help=False)
     utils.add_eval_args(parser, batch_size=128)
-    parser.add_argument("--n_last_blocks", default=4, type=int,
+    parser.add_argument("--n_last_blocks", default=4, type=utils.positive_int,
                         help="CLS read-out: concatenate the CLS tokens of this many last blocks "
                              "(DINO: 4 for ViT-S, 1 for ViT-B). Ignored for SPARO, whose "
                              "feature is its encoding.")
@@ -48,14 +49,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="SPARO: multiply the unit-norm encoding (width D) by sqrt(D) so its "
                              "coordinates have the unit scale of LayerNorm'd CLS features that "
                              "DINO's learning rates assume (a constant factor, like a larger lr).")
-    parser.add_argument("--epochs", default=100, type=int, help="Number of training epochs.")
-    parser.add_argument("--lr", default=0.001, type=float,
+    parser.add_argument("--epochs", default=100, type=utils.positive_int, help="Number of training epochs.")
+    parser.add_argument("--lr", default=0.001, type=utils.positive_float,
                         help="Learning rate for a total batch of 256, scaled linearly with the "
                              "total batch size (batch_size_per_gpu * processes).")
-    parser.add_argument("--num_labels", default=None, type=int,
+    parser.add_argument("--num_labels", default=None, type=utils.positive_int,
                         help="Number of classes of the linear layer (default: inferred from the "
                              "training labels, max label + 1).")
-    parser.add_argument("--val_freq", default=1, type=int, help="Epochs between evaluations.")
+    parser.add_argument("--val_freq", default=1, type=utils.positive_int, help="Epochs between evaluations.")
     parser.add_argument("--output_dir", default=".", help="Where the linear head and its log go.")
     parser.add_argument("--evaluate", action="store_true",
                         help="Only evaluate the head saved in --linear_weights (default: "
@@ -70,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Extract the frozen features once and train the linear layer on "
                              "them: much faster (especially on CPU). Needs --train_augmentation "
                              "none, since cached features cannot be re-augmented.")
-    parser.add_argument("--print_freq", default=20, type=int, help="Iterations between progress lines.")
+    parser.add_argument("--print_freq", default=20, type=utils.positive_int, help="Iterations between progress lines.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     return parser
 
@@ -169,13 +170,22 @@ def train_one_epoch(linear: nn.Module, optimizer: torch.optim.Optimizer, batches
         with torch.no_grad(), utils.feature_autocast(args.device, args.use_fp16):
             features = to_features(inputs)
         loss = F.cross_entropy(linear(features), target)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # stop before the step: no NaN head is ever saved
+            raise utils.UserError(nonfinite_loss_message(loss_value, features, epoch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+def nonfinite_loss_message(loss: float, features: torch.Tensor, epoch: int) -> str:
+    cause = ("the backbone's features are not finite (NaN or inf in its weights?)"
+             if not torch.isfinite(features).all() else "try a lower --lr")
+    return f"the linear probe's loss is {loss} at epoch {epoch}: {cause}; this epoch's head was not saved"
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -221,25 +231,32 @@ def head_config(args: argparse.Namespace, config: Dict[str, Any], slots: Optiona
                 avgpool_patchtokens=args.avgpool_patchtokens if cls else None,
                 slots=slots, feature_dim=dim, num_labels=num_labels,
                 scale_sparo_features=args.scale_sparo_features if not cls else None,
-                backbone_fingerprint=backbone_fingerprint(backbone))
+                backbone_sha256=backbone_sha256(backbone),
+                backbone_source=f"{args.pretrained_weights} ({args.checkpoint_key})")
 
 
-def backbone_fingerprint(model: nn.Module) -> float:
-    """A number that changes with the backbone's weights: a head is only valid on its backbone."""
-    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+def backbone_sha256(model: nn.Module) -> str:
+    """SHA-256 of the backbone's weights (names and bytes): a head is only valid on the exact
+    backbone it was trained on, wherever that checkpoint file has moved since."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_head_config(saved: Dict[str, Any], wanted: Dict[str, Any], path: Path) -> None:
-    differing = []
-    for key, value in wanted.items():
-        old = saved.get(key)
-        same = (abs(old - value) <= 1e-6 * max(1.0, abs(value)) if key == "backbone_fingerprint"
-                and old is not None else old == value)
-        if not same:
-            differing.append(key if key == "backbone_fingerprint" else f"{key} ({old!r} saved, {value!r} now)")
+    """Refuse a head trained on another backbone or other features (where the backbone was
+    read from, backbone_source, only names it: the weights' hash decides)."""
+    if saved.get("backbone_sha256") != wanted["backbone_sha256"]:
+        raise utils.UserError(f"{path} holds a linear head trained on another backbone "
+                              f"({saved.get('backbone_source', 'one not recorded')}) than "
+                              f"{wanted['backbone_source']}. Use another --output_dir.")
+    differing = [f"{key} ({saved.get(key)!r} saved, {value!r} now)" for key, value in wanted.items()
+                 if key != "backbone_source" and saved.get(key) != value]
     if differing:
         raise utils.UserError(f"{path} was trained on other features: {'; '.join(differing)}. "
-                              f"Use another --output_dir or the same backbone and flags.")
+                              f"Use another --output_dir or the same flags.")
 
 
 def load_head(path: Path, linear: LinearClassifier, wanted: Dict[str, Any]) -> Dict[str, Any]:
@@ -256,11 +273,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.cache_features and args.train_augmentation != "none":
         raise utils.UserError("--cache_features needs --train_augmentation none: cached features "
                               "cannot be re-augmented each epoch")
-    for name in ("epochs", "batch_size_per_gpu", "val_freq", "n_last_blocks"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise utils.UserError(f"--lr must be positive, got {args.lr}")
     if not args.evaluate and utils.is_main_process():  # training writes its head and log there
         utils.ensure_output_dir(args.output_dir, "--output_dir")
     if args.output_json:

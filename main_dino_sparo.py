@@ -41,16 +41,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     # --------------------------------------------------------------------------- model
     parser.add_argument("--arch", default="vit_small", type=str, choices=sorted(vits.ARCHS),
                         help="Backbone size, as in DINO: vit_tiny (5M), vit_small (21M), vit_base (85M).")
-    parser.add_argument("--patch_size", default=16, type=int,
+    parser.add_argument("--patch_size", default=16, type=utils.positive_int,
                         help="Side of the square patches in pixels. Smaller patches mean more "
                              "tokens: better features, quadratically more attention cost.")
     parser.add_argument("--readout", default="sparo", choices=vits.READOUTS,
                         help="sparo: L slots of single-head attention with learned queries "
                              "(this project); cls: DINO's CLS token (the baseline).")
-    parser.add_argument("--sparo_slots", default=64, type=int, help="L, the number of SPARO slots.")
-    parser.add_argument("--sparo_dim", default=64, type=int,
+    parser.add_argument("--sparo_slots", default=64, type=utils.positive_int, help="L, the number of SPARO slots.")
+    parser.add_argument("--sparo_dim", default=64, type=utils.positive_int,
                         help="V, the output width of each slot; the encoding has L*V dimensions.")
-    parser.add_argument("--sparo_attn_dim", default=None, type=int,
+    parser.add_argument("--sparo_attn_dim", default=None, type=utils.positive_int,
                         help="a, the width of each slot's query and keys (default: embed_dim / num_heads).")
     parser.add_argument("--sparo_share_kv", default=True, type=utils.bool_flag,
                         help="Use each slot's keys as its values (SPARO's default).")
@@ -60,31 +60,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparo_keep_all_blocks", default=False, type=utils.bool_flag,
                         help="Keep the last transformer block before SPARO. By default SPARO "
                              "replaces it, keeping the parameter count at the CLS baseline's.")
-    parser.add_argument("--out_dim", default=65536, type=int,
+    parser.add_argument("--out_dim", default=65536, type=utils.positive_int,
                         help="Number of prototypes (output width of the DINO head). 65536 for "
                              "ImageNet; a few thousand is plenty for small data sets.")
-    parser.add_argument("--head_hidden_dim", default=vits.DINO_HEAD_HIDDEN_DIM, type=int,
+    parser.add_argument("--head_hidden_dim", default=vits.DINO_HEAD_HIDDEN_DIM, type=utils.positive_int,
                         help="Width of the DINO head's two hidden layers (DINO: 2048). With a "
                              "small backbone the head can cost more than the backbone; a "
                              "narrower head trains faster on small data.")
-    parser.add_argument("--head_bottleneck_dim", default=vits.DINO_HEAD_BOTTLENECK_DIM, type=int,
+    parser.add_argument("--head_bottleneck_dim", default=vits.DINO_HEAD_BOTTLENECK_DIM, type=utils.positive_int,
                         help="Width of the L2-normalised bottleneck before the prototypes (DINO: 256).")
     parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
                         help="Weight-normalise the last head layer with a fixed norm. Makes "
                              "training more stable; False can give better ViT-S results.")
-    parser.add_argument("--momentum_teacher", default=0.996, type=float,
+    parser.add_argument("--momentum_teacher", default=0.996, type=utils.unit_interval,
                         help="Base EMA momentum of the teacher, raised to 1 on a cosine schedule. "
                              "Use 0.9995 with batch 256; smaller batches want higher values.")
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
                         help="BatchNorm in the projection head (False for ViTs).")
 
     # --------------------------------------------------------------- temperature (teacher)
-    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=utils.positive_float,
                         help="Teacher temperature at the start of training. Lower it if the loss "
                              "does not decrease.")
-    parser.add_argument("--teacher_temp", default=0.04, type=float,
+    parser.add_argument("--teacher_temp", default=0.04, type=utils.positive_float,
                         help="Teacher temperature after warm-up. Above 0.07 training tends to be unstable.")
-    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=utils.non_negative_int,
                         help="Epochs of linear teacher-temperature warm-up (30 is DINO's default for long runs).")
 
     # -------------------------------------------------------------------- optimisation
@@ -94,51 +94,51 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "--cpu_bf16 is set.")
     parser.add_argument("--cpu_bf16", default=False, type=utils.bool_flag,
                         help="bf16 autocast on CPU: faster on CPUs with native bf16, less exact.")
-    parser.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay.")
-    parser.add_argument("--weight_decay_end", default=0.4, type=float,
+    parser.add_argument("--weight_decay", default=0.04, type=utils.non_negative_float, help="Initial weight decay.")
+    parser.add_argument("--weight_decay_end", default=0.4, type=utils.non_negative_float,
                         help="Final weight decay (cosine schedule); a rising decay helps ViTs.")
-    parser.add_argument("--clip_grad", default=3.0, type=float,
+    parser.add_argument("--clip_grad", default=3.0, type=utils.non_negative_float,
                         help="Cap on each parameter's gradient norm; 0 disables clipping.")
-    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+    parser.add_argument("--batch_size_per_gpu", default=64, type=utils.positive_int,
                         help="Images per process (per GPU, or per CPU process).")
-    parser.add_argument("--epochs", default=100, type=int, help="Number of training epochs.")
-    parser.add_argument("--freeze_last_layer", default=1, type=int,
+    parser.add_argument("--epochs", default=100, type=utils.positive_int, help="Number of training epochs.")
+    parser.add_argument("--freeze_last_layer", default=1, type=utils.non_negative_int,
                         help="Epochs during which the prototype layer stays fixed; helps early training.")
-    parser.add_argument("--lr", default=0.0005, type=float,
+    parser.add_argument("--lr", default=0.0005, type=utils.positive_float,
                         help="Peak learning rate for a total batch of 256, scaled linearly with "
                              "the total batch size, reached after the warm-up.")
-    parser.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
-    parser.add_argument("--min_lr", type=float, default=1e-6, help="Learning rate at the end of the cosine.")
+    parser.add_argument("--warmup_epochs", default=10, type=utils.non_negative_int, help="Epochs of linear learning-rate warm-up.")
+    parser.add_argument("--min_lr", type=utils.non_negative_float, default=1e-6, help="Learning rate at the end of the cosine.")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"),
                         help="adamw is DINO's recommendation for ViTs.")
-    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="Stochastic depth rate.")
+    parser.add_argument("--drop_path_rate", type=utils.unit_interval, default=0.1, help="Stochastic depth rate.")
     parser.add_argument("--compile", default=False, type=utils.bool_flag,
                         help="torch.compile the student and teacher (slow start, faster steps on GPU).")
 
     # ------------------------------------------------------------------------ multi-crop
-    parser.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0),
+    parser.add_argument("--global_crops_scale", type=utils.unit_interval, nargs=2, default=(0.4, 1.0),
                         help="Area range of the two global crops relative to the image.")
-    parser.add_argument("--global_crops_size", type=int, default=224,
+    parser.add_argument("--global_crops_size", type=utils.positive_int, default=224,
                         help="Side of the global crops in pixels (28 suits Fashion-MNIST).")
-    parser.add_argument("--local_crops_number", type=int, default=8,
+    parser.add_argument("--local_crops_number", type=utils.non_negative_int, default=8,
                         help="Number of small local crops; 0 disables multi-crop.")
-    parser.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4),
+    parser.add_argument("--local_crops_scale", type=utils.unit_interval, nargs=2, default=(0.05, 0.4),
                         help="Area range of the local crops relative to the image.")
-    parser.add_argument("--local_crops_size", type=int, default=96, help="Side of the local crops in pixels.")
+    parser.add_argument("--local_crops_size", type=utils.positive_int, default=96, help="Side of the local crops in pixels.")
 
     # ---------------------------------------------------------------------------- misc
     parser.add_argument("--data_path", default="fashion_mnist", type=str,
                         help="An ImageFolder directory (labels ignored) or a built-in data set: "
                              "fashion_mnist (apt-get install dataset-fashion-mnist) or digits.")
-    parser.add_argument("--subset", default=0, type=int,
+    parser.add_argument("--subset", default=0, type=utils.non_negative_int,
                         help="Train on the first N images only (0: all), for quick runs.")
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Where checkpoints and log.txt go; a run there is resumed.")
-    parser.add_argument("--saveckp_freq", default=20, type=int,
+    parser.add_argument("--saveckp_freq", default=20, type=utils.non_negative_int,
                         help="Also keep checkpointNNNN.pth every this many epochs.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
-    parser.add_argument("--num_workers", default=10, type=int, help="Data-loading processes per GPU/process.")
-    parser.add_argument("--print_freq", default=10, type=int, help="Print progress every this many iterations.")
+    parser.add_argument("--num_workers", default=10, type=utils.non_negative_int, help="Data-loading processes per GPU/process.")
+    parser.add_argument("--print_freq", default=10, type=utils.positive_int, help="Print progress every this many iterations.")
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL to set up distributed training (torchrun and Slurm set the environment).")
     parser.add_argument("--device", default="auto", choices=utils.DEVICE_CHOICES,
@@ -208,12 +208,13 @@ class DataAugmentationDINO:
 
 
 # ==================================================================================== loss
+STUDENT_TEMP = 0.1  # DINO's fixed student temperature
 class DINOLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher and the student, over all pairs
     (teacher global view i, student view v) with v != i, averaged over pairs and images."""
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
-                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = STUDENT_TEMP,
                  center_momentum: float = 0.9) -> None:
         super().__init__()
         self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
@@ -318,23 +319,38 @@ def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, An
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse flag combinations that cannot train, with one clear line each."""
+    """Refuse flag combinations that cannot train, with one clear line each. (The range of
+    each single flag is checked where it is parsed, by its argparse type.)"""
     for name in ("global_crops_size", "local_crops_size"):
         size = getattr(args, name)
         if size % args.patch_size:
             raise utils.UserError(f"--{name} {size} is not a multiple of --patch_size {args.patch_size}")
-    positive = ["epochs", "batch_size_per_gpu", "out_dim", "patch_size", "sparo_slots", "sparo_dim",
-                "head_hidden_dim", "head_bottleneck_dim"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.local_crops_number < 0:
-        raise utils.UserError("--local_crops_number must be 0 or more")
+    if args.out_dim < 2:
+        raise utils.UserError(f"--out_dim must be at least 2, got {args.out_dim}: with one prototype "
+                              f"the loss is exactly 0 and nothing is learned")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        low, high = getattr(args, name)
+        if not 0 < low <= high:
+            raise utils.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
-    if args.freeze_last_layer < 0 or args.warmup_epochs < 0 or args.warmup_teacher_temp_epochs < 0:
-        raise utils.UserError("epoch counts (warm-ups, --freeze_last_layer) cannot be negative")
+    warn_suspicious_args(args)
+
+
+def warn_suspicious_args(args: argparse.Namespace) -> None:
+    """Legal values that usually train nothing useful: a warning each, training goes on."""
+    warnings = []
+    if args.momentum_teacher == 1:
+        warnings.append("--momentum_teacher 1 never updates the teacher from the student")
+    if max(args.teacher_temp, args.warmup_teacher_temp) >= STUDENT_TEMP:
+        warnings.append(f"a teacher temperature of {max(args.teacher_temp, args.warmup_teacher_temp)} is "
+                        f"not below the student's {STUDENT_TEMP}: the teacher does not sharpen and "
+                        f"DINO tends to collapse")
+    if args.min_lr > args.lr:
+        warnings.append(f"--min_lr {args.min_lr} is above --lr {args.lr}: the cosine schedule rises")
+    for warning in warnings:
+        print(f"Warning: {warning}.", file=sys.stderr, flush=True)
 
 
 # Copies of every head weight a training step keeps: student, gradient, teacher, AdamW's two moments.
@@ -426,9 +442,10 @@ def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, A
 
 
 def rewrite_log(path: Path, history: List[Dict[str, Any]]) -> None:
-    """Make log.txt hold exactly the saved epochs' JSON lines (atomically)."""
+    """Make log.txt hold exactly the saved epochs' JSON lines (atomically). A new run creates
+    it with its first epoch, so a run that fails before leaves no empty log behind."""
     lines = "".join(json.dumps(record) + "\n" for record in history)
-    if path.exists() and path.read_text() == lines:
+    if (path.exists() and path.read_text() == lines) or (not lines and not path.exists()):
         return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(lines)
@@ -446,12 +463,35 @@ def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
                               f"Use another --output_dir or the same arguments.")
 
 
+# Arguments a resumed run may change on purpose (the model's cannot change: see above).
+NOTED_ON_RESUME = ("lr", "min_lr", "data_path", "subset", "batch_size_per_gpu", "epochs",
+                   "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher",
+                   "teacher_temp", "optimizer", "seed")
+
+
+def note_changed_args(saved: Any, args: argparse.Namespace) -> None:
+    """One line naming the training arguments that differ from the checkpoint's: allowed
+    (users change them on purpose), but never silently."""
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
+    now = utils.plain(args)
+    changed = [f"--{k} {now[k]} (was {saved[k]})" for k in NOTED_ON_RESUME
+               if k in saved and k in now and saved[k] != now[k]]
+    if changed:
+        print(f"Note: resuming with changed arguments: {', '.join(changed)}.", flush=True)
+
+
 def prepare_output_dir(output_dir: Path) -> None:
-    """Create the output folder (rank 0), check it is writable, clear stale temporary files."""
-    if not utils.is_main_process():
-        return
-    utils.ensure_output_dir(output_dir, "--output_dir")
-    utils.remove_stale_temporary_files(output_dir)
+    """Create the output folder (rank 0), check it is writable, lock it against a second run
+    and clear stale temporary files; every rank stops if rank 0 cannot."""
+    error = None
+    if utils.is_main_process():
+        try:
+            utils.ensure_output_dir(output_dir, "--output_dir")
+            utils.lock_output_dir(output_dir)  # before anything in it is read or changed
+            utils.remove_stale_temporary_files(output_dir)
+        except utils.UserError as raised:
+            error = raised
+    utils.stop_together(error)
 
 
 class TrainingSetup(NamedTuple):
@@ -506,6 +546,7 @@ def set_up_training(args: argparse.Namespace, output_dir: Path) -> TrainingSetup
             fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])
         start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("train_log", []))
         print(f"Resuming from {path} at epoch {start_epoch}.")
+        note_changed_args(checkpoint.get("args"), args)
     check_same_start_epoch(start_epoch, output_dir)
 
     if args.distributed:
@@ -537,7 +578,6 @@ def train_dino(args: argparse.Namespace) -> None:
     check_args(args)
     check_head_fits(args)
     utils.fix_random_seeds(args.seed + args.rank)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)  # before creating anything: bad data changes no files
@@ -566,6 +606,8 @@ def train_dino(args: argparse.Namespace) -> None:
         print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
         return
 
+    # Printed once the set-up checks passed, so that an error is the last line of a failed start.
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     train_step = TrainStep(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
                            optimizer, autocast, fp16_scaler, args)
     train_step.first_epoch = start_epoch  # its first step explains a CUDA out-of-memory error
@@ -731,10 +773,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         train_dino(args)
     except NonFiniteLoss as error:
-        print(f"error: {error}; the last good checkpoint in {args.output_dir} is untouched",
-              file=sys.stderr, flush=True)
+        saved = Path(args.output_dir) / "checkpoint.pth"
+        kept = (f"the last good checkpoint {saved} is untouched" if saved.exists()
+                else "no checkpoint was written yet (the first epoch did not finish)")
+        print(f"error: {error}; {kept}", file=sys.stderr, flush=True)
         sys.exit(3)
     finally:
+        utils.release_output_locks()
         utils.cleanup_distributed()
 
 

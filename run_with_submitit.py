@@ -283,6 +283,7 @@ class SubmititJob:
         try:
             result = run(args)
         finally:
+            job_utils.release_output_locks()
             job_utils.cleanup_distributed()
         if result is None and self.job == "train":  # training returns nothing: name its checkpoint
             return str(Path(self.job_args.output_dir) / "checkpoint.pth")

@@ -63,6 +63,54 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
 
 
+def _number(value: Any, kind: Callable, what: str) -> Any:
+    try:
+        number = kind(str(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
+    return number
+
+
+def positive_int(value: Any) -> int:
+    """argparse type: an integer of at least 1 (sizes, counts, frequencies)."""
+    number = _number(value, int, "a positive integer")
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    """argparse type: an integer of at least 0 (0 meaning none or off)."""
+    number = _number(value, int, "an integer of 0 or more")
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def positive_float(value: Any) -> float:
+    """argparse type: a finite number above 0 (learning rates, temperatures)."""
+    number = _number(value, float, "a positive number")
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def non_negative_float(value: Any) -> float:
+    """argparse type: a finite number of at least 0 (weight decay, clipping; 0 = off)."""
+    number = _number(value, float, "a number of 0 or more")
+    if not (math.isfinite(number) and number >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {value}")
+    return number
+
+
+def unit_interval(value: Any) -> float:
+    """argparse type: a number between 0 and 1 inclusive (momenta, rates, area fractions)."""
+    number = _number(value, float, "a number between 0 and 1")
+    if not 0 <= number <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {value}")
+    return number
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser,
                            argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags, taking defaults from `--config FILE.yaml` (keys are flag names).
@@ -93,13 +141,45 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
         unknown = sorted(set(values) - set(actions))
         if unknown:
             parser.error(f"config {known.config} has unknown keys: {', '.join(unknown)}")
-        for key, value in values.items():
-            choices = actions[key].choices
-            if choices is not None and value not in choices:
-                parser.error(f"config {known.config}: {key}: invalid choice {value!r} "
-                             f"(choose from {', '.join(map(str, choices))})")
-        parser.set_defaults(**values)
+        parser.set_defaults(**{key: _config_value(actions[key], value, known.config, parser)
+                               for key, value in values.items()})
     return parser.parse_args(argv)
+
+
+def _config_value(action: argparse.Action, value: Any, config: str,
+                  parser: argparse.ArgumentParser) -> Any:
+    """A config file's value for one flag, checked like the command line checks it: the
+    flag's number of values, its type (the same argparse type function) and its choices."""
+    flag = action.option_strings[-1] if action.option_strings else action.dest
+    where = f"config {config}: {action.dest}"
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            parser.error(f"{where}: {flag} is a switch, give true or false, got {value!r}")
+        return value
+    if isinstance(value, dict):
+        parser.error(f"{where}: expects {'values' if action.nargs else 'one value'}, got a mapping")
+    if action.nargs in (None, "?"):
+        if isinstance(value, list):
+            parser.error(f"{where}: {flag} takes one value, got the list {value!r}")
+        items = [value]
+    else:
+        items = value if isinstance(value, list) else [value]
+        if isinstance(action.nargs, int) and len(items) != action.nargs:
+            parser.error(f"{where}: {flag} takes {action.nargs} values, e.g. [a, b], got {value!r}")
+    converted = []
+    for item in items:
+        if action.type is not None:
+            try:
+                item = action.type(item if isinstance(item, str) else str(item))
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+                parser.error(f"{where}: {error}")
+        if action.choices is not None and item not in action.choices:
+            parser.error(f"{where}: invalid choice {item!r} "
+                         f"(choose from {', '.join(map(str, action.choices))})")
+        converted.append(item)
+    return converted[0] if action.nargs in (None, "?") else converted
 
 
 def _one_line_error(message: str) -> None:
@@ -378,6 +458,21 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def stop_together(error: Optional[UserError]) -> None:
+    """Raise `error` on the rank that met it and a UserError on every other rank, so that a
+    check made by one rank (e.g. rank 0's output folder) stops the whole run, not only that
+    rank while the others wait for it. One all-reduce; nothing when not distributed."""
+    failed = error is not None
+    if is_dist_avail_and_initialized():
+        flag = torch.tensor([float(failed)], device=collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = flag.item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError("another process stopped at set-up (its error is printed above)")
+
+
 def cleanup_distributed() -> None:
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
@@ -498,40 +593,93 @@ def load_rgb_image(path: str) -> Any:
     return image.convert("RGB")
 
 
-def image_folder(root: str, transform: Optional[Callable] = None) -> torch.utils.data.Dataset:
-    """torchvision ImageFolder over `root`; a flat folder of images counts as one class."""
-    from torchvision.datasets import ImageFolder
+def image_folder(root: str, transform: Optional[Callable] = None,
+                 class_names: Optional[Sequence[str]] = None) -> torch.utils.data.Dataset:
+    """The images under `root`, ImageFolder-style: one class per sub-folder (sorted names), or
+    one class for a flat folder of images.
 
+    class_names: number the classes by this list (the training split's classes) instead of
+    by the folder's own sub-folders, so that a val/ holding a subset of the classes gets the
+    training labels; a class missing from the list is an error naming it.
+    """
     path = Path(root)
     if not path.is_dir():
         raise UserError(f"data folder {root} does not exist (built-in data sets: "
                         f"{', '.join(BUILTIN_DATASETS)})")
-    has_classes = any(child.is_dir() for child in path.iterdir())
-    if has_classes:
-        try:
-            return ImageFolder(str(path), transform=transform, loader=load_rgb_image)
-        except (FileNotFoundError, RuntimeError) as error:
-            raise UserError(f"data folder {root} holds no images ({error})") from error
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise UserError(f"data folder {root} holds no images (extensions: "
+    classes = class_folders(path)
+    if not classes:
+        files = _image_files(path, path, set(), recurse=False)
+        if not files:
+            raise UserError(f"data folder {root} holds no images (extensions: "
+                            f"{' '.join(IMAGE_EXTENSIONS)})")
+        return ImageFiles([(f, 0) for f in files], ["images"], transform)
+    names = list(class_names) if class_names is not None else classes
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        raise UserError(f"{root} has classes that the training split lacks: {_short_list(unknown)}; "
+                        f"a classifier can only predict training classes")
+    seen: set = set()
+    samples, empty = [], []
+    for name in classes:
+        files = _image_files(path / name, path, seen, recurse=True)
+        empty += [] if files else [name]
+        samples += [(f, names.index(name)) for f in files]
+    if empty:
+        raise UserError(f"data folder {root} holds no images in {_short_list(empty)} (extensions: "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
-    return FlatImageFolder(files, transform)
+    return ImageFiles(samples, names, transform)
 
 
-class FlatImageFolder(torch.utils.data.Dataset):
-    """A folder of images without class sub-folders: every label is 0."""
+def class_folders(root: Path) -> List[str]:
+    """Sorted names of the class sub-folders of root (links to folders included), leaving out
+    links back to root or above it (`loop -> ..`), which would count images twice."""
+    above = {root.resolve(), *root.resolve().parents}
+    return sorted(child.name for child in root.iterdir()
+                  if child.is_dir() and child.resolve() not in above)
 
-    def __init__(self, files: List[Path], transform: Optional[Callable] = None) -> None:
-        self.samples = [(str(f), 0) for f in files]
-        self.targets, self.classes, self.transform = [0] * len(files), ["images"], transform
+
+def _image_files(folder: Path, root: Path, seen: set, recurse: bool) -> List[str]:
+    """Image files under folder in ImageFolder's order. Only regular files (or links to them)
+    count: a FIFO named x.jpg would block the loader forever. Links are followed, but a
+    folder is entered once and a file counted once (`seen` holds resolved paths), so link
+    loops end and linked duplicates are not counted twice."""
+    above = {root.resolve(), *root.resolve().parents}
+    visited = {folder.resolve()}
+    found = []
+    for current, dirs, names in os.walk(folder, followlinks=True):
+        if not recurse:
+            dirs[:] = []
+        kept = []
+        for d in sorted(dirs):
+            real = Path(current, d).resolve()
+            if real not in visited and real not in above:
+                visited.add(real)
+                kept.append(d)
+        dirs[:] = kept
+        for name in names:
+            file = os.path.join(current, name)
+            real = os.path.realpath(file)
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(file) and real not in seen:
+                seen.add(real)
+                found.append((current, name))
+    return [os.path.join(c, n) for c, n in sorted(found)]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Labelled image files (path, label), read as 8-bit RGB; `classes` names the labels."""
+
+    def __init__(self, samples: List[Tuple[str, int]], classes: List[str],
+                 transform: Optional[Callable] = None) -> None:
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.targets = [label for _, label in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        image = load_rgb_image(self.samples[index][0])
-        return (self.transform(image) if self.transform else image), 0
+        path, label = self.samples[index]
+        image = load_rgb_image(path)
+        return (self.transform(image) if self.transform else image), label
 
 
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises on bad files
@@ -610,7 +758,11 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
         if not folder.is_dir():
             raise UserError(f"{data_path} needs a {folder.name}/ sub-folder (DINO's layout: "
                             f"DATA/train/CLASS/IMG, DATA/val/CLASS/IMG)")
-        dataset = FailOnUnreadableImages(image_folder(str(folder), transform))
+        # val/ is numbered by train/'s class names: a val/ with a subset of the classes
+        # keeps the training labels (each split numbering its own classes shifts them).
+        train_classes = class_folders(folder.parent / "train") if split_name == "test" \
+            and (folder.parent / "train").is_dir() else []
+        dataset = FailOnUnreadableImages(image_folder(str(folder), transform, train_classes or None))
     if subset is not None and subset > 0:
         if subset < len(dataset):
             dataset = torch.utils.data.Subset(dataset, range(subset))
@@ -915,6 +1067,60 @@ def ensure_output_file(path: str | Path, flag: str) -> Path:
     return file
 
 
+LOCK_NAME = "training.lock"
+_held_locks: Dict[str, Any] = {}  # resolved folder -> open lock file, for this process
+
+
+def lock_output_dir(folder: str | Path) -> None:
+    """Hold an exclusive lock on an output folder for the life of this process, so that two
+    runs never write into one folder; a folder held by another process is an error naming it.
+
+    Rank 0 takes it (call it on rank 0 only): the other ranks of a run write nothing there,
+    and ranks on other nodes would lock themselves out of a shared folder. flock locks die
+    with their process, so a crashed run's lock is never stale. release_output_locks()
+    removes the file; after a kill -9 it stays, holding the dead process's id, and is reused.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held_locks:
+        return
+    path = folder / LOCK_NAME
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"--output_dir {folder} is in use by {holder} ({path}); wait for "
+                            f"that run to end or choose another --output_dir") from None
+        # The holder may have removed the file between our open and our lock: then this lock
+        # is on a deleted file and means nothing; take the new file's lock instead.
+        if os.path.exists(path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+            break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"a training run, pid {os.getpid()} on {socket.gethostname()}, "
+                 f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def release_output_locks() -> None:
+    """Remove and release the output folder locks this process holds."""
+    while _held_locks:
+        _, handle = _held_locks.popitem()
+        try:
+            os.unlink(handle.name)
+        except OSError:
+            pass
+        handle.close()
+
+
 def write_json_line(path: str | Path, record: Dict[str, Any]) -> None:
     """Append one JSON record (one line) to a log file."""
     with open(path, "a") as handle:
@@ -1023,30 +1229,30 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> Non
     parser.add_argument("--arch", default=None, type=str, choices=sorted(vits.ARCHS),
                         help="Expected architecture; read from the checkpoint, so only needed as "
                              "a check (a mismatch is an error).")
-    parser.add_argument("--patch_size", default=None, type=int,
+    parser.add_argument("--patch_size", default=None, type=positive_int,
                         help="Expected patch size; read from the checkpoint (a mismatch is an error).")
     parser.add_argument("--readout", default=None, type=str, choices=vits.READOUTS,
                         help="Expected read-out (sparo or cls); read from the checkpoint (a "
                              "mismatch is an error).")
-    parser.add_argument("--img_size", default=None, type=int,
+    parser.add_argument("--img_size", default=None, type=positive_int,
                         help="Side of the centre crop fed to the network (default: the image size "
                              "the checkpoint was trained at, e.g. 224 or 28).")
-    parser.add_argument("--resize_size", default=None, type=int,
+    parser.add_argument("--resize_size", default=None, type=positive_int,
                         help="Short side the images are resized to before the centre crop "
                              "(default: img_size * 256 / 224, DINO's 256 for 224).")
     parser.add_argument("--data_path", default="fashion_mnist", type=str,
                         help="A folder with train/ and val/ ImageFolders (DINO's layout), or a "
                              "built-in data set: fashion_mnist (official 60k/10k split) or digits "
                              "(scikit-learn; test = every 5th image).")
-    parser.add_argument("--train_subset", default=None, type=int,
+    parser.add_argument("--train_subset", default=None, type=non_negative_int,
                         help="Use only the first N training images (the k-NN bank, the linear "
                              "probe's training set), for quick evaluations. Default: all.")
-    parser.add_argument("--test_subset", default=None, type=int,
+    parser.add_argument("--test_subset", default=None, type=non_negative_int,
                         help="Use only the first N test images. Results on a subset are not the "
                              "official test figures; leave unset to report. Default: all.")
-    parser.add_argument("--batch_size_per_gpu", default=batch_size, type=int,
+    parser.add_argument("--batch_size_per_gpu", default=batch_size, type=positive_int,
                         help="Images per process (per GPU, or per CPU process).")
-    parser.add_argument("--num_workers", default=None, type=int,
+    parser.add_argument("--num_workers", default=None, type=non_negative_int,
                         help="Data-loading processes per GPU/process (default: 10 on GPU as in "
                              "DINO; on CPU a number that leaves the cores to the network).")
     parser.add_argument("--use_fp16", default=False, type=bool_flag,
@@ -1199,10 +1405,12 @@ def _extract(model: nn.Module, data: Any, gather: bool, batch_size: int, num_wor
     full: Optional[torch.Tensor] = None
     position = 0
     metric_logger = MetricLogger(delimiter="  ")
+    finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no sync per batch
     for images, _ in metric_logger.log_every(loader, print_freq, "Extracting features:"):
         images = images.to(device, non_blocking=True)
         with feature_autocast(device, use_amp):
             feats = forward(images)
+        finite &= torch.isfinite(feats).all()
         feats = feats.float().to(dtype)
         count = feats.shape[0]
         if gather:
@@ -1221,6 +1429,12 @@ def _extract(model: nn.Module, data: Any, gather: bool, batch_size: int, num_wor
             local[position:position + count] = feats.to(storage)
         position += count
     model.train(was_training)
+    if is_dist_avail_and_initialized():  # every rank stops, not only the one that saw it
+        finite = finite.to(collective_device()).int()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():  # a NaN feature would be scored silently (k-NN votes, accuracy 0)
+        raise UserError("the network's features are not finite (NaN or inf) for some images: "
+                        "the weights are broken (e.g. saved from a diverged run); nothing was scored")
     if gather:
         return full, torch.arange(total)
     positions = torch.arange(local_count)

@@ -9,6 +9,7 @@ main_dino_sparo.py's own table is in test_reliability_training.py, the launcher'
 test_submitit.py.
 """
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -71,6 +72,21 @@ def world(tmp_path_factory, tiny_sparo_checkpoint):
     state["model_config"] = {**state["model_config"], "arch": "vit_small"}
     torch.save(state, root / "other_arch.pth")
     (root / "a_file").write_text("outputs cannot go under a file")
+    for split in ("train", "val"):  # a val/ class that train/ lacks
+        save_images(root / "extra_val" / split / "a")
+    save_images(root / "extra_val" / "val" / "zebra")
+    (root / "list.yaml").write_text("batch_size_per_gpu: [1, 2]\n")
+
+    state = torch.load(tiny_sparo_checkpoint, map_location="cpu", weights_only=True)
+    teacher = {**state["teacher"]}
+    teacher["backbone.pos_embed"] = torch.full_like(teacher["backbone.pos_embed"], float("nan"))
+    torch.save({**state, "teacher": teacher}, root / "nan_weights.pth")
+    # Another backbone that the old check (the sum of |w|) took for the same one.
+    teacher = {**state["teacher"]}
+    teacher["backbone.patch_embed.proj.weight"] = -teacher["backbone.patch_embed.proj.weight"]
+    torch.save({**state, "teacher": teacher}, root / "sign_flipped.pth")
+    eval_linear.main([str(a) for a in ["--pretrained_weights", tiny_sparo_checkpoint, "--data_path", good,
+                                       "--output_dir", root / "probe_a", "--epochs", "1"]])
     return root
 
 
@@ -109,6 +125,14 @@ def common_cases(w: Path, ckpt: Path):
          "--slots must name slots between 0 and 15"),
         ("image size not a multiple of the patch", weights + ["--data_path", w / "good", "--img_size", "18"],
          "multiple"),
+        ("val class absent from train", weights + ["--data_path", w / "extra_val"],
+         "has classes that the training split lacks: zebra"),
+        ("weights that give NaN features", ["--pretrained_weights", w / "nan_weights.pth", "--data_path", w / "good"],
+         "not finite"),
+        ("negative number of workers", weights + ["--data_path", w / "good", "--num_workers", "-1"],
+         "--num_workers: must be 0 or more"),
+        ("YAML list for a one-value flag", weights + ["--data_path", w / "good", "--config", w / "list.yaml"],
+         "--batch_size_per_gpu takes one value"),
     ]
 
 
@@ -137,6 +161,10 @@ def script_cases(script: str, w: Path, ckpt: Path):
             ("evaluate without a head", weights + ["--evaluate", "--output_dir", w / "fresh_linear"],
              "linear"),
             ("more labels than the head", weights + ["--num_labels", "1"], "num_labels"),
+            ("learning rate nan", weights + ["--lr", "nan"], "--lr: must be a positive number"),
+            ("resume another backbone's probe",
+             ["--pretrained_weights", w / "sign_flipped.pth", "--data_path", w / "good",
+              "--output_dir", w / "probe_a", "--epochs", "2"], "trained on another backbone"),
         ],
         "slot_gallery": [
             ("output under a file", weights + ["--output_dir", w / "a_file" / "o"], "a_file"),
@@ -213,3 +241,37 @@ def test_command_line_prints_one_line_without_traceback(world, tiny_sparo_checkp
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "refused by safe loading" in lines[0], result.stderr
     assert not (world / "payload_ran").exists()
+
+
+# ---------------------------------------------- val classes: a subset of train's (issue 24)
+@pytest.fixture(scope="module")
+def subset_val(tmp_path_factory):
+    """train/ holds classes a, b, c; val/ only b and c, its images copies of train's, so a
+    1-NN classifier or a probe that fits its training images is right on every val image;
+    with val's classes numbered on their own (b=0, c=1) it would be wrong on every one."""
+    root = tmp_path_factory.mktemp("subset_val")
+    rng = np.random.default_rng(1)
+    for label in ("a", "b", "c"):
+        for i in range(2):
+            image = Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8))
+            (root / "train" / label).mkdir(parents=True, exist_ok=True)
+            image.save(root / "train" / label / f"{i}.png")
+            if label != "a":
+                (root / "val" / label).mkdir(parents=True, exist_ok=True)
+                image.save(root / "val" / label / f"{i}.png")
+    return root
+
+
+def test_val_with_a_subset_of_classes_keeps_the_training_labels(subset_val):
+    assert list(utils.dataset_labels(utils.build_dataset(str(subset_val), "test"))) == [1, 1, 2, 2]
+    assert list(utils.dataset_labels(utils.build_dataset(str(subset_val), "train"))) == [0, 0, 1, 1, 2, 2]
+
+
+def test_knn_and_linear_score_a_val_subset_of_classes_correctly(subset_val, tiny_sparo_checkpoint, tmp_path):
+    weights = ["--pretrained_weights", str(tiny_sparo_checkpoint), "--data_path", str(subset_val)]
+    eval_knn.main(weights + ["--nb_knn", "1", "--output_json", str(tmp_path / "knn.json")])
+    assert json.loads((tmp_path / "knn.json").read_text())["knn"]["1"]["top1"] == 100.0
+    eval_linear.main(weights + ["--train_augmentation", "none", "--cache_features", "true", "--epochs", "100",
+                                "--lr", "10", "--output_dir", str(tmp_path / "linear"),
+                                "--output_json", str(tmp_path / "linear.json")])
+    assert json.loads((tmp_path / "linear.json").read_text())["last"]["acc1"] == 100.0

@@ -109,7 +109,7 @@ def test_learns_from_images_resumes_and_evaluates_its_head(tiny_sparo_checkpoint
     assert "Epoch: [" not in evaluated  # no training
 
     # the head belongs to the teacher's features: the student's are refused
-    with pytest.raises(utils.UserError, match="backbone_fingerprint"):
+    with pytest.raises(utils.UserError, match="another backbone"):
         run_linear(*common, "--evaluate", "--checkpoint_key", "student")
 
 

@@ -1,5 +1,8 @@
 """Reliability of pre-training: exact resume, kill -9 at any moment, NaN stops, bad input."""
+import contextlib
+import fcntl
 import hashlib
+import io
 import os
 import pickle
 import random
@@ -163,11 +166,24 @@ def write_images(folder, count=8, size=16, bad=()):
         (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
 
-def run_bad(tmp_path, *args):
+def run_in_process(argv):
+    """main_dino_sparo's command line in this process (no interpreter start-up per case):
+    the exit status, stdout and stderr that `python main_dino_sparo.py ARGV` would give."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            utils.run_main(lambda: dino.main([str(a) for a in argv]))
+            status = 0
+        except SystemExit as stop:
+            status = stop.code
+    return subprocess.CompletedProcess(argv, status, stdout.getvalue(), stderr.getvalue())
+
+
+def run_bad(tmp_path, *args, in_process=True):
     out = tmp_path / "out"
     before = folder_digest(out) if out.exists() else None
-    process = run_script("main_dino_sparo.py", *RUN_ARGS, "--epochs", "1", "--output_dir", out, *args,
-                         check=False)
+    argv = [*RUN_ARGS, "--epochs", "1", "--output_dir", out, *args]
+    process = run_in_process(argv) if in_process else run_script("main_dino_sparo.py", *argv, check=False)
     after = folder_digest(out) if out.exists() else None
     return process, before, after
 
@@ -184,15 +200,34 @@ BAD_INPUT = [
      "cannot create --output_dir"),
     ("unknown optimizer via config", lambda d: (d / "c.yaml").write_text("optimizer: adam\n") and ["--config", str(d / "c.yaml")],
      "invalid choice"),
+    # flags that would train nonsense quietly, or died in a traceback (issue 24)
+    ("negative learning rate", lambda d: ["--lr", "-1"], "--lr: must be a positive number, got -1"),
+    ("one prototype", lambda d: ["--out_dim", "1"], "--out_dim must be at least 2"),
+    ("teacher momentum above 1", lambda d: ["--momentum_teacher", "2"], "--momentum_teacher: must lie between 0 and 1"),
+    ("zero crop sizes", lambda d: ["--global_crops_size", "0", "--local_crops_size", "0"],
+     "--global_crops_size: must be a positive integer"),
+    ("zero patch size", lambda d: ["--patch_size", "0"], "--patch_size: must be a positive integer"),
+    ("zero print frequency", lambda d: ["--print_freq", "0"], "--print_freq: must be a positive integer"),
+    ("negative number of workers", lambda d: ["--num_workers", "-1"], "--num_workers: must be 0 or more"),
+    ("crop scale the wrong way round", lambda d: ["--local_crops_scale", "0.4", "0.05"], "MIN MAX"),
+    ("YAML list for a one-value flag", lambda d: (d / "c.yaml").write_text("lr: [0.1, 0.2]\n")
+     and ["--config", str(d / "c.yaml")], "--lr takes one value"),
+    ("YAML scalar for a two-value flag", lambda d: (d / "c.yaml").write_text("global_crops_scale: 0.5\n")
+     and ["--config", str(d / "c.yaml")], "--global_crops_scale takes 2 values"),
+    ("YAML value out of range", lambda d: (d / "c.yaml").write_text("global_crops_size: 0\n")
+     and ["--config", str(d / "c.yaml")], "global_crops_size: must be a positive integer"),
 ]
 
 
 @pytest.mark.parametrize("case,make_args,message", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_gives_one_clear_line(tmp_path, case, make_args, message):
     process, before, after = run_bad(tmp_path, *make_args(tmp_path))
-    assert process.returncode != 0
+    assert process.returncode == 2
     assert message in process.stderr
     assert "Traceback" not in process.stderr
+    # the error is the last line, not buried under the dump of every argument
+    assert process.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "batch_size_per_gpu:" not in process.stdout
     assert before == after
 
 
@@ -216,7 +251,7 @@ def test_truncated_checkpoint_is_refused_not_overwritten(tmp_path, tiny_sparo_ch
 def test_hostile_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     marker = tmp_path / "payload_ran"
     make_existing_run(tmp_path, obj={"student": Payload(marker), "teacher": {}, "epoch": 1})
-    process, before, after = run_bad(tmp_path)
+    process, before, after = run_bad(tmp_path, in_process=False)  # a real process: its stderr is one line
     assert process.returncode == 2 and "none is readable" in process.stderr
     assert not marker.exists()
     assert before == after
@@ -272,3 +307,70 @@ def test_missing_fashion_mnist_says_how_to_install(monkeypatch):
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     with pytest.raises(utils.UserError, match="apt-get install dataset-fashion-mnist"):
         utils.build_dataset("fashion_mnist", "train")
+
+
+# ------------------------------------------------------------------ issue 24: silent wrong runs
+def test_output_dir_lock_and_resume_notes(tmp_path):
+    """A lock left by a dead run is no obstacle; a live one refuses a second run, naming its
+    holder, and touches nothing; a resume with another --lr/--data_path says so in one line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / utils.LOCK_NAME).write_text("a training run, pid 999999 on a-node-that-died\n")
+    first = run_in_process([*RUN_ARGS, "--epochs", "1", "--output_dir", out])
+    assert first.returncode == 0, first.stderr
+    assert not (out / utils.LOCK_NAME).exists()  # released and removed at the end
+    assert [entry["epoch"] for entry in read_log(out / "log.txt")] == [0]
+
+    saved = folder_digest(out)
+    with open(out / utils.LOCK_NAME, "w") as held:  # what a running training holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("a training run, pid 4242 on gpu-node-7\n")
+        held.flush()
+        second, _, _ = run_bad(tmp_path)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: --output_dir {out} is in use by a training run, pid 4242 "
+                                         f"on gpu-node-7 ({out / utils.LOCK_NAME}); wait for that run to "
+                                         f"end or choose another --output_dir")
+    (out / utils.LOCK_NAME).unlink()
+    assert folder_digest(out) == saved
+
+    data = tmp_path / "data"
+    write_images(data / "a", count=16)
+    resumed = run_in_process([*RUN_ARGS, "--epochs", "1", "--output_dir", out, "--lr", "0.001",
+                              "--data_path", data])
+    assert resumed.returncode == 0, resumed.stderr
+    notes = [line for line in resumed.stdout.splitlines() if "changed arguments" in line]
+    assert notes == [f"Note: resuming with changed arguments: --lr 0.001 (was 0.0005), "
+                     f"--data_path {data} (was digits)."]
+
+
+def test_nan_before_any_checkpoint_says_so_and_leaves_no_empty_log(tmp_path, monkeypatch):
+    real_forward = dino.DINOLoss.forward
+    monkeypatch.setattr(dino.DINOLoss, "forward",
+                        lambda *a: real_forward(*a) * float("nan"))
+    out = tmp_path / "out"
+    stopped = run_in_process([*RUN_ARGS, "--epochs", "1", "--output_dir", out])
+    assert stopped.returncode == 3
+    assert "no checkpoint was written yet" in stopped.stderr and "untouched" not in stopped.stderr
+    assert list(out.iterdir()) == []  # no empty log.txt, no lock file
+
+
+def test_symlink_loops_and_fifos_in_a_data_folder(tmp_path):
+    """Links are followed, each file counted once, loops end; a FIFO named like an image
+    (which would block the loader forever) is not an image."""
+    data = tmp_path / "data"
+    write_images(data / "a", count=3)
+    write_images(data / "b", count=2)
+    (data / "a" / "loop").symlink_to("..")          # back to the data folder
+    (data / "b" / "self").symlink_to(".")            # to itself
+    (data / "b" / "again.png").symlink_to("0.png")  # the same file twice
+    (data / "up").symlink_to(".")                    # a "class" that is the data folder
+    os.mkfifo(data / "a" / "x.jpg")
+    pretrain = utils.build_dataset(str(data), "pretrain")
+    assert len(pretrain) == 5
+    assert utils.dataset_labels(pretrain).tolist() == [0, 0, 0, 1, 1]
+    flat = tmp_path / "flat"
+    write_images(flat, count=4)
+    (flat / "loop").symlink_to(".")
+    os.mkfifo(flat / "pipe.png")
+    assert len(utils.build_dataset(str(flat), "pretrain")) == 4
