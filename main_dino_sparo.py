@@ -29,6 +29,7 @@ from torch import nn
 
 import utils
 import vision_transformer as vits
+import warm_start
 from vision_transformer import DINOHead, MultiCropWrapper
 
 
@@ -142,6 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="URL to set up distributed training (torchrun and Slurm set the environment).")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Ignored; torchrun sets LOCAL_RANK.")
+    warm_start.add_args(parser)  # --init_backbone, --init_checkpoint_key, --freeze_backbone_epochs
     return parser
 
 
@@ -464,6 +466,7 @@ def train_dino(args: argparse.Namespace) -> None:
 
     # ============ building student and teacher networks ... ============
     student, teacher, config, head_config = build_student_teacher(args)
+    warm_start.apply(args, student.backbone)  # before the teacher copies the student
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.use_bn_in_head and args.distributed:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -583,6 +586,8 @@ class TrainStep:
         if self.args.clip_grad:
             utils.clip_gradients(self.student_without_ddp, self.args.clip_grad)
         utils.cancel_gradients_last_layer(epoch, self.student_without_ddp, self.args.freeze_last_layer)
+        warm_start.cancel_gradients_frozen_backbone(epoch, self.student_without_ddp,
+                                                    self.args.freeze_backbone_epochs)
         if self.fp16_scaler is None:
             self.optimizer.step()
         else:
