@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 import timm
-from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, register_model
 
 import vision_transformer as vits
@@ -96,12 +95,10 @@ def _filter_state(state: Dict[str, Any], model: TimmVisionTransformer) -> Dict[s
     if isinstance(state.get("teacher"), dict):  # a training checkpoint: DINO's choice of weights
         state = state["teacher"]
     state = utils._strip_prefixes({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
-    own = model.pos_embed
-    if "pos_embed" in state and state["pos_embed"].shape != own.shape:
-        old = utils.infer_model_config(state)
-        grid = old["img_size"] // old["patch_size"]
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.pos_grid),
-                                                    old_size=[grid, grid], num_prefix_tokens=1)
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        from warm_start import resample_pos_embed
+
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.pos_grid)
     return state
 
 

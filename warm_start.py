@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher
             is_extra_block = key.startswith("blocks.") and int(key.split(".")[1]) == replaced
             (dropped_blocks if is_extra_block else unexpected).append(key)
         elif key == "pos_embed" and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1]:
-            load[key] = _resample_pos_embed(value, backbone)
+            load[key] = resample_pos_embed(value, backbone.pos_grid)
             notes.append(f"pos_embed resampled from {_grid(value)} to {_grid(own[key])}")
         elif value.shape != own[key].shape:
             wrong_shape.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
@@ -111,10 +111,17 @@ def _grid(pos_embed: torch.Tensor) -> str:
     return f"{side}x{side}"
 
 
-def _resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int]) -> torch.Tensor:
+    """Square-grid position embeddings (1, 1 + n*n, D) resampled to new_grid the way the model
+    resamples them at run time (vision_transformer.interpolate_pos_embed, DINO's rule, where
+    present; else bicubic without antialiasing)."""
+    import vision_transformer as vits
+
     side = int(round((pos_embed.shape[1] - 1) ** 0.5))
-    return resample_abs_pos_embed(pos_embed, new_size=list(backbone.pos_grid), old_size=[side, side],
-                                  num_prefix_tokens=1)
+    if hasattr(vits, "interpolate_pos_embed"):
+        return vits.interpolate_pos_embed(pos_embed, (side, side), tuple(new_grid))
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=[side, side],
+                                  num_prefix_tokens=1, antialias=False)
 
 
 def _block_numbers(keys: List[str]) -> str:

@@ -1,5 +1,6 @@
 """The original DINO ViT (facebookresearch/dino, checked out read-only at /work/dino_ref),
 imported side by side with this project's modules to make official-layout weight files."""
+import functools
 import importlib.util
 import os
 import sys
@@ -21,6 +22,7 @@ def _load(name: str, filename: str):
     return module
 
 
+@functools.lru_cache(maxsize=None)
 def dino_modules():
     """(DINO's utils, DINO's vision_transformer) under private names. DINO's ViT does
     `from utils import trunc_normal_`: its utils stands in for ours while it is imported."""
