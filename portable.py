@@ -19,7 +19,8 @@ SAFETENSORS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PTH_NAME = "backbone.pth"
 METADATA_KEY = "sparo_dino"
-EVAL_RESIZE_RATIO = 256 / 224  # DINO's evaluation resize before the centre crop
+PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes",
+                       "first_conv", "classifier")
 
 
 def timm_name(config: Dict[str, Any]) -> str:
@@ -34,7 +35,7 @@ def timm_name(config: Dict[str, Any]) -> str:
 def export_config(config: Dict[str, Any], source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """config.json: timm's hub layout (architecture, num_classes, num_features, pretrained_cfg,
     model_args) plus this project's model_config and the read-out spelled out."""
-    import utils
+    import timm_models
     import vision_transformer as vits
 
     embed_dim, depth, num_heads = vits.ARCHS[config["arch"]]
@@ -53,11 +54,9 @@ def export_config(config: Dict[str, Any], source: Optional[Dict[str, Any]] = Non
         "backbone": {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
                      "patch_size": config["patch_size"], "mlp_ratio": 4.0, "qkv_bias": True},
         "readout": readout,
-        "pretrained_cfg": {"input_size": [3, size, size], "mean": list(utils.IMAGENET_MEAN),
-                           "std": list(utils.IMAGENET_STD), "interpolation": "bicubic",
-                           "crop_pct": round(size / round(size * EVAL_RESIZE_RATIO), 4),
-                           "num_classes": 0, "first_conv": "patch_embed.proj",
-                           "classifier": "head"},
+        "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in timm_models.pretrained_cfg_for(size).items()
+                           if k in PRETRAINED_CFG_KEYS},
         "model_args": {k: v for k, v in config.items() if k not in ("arch", "readout")},
         "model_config": dict(config),
         "source": source or {},
@@ -103,20 +102,3 @@ def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict
     state = load_file(str(path), device="cpu")
     config = json.loads(metadata[METADATA_KEY]).get("model_config") if METADATA_KEY in metadata else None
     return state, config
-
-
-def read_model_config(path: str | Path) -> Optional[Dict[str, Any]]:
-    """The model_config carried by an exported file (.safetensors header or .pth entry)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if METADATA_KEY in metadata:
-            return json.loads(metadata[METADATA_KEY]).get("model_config")
-        return None
-    import utils
-
-    config = utils.load_checkpoint(path).get("model_config")
-    return dict(config) if isinstance(config, dict) else None

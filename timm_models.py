@@ -134,7 +134,9 @@ def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained:
                                 **config, **kwargs)
 
 
-def _default_cfg(img_size: int) -> Dict[str, Any]:
+def pretrained_cfg_for(img_size: int) -> Dict[str, Any]:
+    """timm's pretrained_cfg of a backbone trained at img_size: DINO's evaluation
+    pre-processing (bicubic resize to img_size * 256/224, centre crop, ImageNet mean/std)."""
     import utils
 
     return dict(url="", num_classes=0, input_size=(3, img_size, img_size), pool_size=None,
@@ -163,7 +165,7 @@ def register_all() -> None:
             name = variant_name(arch, patch, img, readout)
             if timm.models.is_model(name):
                 continue
-            default_cfgs[name] = _default_cfg(img)
+            default_cfgs[name] = pretrained_cfg_for(img)
             register_model(_entry_point(arch, patch, img, readout))
 
 
