@@ -104,6 +104,7 @@ def test_mismatches_are_one_line_errors(tmp_path):
         warm_start.init_backbone(sparo_tiny(), str(tmp_path / "other.pth"))
 
 
+@pytest.mark.slow
 def test_training_from_dino_weights_freezes_then_thaws_and_resumes_without_reloading(tmp_path):
     dino = dino_vit_tiny()
     full_dino_checkpoint(dino, tmp_path / "dino_full.pth")
