@@ -14,7 +14,8 @@
 Entry points: sparo_vit_tiny/small/base and dino_vit_tiny/small/base (CLS read-out), plus DINO's
 names dino_vits16, dino_vits8, dino_vitb16, dino_vitb8 (CLS read-out, patch size fixed by the
 name). Nothing is ever downloaded: without `pretrained_weights` the model is randomly
-initialised. With weights, the architecture is read from the file and loaded strictly; model
+initialised (DINO's names warn about it unless pretrained=False is given, and pretrained=True
+without a file is an error saying what to pass). With weights, the architecture is read from the file and loaded strictly; model
 arguments given here (patch_size, sparo_slots, img_size, ...) are checked against it, and an
 architecture other than the entry point's is an error. Other keyword arguments
 (drop_path_rate, ...) are passed to the model. The model returns the backbone encoding (the
@@ -25,13 +26,17 @@ import contextlib
 import importlib
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 dependencies = ["torch", "timm", "numpy"]
 
 _REPO = Path(__file__).resolve().parent
-_PROJECT_MODULES = ("utils", "vision_transformer", "sparo_head")
+_PROJECT_MODULES = ("utils", "vision_transformer", "sparo_head", "timm_models", "portable")
+# DINO's released files for its hub names, for the message telling a user what to pass.
+_DINO_FILES = {"dino_vits16": "dino_deitsmall16_pretrain", "dino_vits8": "dino_deitsmall8_pretrain",
+               "dino_vitb16": "dino_vitbase16_pretrain", "dino_vitb8": "dino_vitbase8_pretrain"}
 
 
 @contextlib.contextmanager
@@ -59,7 +64,8 @@ def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> C
     """An entry point building `arch` with `readout`; `patch_size` fixes the patch size."""
 
     def build(pretrained_weights: Optional[str] = None, checkpoint_key: str = "teacher",
-              **kwargs: Any) -> Any:
+              pretrained: Optional[bool] = None, **kwargs: Any) -> Any:
+        _check_pretrained(build.__name__, pretrained, pretrained_weights)
         if patch_size is not None:
             if kwargs.setdefault("patch_size", patch_size) != patch_size:
                 raise ValueError(f"this entry point has patch size {patch_size}, not "
@@ -91,6 +97,21 @@ def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> C
                      f"`checkpoint_key`), or None for random initialisation. Other keyword "
                      f"arguments go to the model (patch_size, img_size, sparo_slots, ...).")
     return build
+
+
+def _check_pretrained(name: str, pretrained: Optional[bool], pretrained_weights: Optional[str]) -> None:
+    """DINO's hub entries download weights (pretrained=True by default); these never do. Say
+    so instead of silently handing a DINO user a random network."""
+    stem = _DINO_FILES.get(name)
+    where = (f"download https://dl.fbaipublicfiles.com/dino/{stem}/{stem}.pth yourself and pass "
+             f"pretrained_weights='{stem}.pth'" if stem else
+             "pass pretrained_weights=PATH (a checkpoint, export.py's model.safetensors or a DINO file)")
+    if pretrained and pretrained_weights is None:
+        raise ValueError(f"{name}: nothing is downloaded here (pretrained=True); {where}")
+    if stem and pretrained is None and pretrained_weights is None:
+        warnings.warn(f"{name} without pretrained_weights is a randomly initialised network (nothing "
+                      f"is downloaded here): {where}, or pass pretrained=False for random weights",
+                      stacklevel=3)
 
 
 sparo_vit_tiny = _entry_point("vit_tiny", "sparo")

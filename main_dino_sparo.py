@@ -30,6 +30,7 @@ from torch import nn
 
 import utils
 import vision_transformer as vits
+import warm_start
 from vision_transformer import DINOHead, MultiCropWrapper
 
 
@@ -146,6 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "cannot use them. cuda: require a GPU. cpu: never use a GPU.")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Ignored; torchrun sets LOCAL_RANK.")
+    warm_start.add_args(parser)  # --init_backbone, --init_checkpoint_key, --freeze_backbone_epochs
     return parser
 
 
@@ -517,6 +519,7 @@ def set_up_training(args: argparse.Namespace, output_dir: Path) -> TrainingSetup
     broadcasts rank 0's student, so every rank starts with the same student and teacher.
     """
     student, teacher, config, head_config = build_student_teacher(args)
+    warm_start.apply(args, student.backbone)  # before the teacher copies the student
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.use_bn_in_head and args.distributed:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -679,6 +682,8 @@ class TrainStep:
         if self.args.clip_grad:
             utils.clip_gradients(self.student_without_ddp, self.args.clip_grad)
         utils.cancel_gradients_last_layer(epoch, self.student_without_ddp, self.args.freeze_last_layer)
+        warm_start.cancel_gradients_frozen_backbone(epoch, self.student_without_ddp,
+                                                    self.args.freeze_backbone_epochs)
         if self.fp16_scaler is None:
             self.optimizer.step()
         else:

@@ -919,6 +919,8 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -932,6 +934,18 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint
+
+
+def _load_safetensors(path: Path) -> Dict[str, Any]:
+    """An exported backbone (export.py): its tensors plus `model_config` from the header."""
+    import portable
+
+    try:
+        state, config = portable.read_safetensors(path)
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file
+        raise UserError(f"checkpoint {path} cannot be read as safetensors: "
+                        f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
+    return {**state, "model_config": config} if config else state
 
 
 # ====================================================================== progress logs
@@ -1176,8 +1190,10 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
     checkpoint = load_checkpoint(pretrained_weights)
     if checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], dict):
         state, source = checkpoint[checkpoint_key], f"'{checkpoint_key}' weights"
-    elif all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        state, source = checkpoint, "backbone weights"
+    elif all(isinstance(v, torch.Tensor) for k, v in checkpoint.items() if k != "model_config"):
+        # a bare backbone: DINO's released files, or export.py's (with model_config)
+        state = {k: v for k, v in checkpoint.items() if k != "model_config"}
+        source = "backbone weights"
     else:
         keys = [k for k, v in checkpoint.items() if isinstance(v, dict)]
         raise UserError(f"{pretrained_weights} has no '{checkpoint_key}' weights "

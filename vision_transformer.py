@@ -306,3 +306,6 @@ def _resolution_boundaries(crops: List[torch.Tensor]) -> List[int]:
     """End indices of the runs of consecutive crops that share a resolution."""
     ends = [i for i in range(1, len(crops)) if crops[i].shape[-2:] != crops[i - 1].shape[-2:]]
     return ends + [len(crops)]
+
+
+import timm_models  # noqa: E402,F401 - registers these backbones with timm (vit_small_patch16_224_sparo, ...)

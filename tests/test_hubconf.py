@@ -118,11 +118,11 @@ def test_cls_entries_load_official_dino_layouts(tmp_path, layout):
     with pytest.raises(utils.UserError, match="with patch_size=16, but patch_size=8"):
         hub_load("dino_vits8", pretrained_weights=str(path))
     with pytest.raises(ValueError, match="patch size 16, not 8"):
-        hub_load("dino_vits16", patch_size=8)
+        hub_load("dino_vits16", patch_size=8, pretrained=False)
 
 
 def test_random_entries_build_each_architecture():
-    model = hub_load("dino_vitb8")
+    model = hub_load("dino_vitb8", pretrained=False)
     assert (model.patch_size, model.embed_dim, len(model.blocks), model.sparo) == (8, 768, 12, None)
     model = hub_load("sparo_vit_small")
     assert (model.patch_size, model.embed_dim, len(model.blocks)) == (16, 384, 11)

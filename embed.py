@@ -1,0 +1,181 @@
+"""Encode every image of a folder with a trained backbone (no labels needed).
+
+    python embed.py --pretrained_weights out/checkpoint.pth --data_path photos/ --output emb.npy
+    python embed.py --pretrained_weights export/model.safetensors --data_path photos/ --output emb.pt --per_slot true
+    torchrun --nproc_per_node=8 embed.py --pretrained_weights ... --data_path ... --output emb.npy
+
+The folder is searched recursively (flat or nested). Images are pre-processed as in the
+evaluation scripts (bicubic resize, centre crop at the checkpoint's resolution, ImageNet
+normalisation) and encoded in sorted path order; under torchrun every process encodes its
+share (utils.extract_features) and process 0 writes:
+  emb.npy + emb.txt     float32 array (N, D), or (N, L, V) with --per_slot, and the file names
+                        (relative to --data_path), one a line, in the same order
+  emb.pt                {"features", "names", "unreadable", "model_config"} in one file
+An unreadable image has no row: it is listed on stderr and in the output (emb.unreadable.txt,
+or "unreadable" in the .pt) with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+import utils
+
+OUTPUT_SUFFIXES = (".npy", ".pt")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Encode a folder of images", add_help=False)
+    parser.add_argument("--pretrained_weights", required=True, type=str,
+                        help="This project's checkpoint, export.py's model.safetensors/backbone.pth, "
+                             "or an official DINO file.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help="Which weights of a training checkpoint: teacher or student.")
+    parser.add_argument("--data_path", required=True, type=str,
+                        help="A folder of images, searched recursively; labels are not needed.")
+    parser.add_argument("--output", required=True, type=str,
+                        help="FILE.npy (plus FILE.txt with the names) or FILE.pt (everything in one file).")
+    parser.add_argument("--per_slot", default=False, type=utils.bool_flag,
+                        help="SPARO only: write (N, L, V), the encoding split into its L slots "
+                             "(each slot of norm 1/sqrt(L) with sparo_norm=slot).")
+    parser.add_argument("--img_size", default=None, type=int,
+                        help="Side of the centre crop (default: the checkpoint's training resolution).")
+    parser.add_argument("--resize_size", default=None, type=int,
+                        help="Short side before the centre crop (default: img_size * 256 / 224).")
+    parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process.")
+    parser.add_argument("--num_workers", default=None, type=int,
+                        help="Data-loading processes per process (default: 10 on GPU, few on CPU).")
+    parser.add_argument("--use_fp16", default=False, type=utils.bool_flag,
+                        help="Encode under autocast on CUDA (bf16 where supported, else fp16).")
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="URL to set up distributed encoding (torchrun and Slurm set the environment).")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored; torchrun sets LOCAL_RANK.")
+    return parser
+
+
+def list_images(root: str) -> List[Path]:
+    """Every image file under root (recursively, hidden files left out), in sorted order."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise utils.UserError(f"--data_path {root} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise utils.UserError(f"--data_path {root} holds no images (extensions: "
+                              f"{' '.join(utils.IMAGE_EXTENSIONS)})")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images by path. An unreadable one becomes a NaN image, so that the encoding loop (run in
+    loader workers, maybe on other processes) can mark it without stopping."""
+
+    def __init__(self, files: List[Path], transform: Any, crop_size: int) -> None:
+        self.files, self.transform, self.crop_size = files, transform, crop_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        try:
+            return self.transform(utils.load_rgb_image(str(self.files[index]))), index
+        except utils.UNREADABLE_IMAGE_ERRORS:
+            return torch.full((3, self.crop_size, self.crop_size), float("nan")), index
+
+
+def unreadable_reason(path: Path) -> str:
+    try:
+        utils.load_rgb_image(str(path))
+    except utils.UNREADABLE_IMAGE_ERRORS as error:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return "unreadable when encoded"
+
+
+def encode(model: torch.nn.Module, dataset: ImageFiles, args: argparse.Namespace) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(encodings (N, D), readable (N,) bool) in data set order, on every process."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        readable = torch.isfinite(images).flatten(1).all(dim=1)
+        encoding = model(torch.where(readable[:, None, None, None], images, torch.zeros_like(images)))
+        return torch.cat([encoding.float(), readable[:, None].float()], dim=1)
+
+    rows = utils.extract_features(model, dataset, batch_size=args.batch_size_per_gpu,
+                                  num_workers=args.num_workers, device=args.device, forward=forward,
+                                  use_amp=args.use_fp16, storage_device=torch.device("cpu"))
+    return rows[:, :-1], rows[:, -1] > 0.5
+
+
+def write_output(path: Path, features: np.ndarray, names: List[str], unreadable: List[str],
+                 config: Dict[str, Any]) -> List[Path]:
+    """Write the encodings (atomically) and return the files written."""
+    if path.suffix == ".pt":
+        utils.atomic_save(dict(features=torch.from_numpy(features), names=names, unreadable=unreadable,
+                               model_config=config), path)
+        return [path]
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, features)
+    os.replace(tmp, path)
+    written = [path, path.with_suffix(".txt")]
+    written[1].write_text("".join(f"{name}\n" for name in names))
+    listing = path.with_suffix(".unreadable.txt")
+    if unreadable:
+        listing.write_text("".join(f"{line}\n" for line in unreadable))
+        written.append(listing)
+    else:
+        listing.unlink(missing_ok=True)  # from an earlier run over the same output
+    return written
+
+
+def embed(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    if output.suffix not in OUTPUT_SUFFIXES:
+        raise utils.UserError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {args.output}")
+    utils.init_distributed_mode(args)
+    if utils.is_main_process():
+        utils.ensure_output_file(output, "--output")
+    args.arch = args.patch_size = args.readout = None  # no expectations: the file decides
+    model, config = utils.load_eval_backbone(args)
+    if args.per_slot:
+        utils.require_sparo(config, "--per_slot")
+    if args.num_workers is None:
+        args.num_workers = utils.default_num_workers(args.device)
+    crop = utils.eval_crop_size(args, config)
+    files = list_images(args.data_path)
+    dataset = ImageFiles(files, utils.eval_transform(crop, args.resize_size), crop)
+    print(f"Encoding {len(files)} images from {args.data_path} at {crop} px.")
+    features, readable = encode(model, dataset, args)
+    if not utils.is_main_process():
+        return
+    root = Path(args.data_path)
+    names = [p.relative_to(root).as_posix() for p in files]
+    bad = [i for i in range(len(files)) if not readable[i]]
+    unreadable = [f"{names[i]}\t{unreadable_reason(files[i])}" for i in bad]
+    features = features[readable].numpy().astype(np.float32)
+    if args.per_slot:
+        features = features.reshape(len(features), int(config["sparo_slots"]), int(config["sparo_dim"]))
+    kept = [name for i, name in enumerate(names) if readable[i]]
+    written = write_output(output, features, kept, unreadable, config)
+    for line in unreadable:
+        print(f"Warning: unreadable image left out: {line}", file=sys.stderr, flush=True)
+    print(f"Wrote {features.shape} encodings of {len(kept)} images to {', '.join(map(str, written))}"
+          + (f"; {len(bad)} unreadable image(s) left out and listed" if bad else ""))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser("Encode a folder of images", parents=[get_args_parser()])
+    args = utils.parse_args_with_config(parser, argv)
+    try:
+        embed(args)
+    finally:
+        utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

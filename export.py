@@ -1,0 +1,65 @@
+"""Export a trained backbone for use outside this repository.
+
+    python export.py --pretrained_weights out/checkpoint.pth --output_dir export/
+    python export.py --pretrained_weights out/checkpoint.pth --checkpoint_key student --output_dir export_student/
+
+Writes into --output_dir:
+  model.safetensors  the backbone's tensors; the configuration is in its header (no code runs on load)
+  config.json        timm's layout: architecture name, pretrained_cfg (input size, mean/std,
+                     interpolation, crop_pct), model_args, plus the read-out (L, V, a, ...)
+  backbone.pth       DINO's layout: a bare backbone state dict (plus `model_config`), like
+                     dino_deitsmall16_pretrain.pth
+
+Each file loads back through hubconf.py, the evaluation scripts (--pretrained_weights) and
+timm (see timm_models.py), and gives the checkpoint's features.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+import portable
+import utils
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", add_help=False)
+    parser.add_argument("--pretrained_weights", required=True, type=str,
+                        help="This project's checkpoint.pth, a bare backbone state dict or an "
+                             "official DINO file.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help="Which weights of a training checkpoint: teacher (DINO's choice) or student.")
+    parser.add_argument("--output_dir", required=True, type=str,
+                        help="Folder for model.safetensors, config.json and backbone.pth.")
+    return parser
+
+
+@torch.no_grad()
+def check_round_trip(model: torch.nn.Module, path: Path, img_size: int) -> float:
+    """Largest feature difference between the model and the file loaded back (should be 0)."""
+    loaded, _ = utils.load_backbone(str(path))
+    images = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    return float((model.eval()(images) - loaded.eval()(images)).abs().max())
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", parents=[get_args_parser()])
+    args = utils.parse_args_with_config(parser, argv)
+    model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key)
+    output_dir = utils.ensure_output_dir(args.output_dir, "--output_dir")
+    source = {"checkpoint": Path(args.pretrained_weights).name, "checkpoint_key": args.checkpoint_key}
+    paths = portable.write_export(model, config, output_dir, source)
+    for kind in ("safetensors", "pth"):
+        difference = check_round_trip(model, paths[kind], int(config["img_size"]))
+        if difference > 0:
+            raise utils.UserError(f"{paths[kind]} does not reproduce the checkpoint's features "
+                                  f"(max difference {difference:.3g})")
+    print(f"Exported {portable.timm_name(config)} to {output_dir}: "
+          f"{', '.join(p.name for p in paths.values())} (features checked: identical)")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,172 @@
+"""This project's backbones in timm's model registry (imported by vision_transformer.py).
+
+    import timm, vision_transformer  # the import registers the names below
+    model = timm.create_model("vit_small_patch16_224_sparo", pretrained=True,
+                              pretrained_cfg_overlay=dict(file="export/model.safetensors"))
+    tokens = model.forward_features(images)          # (B, 1 + h*w, D) after the final norm
+    encoding = model.forward_head(tokens, pre_logits=True)   # the backbone encoding
+    classifier = timm.create_model(..., num_classes=10)      # a fresh Linear on the encoding
+
+Names: vit_{nano,tiny,small,base}_patch{8,16}_224_{sparo,cls} and the CPU recipes' shapes
+vit_nano_patch7_28_* and vit_tiny_patch4_28_*. The name fixes the architecture, patch size and
+read-out; with pretrained=True the file (`pretrained_cfg_overlay=dict(file=...)`: export.py's
+model.safetensors or backbone.pth, a training checkpoint's teacher, or an official DINO file)
+supplies the rest of the configuration (image size, L, V, a, ...) and its input size. A file
+of another architecture is an error. Nothing is ever downloaded: pretrained=True without a file
+is timm's "No pretrained weights exist" error.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+import timm
+from timm.models import build_model_with_cfg, register_model
+
+import vision_transformer as vits
+
+# (arch, patch size, default image size) of every registered name, with both read-outs.
+VARIANTS = [(arch, patch, 224) for arch in ("vit_nano", "vit_tiny", "vit_small", "vit_base")
+            for patch in (8, 16)] + [("vit_nano", 7, 28), ("vit_tiny", 4, 28)]
+CONFIG_ARGS = ("patch_size", "img_size", "sparo_slots", "sparo_dim", "sparo_attn_dim",
+               "sparo_share_kv", "sparo_norm", "sparo_keep_all_blocks")
+
+
+def variant_name(arch: str, patch_size: int, img_size: int, readout: str) -> str:
+    return f"{arch}_patch{patch_size}_{img_size}_{readout}"
+
+
+def registered_name(config: Dict[str, Any]) -> Optional[str]:
+    """The registered name that builds this configuration (its image size preferred)."""
+    candidates = [(img != config["img_size"], variant_name(arch, patch, img, config["readout"]))
+                  for arch, patch, img in VARIANTS
+                  if arch == config["arch"] and patch == config["patch_size"]]
+    return min(candidates)[1] if candidates else None
+
+
+class TimmVisionTransformer(vits.VisionTransformer):
+    """The project's ViT with timm's conventions: forward_features -> tokens, forward_head ->
+    encoding (pre_logits) or logits of an optional Linear classifier (num_classes > 0)."""
+
+    def __init__(self, num_classes: int = 0, global_pool: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.global_pool = self.readout  # the read-out plays timm's pooling role
+        self.num_classes = num_classes
+        self.head_hidden_size = self.num_features
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            vits._init_dino_weights(self.head)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        encoding = self.sparo(x) if self.sparo is not None else x[:, 0]
+        return encoding if pre_logits else self.head(encoding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _file_config(path: str) -> Dict[str, Any]:
+    """The model configuration a weight file carries, or the one its shapes imply."""
+    import utils
+
+    checkpoint = utils.load_checkpoint(path)
+    if isinstance(checkpoint.get("model_config"), dict):
+        return dict(checkpoint["model_config"])
+    state = checkpoint.get("teacher") if isinstance(checkpoint.get("teacher"), dict) else checkpoint
+    return utils.infer_model_config(utils._strip_prefixes(state))
+
+
+def _filter_state(state: Dict[str, Any], model: TimmVisionTransformer) -> Dict[str, torch.Tensor]:
+    """Backbone tensors out of any supported file, position embeddings resampled to the model."""
+    import utils
+
+    if isinstance(state.get("teacher"), dict):  # a training checkpoint: DINO's choice of weights
+        state = state["teacher"]
+    state = utils._strip_prefixes({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        from warm_start import resample_pos_embed
+
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.pos_grid)
+    return state
+
+
+def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained: bool = False,
+            /, **kwargs: Any) -> TimmVisionTransformer:
+    name = variant_name(arch, patch_size, img_size, readout)
+    if kwargs.get("patch_size", patch_size) != patch_size:
+        raise ValueError(f"{name} has patch size {patch_size}, not {kwargs['patch_size']}")
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    config = vits.model_config(arch=arch, patch_size=patch_size, img_size=img_size, readout=readout)
+    if pretrained and overlay.get("file"):
+        from_file = _file_config(str(overlay["file"]))
+        for key in ("arch", "readout", "patch_size"):
+            if from_file[key] != config[key]:
+                raise ValueError(f"{overlay['file']} holds a model with {key}={from_file[key]!r}, "
+                                 f"but {name} has {key}={config[key]!r}")
+        for key in CONFIG_ARGS:  # arguments given here must agree with the file
+            if key in kwargs and kwargs[key] is not None and key != "img_size" and kwargs[key] != from_file[key]:
+                raise ValueError(f"{overlay['file']} holds a model with {key}={from_file[key]!r}, "
+                                 f"but {key}={kwargs[key]!r} was asked for")
+        config.update(from_file)
+        size = int(from_file["img_size"])
+        overlay.setdefault("input_size", (3, size, size))
+    for key in CONFIG_ARGS:
+        if key in kwargs:
+            config[key] = kwargs.pop(key)
+    if isinstance(config["img_size"], (tuple, list)):  # timm passes input_size[-2:]
+        config["img_size"] = int(config["img_size"][0])
+    embed_dim, depth, num_heads = vits.ARCHS[config.pop("arch")]
+    return build_model_with_cfg(TimmVisionTransformer, name, pretrained,
+                                pretrained_cfg_overlay=overlay, pretrained_filter_fn=_filter_state,
+                                embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                **config, **kwargs)
+
+
+def pretrained_cfg_for(img_size: int) -> Dict[str, Any]:
+    """timm's pretrained_cfg of a backbone trained at img_size: DINO's evaluation
+    pre-processing (bicubic resize to img_size * 256/224, centre crop, ImageNet mean/std)."""
+    import utils
+
+    return dict(url="", num_classes=0, input_size=(3, img_size, img_size), pool_size=None,
+                crop_pct=round(img_size / round(img_size * 256 / 224), 4), interpolation="bicubic",
+                mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, first_conv="patch_embed.proj",
+                classifier="head", fixed_input_size=False, license="apache-2.0")
+
+
+def _entry_point(arch: str, patch_size: int, img_size: int, readout: str) -> Callable[..., nn.Module]:
+    def build(pretrained: bool = False, **kwargs: Any) -> TimmVisionTransformer:
+        return _create(arch, patch_size, img_size, readout, pretrained, **kwargs)
+
+    build.__name__ = build.__qualname__ = variant_name(arch, patch_size, img_size, readout)
+    build.__module__ = __name__
+    build.__doc__ = f"{arch}/{patch_size} with the {readout} read-out ({img_size} px by default)."
+    return build
+
+
+default_cfgs: Dict[str, Dict[str, Any]] = {}
+
+
+def register_all() -> None:
+    """Register every variant once (a second import of this module changes nothing)."""
+    for arch, patch, img in VARIANTS:
+        for readout in vits.READOUTS:
+            name = variant_name(arch, patch, img, readout)
+            if timm.models.is_model(name):
+                continue
+            default_cfgs[name] = pretrained_cfg_for(img)
+            register_model(_entry_point(arch, patch, img, readout))
+
+
+register_all()

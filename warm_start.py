@@ -1,0 +1,182 @@
+"""Warm start of a SPARO (or CLS) pre-training run from released DINO weights.
+
+`main_dino_sparo.py --init_backbone FILE` copies into the student backbone, before the teacher
+is made from it: the patch and position embeddings, the CLS token, the blocks the model keeps
+(SPARO replaces the last block by default, so DINO's last block is dropped) and the final
+norm. SPARO's read-out and the DINO head start fresh. FILE is an official DINO checkpoint
+(student/teacher keys), a backbone-only file (dino_deitsmall16_pretrain.pth, export.py's
+files) or this project's checkpoint. `--freeze_backbone_epochs N` then trains only the
+read-out and the head for the first N epochs.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from timm.layers import resample_abs_pos_embed
+
+import utils
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init_backbone", default=None, type=str,
+                        help="Start from these backbone weights (an official DINO checkpoint or "
+                             "backbone-only file, export.py's files, or this project's "
+                             "checkpoint): embeddings, the blocks kept and the final norm are "
+                             "loaded, the SPARO read-out and the head start fresh. Not re-applied "
+                             "when the run resumes.")
+    parser.add_argument("--init_checkpoint_key", default="teacher", type=str,
+                        help="Which weights of a full checkpoint --init_backbone uses (teacher or student).")
+    parser.add_argument("--freeze_backbone_epochs", default=0, type=_non_negative,
+                        help="Train only the read-out and the DINO head for this many epochs "
+                             "(with --init_backbone: adapt SPARO to the loaded backbone first).")
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def backbone_weights(path: str, checkpoint_key: str) -> tuple:
+    """(backbone tensors, names of the projection-head tensors left out) of any supported file."""
+    checkpoint = utils.load_checkpoint(path)
+    if isinstance(checkpoint.get(checkpoint_key), dict):
+        state = checkpoint[checkpoint_key]
+    elif all(isinstance(v, torch.Tensor) for k, v in checkpoint.items() if k != "model_config"):
+        state = {k: v for k, v in checkpoint.items() if k != "model_config"}
+    else:
+        keys = [k for k, v in checkpoint.items() if isinstance(v, dict)]
+        raise utils.UserError(f"--init_backbone {path} has no '{checkpoint_key}' weights (it holds: "
+                              f"{', '.join(keys) or 'no state dicts'}); see --init_checkpoint_key")
+    unprefixed = [k[len("module."):] if k.startswith("module.") else k for k in state]
+    head = [k for k in unprefixed if k.startswith("head.")] if any(
+        k.startswith("backbone.") for k in unprefixed) else []
+    return utils._strip_prefixes(state), head
+
+
+def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher") -> Dict[str, List[str]]:
+    """Load the DINO backbone parts of `path` into `backbone`; returns the names loaded,
+    dropped and freshly initialised. Any other mismatch is a one-line UserError."""
+    state, dropped_head = backbone_weights(path, checkpoint_key)
+    own = backbone.state_dict()
+    replaced = _replaced_block(backbone)
+    load: Dict[str, torch.Tensor] = {}
+    dropped_blocks, dropped_readout, unexpected, wrong_shape, notes = [], [], [], [], []
+    for key, value in state.items():
+        if key.startswith("sparo."):  # the read-out always starts fresh
+            dropped_readout.append(key)
+        elif key not in own:
+            # only the block SPARO replaces may be left out: any other is a depth mismatch
+            is_extra_block = key.startswith("blocks.") and int(key.split(".")[1]) == replaced
+            (dropped_blocks if is_extra_block else unexpected).append(key)
+        elif key == "pos_embed" and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1]:
+            load[key] = resample_pos_embed(value, backbone.pos_grid)
+            notes.append(f"pos_embed resampled from {_grid(value)} to {_grid(own[key])}")
+        elif value.shape != own[key].shape:
+            wrong_shape.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+        else:
+            load[key] = value
+    fresh = [k for k in own if k.startswith("sparo.")]
+    missing = [k for k in own if k not in load and k not in fresh]
+    problems = [f"{what}: {utils._short_list(keys)}" for what, keys in
+                (("shape mismatch (file vs model)", wrong_shape), ("missing keys", missing),
+                 ("unexpected keys", unexpected)) if keys]
+    if problems:
+        raise utils.UserError(f"--init_backbone {path} does not fit this backbone; {'; '.join(problems)}")
+    backbone.load_state_dict(load, strict=False)
+    report = dict(loaded=sorted(load), dropped=dropped_blocks + dropped_readout + dropped_head,
+                  fresh=fresh)
+    print(_summary(path, report, dropped_blocks, dropped_readout, dropped_head, notes))
+    return report
+
+
+def _replaced_block(backbone: nn.Module) -> Optional[int]:
+    """Index of the DINO block whose place the SPARO read-out took (None: every block kept)."""
+    import vision_transformer as vits
+
+    depth = next((d for width, d, heads in vits.ARCHS.values()
+                  if width == backbone.embed_dim and heads == backbone.num_heads), None)
+    if getattr(backbone, "sparo", None) is None or depth is None or len(backbone.blocks) != depth - 1:
+        return None
+    return len(backbone.blocks)
+
+
+def _grid(pos_embed: torch.Tensor) -> str:
+    side = int(round((pos_embed.shape[1] - 1) ** 0.5))
+    return f"{side}x{side}"
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int]) -> torch.Tensor:
+    """Square-grid position embeddings (1, 1 + n*n, D) resampled to new_grid the way the model
+    resamples them at run time (vision_transformer.interpolate_pos_embed, DINO's rule, where
+    present; else bicubic without antialiasing)."""
+    import vision_transformer as vits
+
+    side = int(round((pos_embed.shape[1] - 1) ** 0.5))
+    if hasattr(vits, "interpolate_pos_embed"):
+        return vits.interpolate_pos_embed(pos_embed, (side, side), tuple(new_grid))
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=[side, side],
+                                  num_prefix_tokens=1, antialias=False)
+
+
+def _block_numbers(keys: List[str]) -> str:
+    numbers = sorted({int(k.split(".")[1]) for k in keys if k.startswith("blocks.")})
+    return f"blocks {numbers[0]}-{numbers[-1]}" if numbers else "no blocks"
+
+
+def _summary(path: str, report: Dict[str, List[str]], dropped_blocks: List[str],
+             dropped_readout: List[str], dropped_head: List[str], notes: List[str]) -> str:
+    loaded = report["loaded"]
+    others = sorted({k.split(".")[0] for k in loaded if not k.startswith("blocks.")})
+    lines = [f"Warm start from {path}: loaded {len(loaded)} tensors "
+             f"({_block_numbers(loaded)}, {', '.join(others)})" + (f"; {'; '.join(notes)}" if notes else "")]
+    if dropped_blocks:
+        lines.append(f"  dropped {len(dropped_blocks)} tensors of {_block_numbers(dropped_blocks)} "
+                     f"(the SPARO read-out takes the last block's place)")
+    if dropped_readout:
+        lines.append(f"  dropped {len(dropped_readout)} SPARO read-out tensors (the read-out starts fresh)")
+    if dropped_head:
+        lines.append(f"  dropped {len(dropped_head)} projection-head tensors (the DINO head starts fresh)")
+    if report["fresh"]:
+        lines.append(f"  initialised fresh: {len(report['fresh'])} SPARO read-out tensors and the DINO head")
+    else:
+        lines.append("  initialised fresh: the DINO head")
+    return "\n".join(lines)
+
+
+def apply(args: argparse.Namespace, backbone: nn.Module) -> Optional[Dict[str, List[str]]]:
+    """--init_backbone for a new run; a run that resumes keeps its own weights."""
+    if not args.init_backbone:
+        return None
+    output_dir = Path(args.output_dir)
+    if any(output_dir.glob("checkpoint*.pth")):
+        print(f"--init_backbone {args.init_backbone} is not applied: {output_dir} holds a run to resume.")
+        return None
+    return init_backbone(backbone, args.init_backbone, args.init_checkpoint_key)
+
+
+def is_frozen(name: str) -> bool:
+    """Backbone parameters other than the SPARO read-out (names as in MultiCropWrapper)."""
+    parts = name.split(".")
+    return "backbone" in parts and "sparo" not in parts
+
+
+def cancel_gradients_frozen_backbone(epoch: int, model: nn.Module, freeze_epochs: int) -> None:
+    """During the first `freeze_epochs` epochs only the read-out and the head learn.
+
+    The frozen parameters keep requires_grad=True and only lose their gradients before the
+    optimiser step (as DINO freezes its last layer): DDP then reduces the same parameters in
+    every epoch (no re-wrapping when they thaw, no unused-parameter errors), and the optimiser
+    skips a parameter without a gradient entirely (no step, no weight decay, no moment
+    estimates until it thaws). The price is the backbone's backward pass during those epochs.
+    """
+    if epoch >= freeze_epochs:
+        return
+    for name, param in model.named_parameters():
+        if is_frozen(name):
+            param.grad = None
