@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from timm.layers import resample_abs_pos_embed
 
 import utils
 
@@ -112,16 +111,12 @@ def _grid(pos_embed: torch.Tensor) -> str:
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int]) -> torch.Tensor:
-    """Square-grid position embeddings (1, 1 + n*n, D) resampled to new_grid the way the model
-    resamples them at run time (vision_transformer.interpolate_pos_embed, DINO's rule, where
-    present; else bicubic without antialiasing)."""
+    """Square-grid position embeddings (1, 1 + n*n, D) resampled to new_grid by the rule the
+    model uses at run time (DINO's: vision_transformer.interpolate_pos_embed)."""
     import vision_transformer as vits
 
     side = int(round((pos_embed.shape[1] - 1) ** 0.5))
-    if hasattr(vits, "interpolate_pos_embed"):
-        return vits.interpolate_pos_embed(pos_embed, (side, side), tuple(new_grid))
-    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=[side, side],
-                                  num_prefix_tokens=1, antialias=False)
+    return vits.interpolate_pos_embed(pos_embed, (side, side), tuple(new_grid))
 
 
 def _block_numbers(keys: List[str]) -> str:
