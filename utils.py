@@ -324,6 +324,23 @@ def load_rgb_image(path: str) -> Any:
     with open(path, "rb") as handle:
         image = Image.open(handle)
         image.load()
+    return to_rgb(image)
+
+
+def open_image(path: str) -> Any:
+    """Open an image without decoding it (the file is read, and closed, at its first load()):
+    a JPEG can then be decoded at reduced resolution (augmentations.MultiCropGeometry)."""
+    from PIL import Image
+
+    return Image.open(path)
+
+
+def to_rgb(image: Any) -> Any:
+    """A decoded PIL image as 8-bit RGB (see load_rgb_image)."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -335,7 +352,8 @@ def load_rgb_image(path: str) -> Any:
     return image.convert("RGB")
 
 
-def image_folder(root: str, transform: Optional[Callable] = None) -> torch.utils.data.Dataset:
+def image_folder(root: str, transform: Optional[Callable] = None,
+                 loader: Callable[[str], Any] = load_rgb_image) -> torch.utils.data.Dataset:
     """torchvision ImageFolder over `root`; a flat folder of images counts as one class."""
     from torchvision.datasets import ImageFolder
 
@@ -346,28 +364,30 @@ def image_folder(root: str, transform: Optional[Callable] = None) -> torch.utils
     has_classes = any(child.is_dir() for child in path.iterdir())
     if has_classes:
         try:
-            return ImageFolder(str(path), transform=transform, loader=load_rgb_image)
+            return ImageFolder(str(path), transform=transform, loader=loader)
         except (FileNotFoundError, RuntimeError) as error:
             raise UserError(f"data folder {root} holds no images ({error})") from error
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UserError(f"data folder {root} holds no images (extensions: "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
-    return FlatImageFolder(files, transform)
+    return FlatImageFolder(files, transform, loader)
 
 
 class FlatImageFolder(torch.utils.data.Dataset):
     """A folder of images without class sub-folders: every label is 0."""
 
-    def __init__(self, files: List[Path], transform: Optional[Callable] = None) -> None:
+    def __init__(self, files: List[Path], transform: Optional[Callable] = None,
+                 loader: Callable[[str], Any] = load_rgb_image) -> None:
         self.samples = [(str(f), 0) for f in files]
         self.targets, self.classes, self.transform = [0] * len(files), ["images"], transform
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        image = load_rgb_image(self.samples[index][0])
+        image = self.loader(self.samples[index][0])
         return (self.transform(image) if self.transform else image), 0
 
 
@@ -423,7 +443,8 @@ def _sample_path(dataset: Any, index: int) -> str:
 
 
 def build_dataset(data_path: str, split: str, transform: Optional[Callable] = None,
-                  subset: Optional[int] = None, grey: bool = False) -> torch.utils.data.Dataset:
+                  subset: Optional[int] = None, grey: bool = False,
+                  lazy: bool = False) -> torch.utils.data.Dataset:
     """A labelled image data set by built-in name or folder.
 
     split: "pretrain" (a whole ImageFolder, or the built-in train split), "train" or "test"
@@ -431,6 +452,8 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
     subset: keep the first N images.
     grey: serve the built-in (grey) data sets as single-channel images; the transform must
     then make them 3-channel (to_three_channels). Folders are always read as RGB.
+    lazy: pre-training folders give the transform undecoded images (open_image); the transform
+    decodes them and converts them to RGB (augmentations.MultiCropGeometry).
     """
     split_name = "train" if split in ("pretrain", "train") else "test"
     if data_path == "fashion_mnist":
@@ -439,7 +462,8 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
     elif data_path == "digits":
         dataset = ArrayImageDataset(*load_digits_split(split_name), transform, grey)
     elif split == "pretrain":
-        dataset = SkipUnreadableImages(image_folder(data_path, transform))
+        loader = open_image if lazy else load_rgb_image
+        dataset = SkipUnreadableImages(image_folder(data_path, transform, loader))
     else:
         if not Path(data_path).is_dir():
             image_folder(data_path)  # raises the "does not exist" error with the built-in names
