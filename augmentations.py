@@ -199,21 +199,36 @@ class MultiCropGeometry:
         boxes, flips = self.sample(image.size)
         sizes = [size for size, _ in self.specs]
         image, factor = decode(image, draft_scale(boxes, sizes) if self.draft else 1)
-        return crop_and_resize(image_tensor(image), boxes, sizes, flips, factor)
+        if factor == 1:
+            return crop_and_resize(image_tensor(image), boxes, sizes, flips)
+        return crop_and_resize_subpixel(image, boxes, sizes, flips, factor)
 
 
 def crop_and_resize(pixels: torch.Tensor, boxes: Sequence[Box], sizes: Sequence[int],
-                    flips: Sequence[bool], factor: float = 1.0) -> List[torch.Tensor]:
+                    flips: Sequence[bool]) -> List[torch.Tensor]:
     """torchvision's resized_crop (bicubic, antialiased) + optional flip of each box of a
-    (1, C, H, W) uint8 image; boxes in full-resolution pixels, `factor` maps them to `pixels`
-    (a drafted JPEG: box edges are rounded to its pixel grid, at most factor/2 px away)."""
+    (1, C, H, W) uint8 image, by torch's uint8 kernel."""
     crops = []
     for (top, left, height, width), size, flip in zip(boxes, sizes, flips):
-        y0, x0 = round(top * factor), round(left * factor)
-        y1, x1 = max(y0 + 1, round((top + height) * factor)), max(x0 + 1, round((left + width) * factor))
-        crop = F.interpolate(pixels[:, :, y0:y1, x0:x1], size=(size, size), mode="bicubic",
-                             antialias=True, align_corners=False)[0]
+        crop = F.interpolate(pixels[:, :, top:top + height, left:left + width], size=(size, size),
+                             mode="bicubic", antialias=True, align_corners=False)[0]
         crops.append((crop.flip(-1) if flip else crop).contiguous())
+    return crops
+
+
+def crop_and_resize_subpixel(image: Any, boxes: Sequence[Box], sizes: Sequence[int],
+                             flips: Sequence[bool], factor: float) -> List[torch.Tensor]:
+    """The same from a drafted JPEG: full-resolution boxes scaled by `factor` fall between
+    its pixels, and PIL's resize takes such a box exactly (rounding it to the pixel grid would
+    shift a crop by up to half a drafted pixel). The drafted image is small, so PIL is cheap."""
+    from PIL import Image
+
+    crops = []
+    for (top, left, height, width), size, flip in zip(boxes, sizes, flips):
+        box = (left * factor, top * factor, (left + width) * factor, (top + height) * factor)
+        crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+        crops.append(image_tensor(crop)[0].contiguous())
     return crops
 
 
