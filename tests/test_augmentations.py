@@ -297,3 +297,54 @@ def test_lazy_folder_skips_unreadable_images(tmp_path, capsys):
     crops, _ = dataset[1]
     assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)]
     assert "b.jpg" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- training
+TRAIN_ARGS = ["--arch", "vit_tiny", "--patch_size", "8", "--batch_size_per_gpu", "8", "--global_crops_size", "16",
+              "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "128", "--sparo_slots", "8",
+              "--sparo_dim", "8", "--head_hidden_dim", "64", "--head_bottleneck_dim", "16", "--epochs", "1",
+              "--warmup_epochs", "0", "--print_freq", "1", "--saveckp_freq", "0"]
+
+
+def train_and_check(tmp_path, data_path, extra, on_device, device_name="cpu"):
+    from helpers import read_log, run_script
+    out = tmp_path / "run"
+    process = run_script("main_dino_sparo.py", *TRAIN_ARGS, "--data_path", data_path, "--output_dir", out, *extra)
+    expected = f"photometric on {device_name}" if on_device else "PIL in the loader"
+    assert f"Starting DINO training! (augmentation: {expected})" in process.stdout
+    checkpoint = utils.load_checkpoint(out / "checkpoint.pth")
+    assert checkpoint["args"]["augment_on_device"] is on_device  # the checkpoint says which pipeline
+    assert all(math.isfinite(record["train_loss"]) for record in read_log(out / "log.txt"))
+
+
+@pytest.mark.slow
+def test_training_on_fashion_mnist_with_the_device_stage(tmp_path):
+    from helpers import fashion_mnist_installed
+    if not fashion_mnist_installed():
+        pytest.skip("Fashion-MNIST is not installed")
+    train_and_check(tmp_path, "fashion_mnist", ["--subset", "32", "--num_workers", "0", "--augment_on_device", "true"], True)
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_of_real_jpegs_with_the_device_stage(tmp_path):
+    from bench.augmentation_speed import write_photos
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    write_photos(folder, 16)
+    train_and_check(tmp_path, str(folder), ["--num_workers", "1", "--augment_on_device", "true"], True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_stage_on_cuda_matches_cpu_and_trains_by_default(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 24, 24)
+    params = A.sample_params(16, torch.device("cpu"), 0.5, 0.5, (0.1, 2.0))
+    on_cuda = A.PhotometricParams(**{k: v.cuda() for k, v in vars(params).items()})
+    torch.testing.assert_close(A.photometric(x.cuda(), on_cuda, 2.0).cpu(), A.photometric(x, params, 2.0),
+                               atol=1e-4, rtol=0)
+    drawn = A.sample_params(4000, torch.device("cuda"), 0.5, 0.2, (0.1, 2.0))
+    assert abs(drawn.jitter.float().mean().item() - A.JITTER_P) < 0.03
+    assert abs(drawn.grey.float().mean().item() - A.GRAYSCALE_P) < 0.03
+    # the default on CUDA is the device stage, and the checkpoint records it
+    train_and_check(tmp_path, "digits", ["--subset", "32", "--num_workers", "1"], True, "cuda")
