@@ -29,7 +29,7 @@ from torch import nn
 import augmentations
 import utils
 import vision_transformer as vits
-from augmentations import DataAugmentationDINO, RandomGaussianBlur  # noqa: F401 (dino.* names)
+from augmentations import DataAugmentationDINO
 from vision_transformer import DINOHead, MultiCropWrapper
 
 
