@@ -15,7 +15,6 @@ import datetime
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -28,9 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import augmentations
 import utils
 import vision_transformer as vits
 import warm_start
+from augmentations import DataAugmentationDINO
 from vision_transformer import DINOHead, MultiCropWrapper
 
 
@@ -126,6 +127,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_crops_scale", type=utils.unit_interval, nargs=2, default=(0.05, 0.4),
                         help="Area range of the local crops relative to the image.")
     parser.add_argument("--local_crops_size", type=utils.positive_int, default=96, help="Side of the local crops in pixels.")
+    parser.add_argument("--augment_on_device", default=None, type=utils.bool_flag,
+                        help="Loader workers only decode, crop and flip (uint8); colour jitter, "
+                             "grayscale, blur, solarisation and normalisation run on the training "
+                             "device, per image. Default: true on CUDA, false on CPU (measured "
+                             "faster there end-to-end). false: DINO's PIL pipeline in the workers.")
 
     # ---------------------------------------------------------------------------- misc
     parser.add_argument("--data_path", default="fashion_mnist", type=str,
@@ -149,64 +155,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Ignored; torchrun sets LOCAL_RANK.")
     warm_start.add_args(parser)  # --init_backbone, --init_checkpoint_key, --freeze_backbone_epochs
     return parser
-
-
-# ============================================================================ augmentation
-class RandomGaussianBlur:
-    """PIL Gaussian blur with probability p and a random radius (DINO: 0.1..2 px at 224 px)."""
-
-    def __init__(self, p: float, radius_min: float, radius_max: float) -> None:
-        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
-
-    def __call__(self, image: Any) -> Any:
-        from PIL import ImageFilter
-
-        if random.random() >= self.p:
-            return image
-        return image.filter(ImageFilter.GaussianBlur(
-            radius=random.uniform(self.radius_min, self.radius_max)))
-
-
-class DataAugmentationDINO:
-    """DINO's multi-crop: two global views (blur; blur+solarize) and N blurred local views.
-
-    The blur radius scales with global_crops_size / 224 so small images are blurred as much,
-    relative to their size, as ImageNet crops are in DINO.
-    """
-
-    def __init__(self, global_crops_scale: Tuple[float, float], local_crops_scale: Tuple[float, float],
-                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96) -> None:
-        from torchvision import transforms as T
-
-        flip_and_color_jitter = T.Compose([
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ])
-        # Grey images stay single-channel until here: the PIL work on one channel takes 20 %
-        # less time than on RGB (bench/augmentation_speed.py), with the same crops
-        # (saturation and hue leave grey unchanged).
-        normalize = T.Compose([T.ToTensor(), utils.to_three_channels,
-                               T.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
-        radius = (0.1 * global_crops_size / 224, 2.0 * global_crops_size / 224)
-        bicubic = T.InterpolationMode.BICUBIC
-
-        def crop(size: int, scale: Tuple[float, float]) -> Any:
-            return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)
-
-        self.global_transfo1 = T.Compose([crop(global_crops_size, global_crops_scale),
-                                          flip_and_color_jitter, RandomGaussianBlur(1.0, *radius), normalize])
-        self.global_transfo2 = T.Compose([crop(global_crops_size, global_crops_scale),
-                                          flip_and_color_jitter, RandomGaussianBlur(0.1, *radius),
-                                          T.RandomSolarize(threshold=128, p=0.2), normalize])
-        self.local_transfo = T.Compose([crop(local_crops_size, local_crops_scale),
-                                        flip_and_color_jitter, RandomGaussianBlur(0.5, *radius), normalize])
-        self.local_crops_number = local_crops_number
-
-    def __call__(self, image: Any) -> List[torch.Tensor]:
-        crops = [self.global_transfo1(image), self.global_transfo2(image)]
-        crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
-        return crops
 
 
 # ==================================================================================== loss
@@ -389,10 +337,11 @@ def autocast_context(args: argparse.Namespace) -> Tuple[Any, Optional[torch.amp.
 
 # ================================================================================= training
 def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
-                                     args.local_crops_number, args.global_crops_size,
-                                     args.local_crops_size)
-    dataset = utils.build_dataset(args.data_path, "pretrain", transform, subset=args.subset, grey=True)
+    pipeline = augmentations.MultiCropGeometry if args.augment_on_device else DataAugmentationDINO
+    transform = pipeline(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                         args.global_crops_size, args.local_crops_size)
+    dataset = utils.build_dataset(args.data_path, "pretrain", transform, subset=args.subset, grey=True,
+                                  lazy=args.augment_on_device)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size,
                                                   rank=args.rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(
@@ -580,6 +529,8 @@ def train_dino(args: argparse.Namespace) -> None:
     utils.enable_fast_fp32(args.device)
     check_args(args)
     check_head_fits(args)
+    if args.augment_on_device is None:  # resolved here, so the checkpoint's args record it
+        args.augment_on_device = augmentations.default_on_device(args.device)
     utils.fix_random_seeds(args.seed + args.rank)
 
     # ============ preparing data ... ============
@@ -615,7 +566,8 @@ def train_dino(args: argparse.Namespace) -> None:
                            optimizer, autocast, fp16_scaler, args)
     train_step.first_epoch = start_epoch  # its first step explains a CUDA out-of-memory error
     start_time = time.time()
-    print("Starting DINO training!")
+    print(f"Starting DINO training! (augmentation: "
+          f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'})")
     for epoch in range(start_epoch, args.epochs):
         # Seeding every epoch makes a resumed run draw the same crops as an uninterrupted one.
         utils.fix_random_seeds(args.seed + 7919 * epoch + args.rank)
@@ -659,10 +611,14 @@ class TrainStep:
                           for name, param in student_without_ddp.named_parameters()]
         self.teacher_ema = [t for t, _ in self.ema_pairs]
         self.student_ema = [s for _, s in self.ema_pairs]
+        self.augment = augmentations.PhotometricAugmentation(args.local_crops_number, args.global_crops_size) \
+            if args.augment_on_device else None
 
     def __call__(self, images: List[torch.Tensor], epoch: int, lr: float, wd: float,
                  momentum: float) -> torch.Tensor:
         """Train on one batch of crops; returns the loss (a 0-d tensor, not synchronised)."""
+        if self.augment is not None:  # uint8 crops from MultiCropGeometry
+            images = self.augment(images)
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = lr
             if i == 0:  # only the first group is regularised

@@ -582,6 +582,23 @@ def load_rgb_image(path: str) -> Any:
     with open(path, "rb") as handle:
         image = Image.open(handle)
         image.load()
+    return to_rgb(image)
+
+
+def open_image(path: str) -> Any:
+    """Open an image without decoding it (the file is read, and closed, at its first load()):
+    a JPEG can then be decoded at reduced resolution (augmentations.MultiCropGeometry)."""
+    from PIL import Image
+
+    return Image.open(path)
+
+
+def to_rgb(image: Any) -> Any:
+    """A decoded PIL image as 8-bit RGB (see load_rgb_image)."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -594,9 +611,10 @@ def load_rgb_image(path: str) -> Any:
 
 
 def image_folder(root: str, transform: Optional[Callable] = None,
-                 class_names: Optional[Sequence[str]] = None) -> torch.utils.data.Dataset:
+                 class_names: Optional[Sequence[str]] = None,
+                 loader: Callable[[str], Any] = load_rgb_image) -> torch.utils.data.Dataset:
     """The images under `root`, ImageFolder-style: one class per sub-folder (sorted names), or
-    one class for a flat folder of images.
+    one class for a flat folder of images, read by `loader` (8-bit RGB by default).
 
     class_names: number the classes by this list (the training split's classes) instead of
     by the folder's own sub-folders, so that a val/ holding a subset of the classes gets the
@@ -612,7 +630,7 @@ def image_folder(root: str, transform: Optional[Callable] = None,
         if not files:
             raise UserError(f"data folder {root} holds no images (extensions: "
                             f"{' '.join(IMAGE_EXTENSIONS)})")
-        return ImageFiles([(f, 0) for f in files], ["images"], transform)
+        return ImageFiles([(f, 0) for f in files], ["images"], transform, loader)
     names = list(class_names) if class_names is not None else classes
     unknown = [c for c in classes if c not in names]
     if unknown:
@@ -627,7 +645,7 @@ def image_folder(root: str, transform: Optional[Callable] = None,
     if empty:
         raise UserError(f"data folder {root} holds no images in {_short_list(empty)} (extensions: "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
-    return ImageFiles(samples, names, transform)
+    return ImageFiles(samples, names, transform, loader)
 
 
 def class_folders(root: Path) -> List[str]:
@@ -666,11 +684,14 @@ def _image_files(folder: Path, root: Path, seen: set, recurse: bool) -> List[str
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Labelled image files (path, label), read as 8-bit RGB; `classes` names the labels."""
+    """Labelled image files (path, label), read by `loader` (8-bit RGB by default); `classes`
+    names the labels."""
 
     def __init__(self, samples: List[Tuple[str, int]], classes: List[str],
-                 transform: Optional[Callable] = None) -> None:
+                 transform: Optional[Callable] = None,
+                 loader: Callable[[str], Any] = load_rgb_image) -> None:
         self.samples, self.classes, self.transform = samples, classes, transform
+        self.loader = loader
         self.targets = [label for _, label in samples]
 
     def __len__(self) -> int:
@@ -678,7 +699,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         path, label = self.samples[index]
-        image = load_rgb_image(path)
+        image = self.loader(path)
         return (self.transform(image) if self.transform else image), label
 
 
@@ -734,7 +755,8 @@ def _sample_path(dataset: Any, index: int) -> str:
 
 
 def build_dataset(data_path: str, split: str, transform: Optional[Callable] = None,
-                  subset: Optional[int] = None, grey: bool = False) -> torch.utils.data.Dataset:
+                  subset: Optional[int] = None, grey: bool = False,
+                  lazy: bool = False) -> torch.utils.data.Dataset:
     """A labelled image data set by built-in name or folder.
 
     split: "pretrain" (a whole ImageFolder, or the built-in train split), "train" or "test"
@@ -742,6 +764,8 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
     subset: keep the first N images.
     grey: serve the built-in (grey) data sets as single-channel images; the transform must
     then make them 3-channel (to_three_channels). Folders are always read as RGB.
+    lazy: pre-training folders give the transform undecoded images (open_image); the transform
+    decodes them and converts them to RGB (augmentations.MultiCropGeometry).
     """
     split_name = "train" if split in ("pretrain", "train") else "test"
     if data_path == "fashion_mnist":
@@ -750,7 +774,8 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
     elif data_path == "digits":
         dataset = ArrayImageDataset(*load_digits_split(split_name), transform, grey)
     elif split == "pretrain":
-        dataset = SkipUnreadableImages(image_folder(data_path, transform))
+        loader = open_image if lazy else load_rgb_image
+        dataset = SkipUnreadableImages(image_folder(data_path, transform, loader=loader))
     else:
         if not Path(data_path).is_dir():
             image_folder(data_path)  # raises the "does not exist" error with the built-in names

@@ -9,20 +9,38 @@ one core, between steps, so this cost adds to bench/train_throughput.py's step t
 paths draw the same random numbers and give identical crops (tests/test_dino_training.py);
 the grey path is what main_dino_sparo.py uses for the built-in grey data sets. Fashion-MNIST
 training images, one process, the two paths timed alternately in the same run.
+
+    python bench/augmentation_speed.py --suite jpeg                      # the two-stage pipeline
+
+`--suite jpeg` writes a folder of real JPEG photographs of ImageNet-like sizes (crops of
+scikit-learn's two sample photographs, `--photos` of them) and times per image, on one core,
+in interleaved rounds: DINO's own PIL pipeline (DataAugmentationDINO imported from the
+original code, `--dino_ref`, with its ImageFolder loader), this project's CPU stage
+(augmentations.MultiCropGeometry, with and without JPEG draft decoding) and decoding alone;
+then the device stage (augmentations.PhotometricAugmentation) per image in batches on the
+device at hand; then end-to-end training images/s on CPU (a small ViT, a few steps of
+main_dino_sparo.py) with each pipeline and 1 and 2 loader workers. It ends with the line
+`cpu-stage speed-up over DINO: N.NNx`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import augmentations  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 from bench.train_throughput import describe_device  # noqa: E402
@@ -33,6 +51,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=2000, help="Images augmented per path and round.")
     parser.add_argument("--rounds", type=int, default=3, help="Alternating timed rounds per path.")
     parser.add_argument("--output_json", default=None, help="Also write the results here.")
+    parser.add_argument("--suite", default="grey", choices=("grey", "jpeg"),
+                        help="grey: RGB vs single-channel Fashion-MNIST (the CPU recipe); jpeg: "
+                             "DINO's PIL pipeline vs the two-stage pipeline on real JPEGs.")
+    parser.add_argument("--photos", type=int, default=300, help="jpeg: JPEG files written and timed.")
+    parser.add_argument("--jpeg_crops", type=int, nargs=3, default=(224, 96, 8),
+                        metavar=("GLOBAL", "LOCAL", "NUMBER"),
+                        help="jpeg: global crop size, local crop size, local crops (DINO's by default).")
+    parser.add_argument("--dino_ref", default="/work/dino_ref",
+                        help="jpeg: a checkout of facebookresearch/dino, for its DataAugmentationDINO.")
+    parser.add_argument("--device_batch", type=int, default=32, help="jpeg: images per device-stage batch.")
+    parser.add_argument("--train_images", type=int, default=64,
+                        help="jpeg: images per end-to-end training epoch (0 skips that part).")
     parser.set_defaults(config=None, global_crops_size=28, local_crops_size=14, local_crops_number=2,
                         global_crops_scale=(0.3, 1.0), local_crops_scale=(0.1, 0.3))
     return parser
@@ -49,6 +79,8 @@ def time_path(dataset: torch.utils.data.Dataset, count: int) -> float:
 
 def main(argv: List[str] | None = None) -> Dict[str, float]:
     args = utils.parse_args_with_config(get_args_parser(), argv)
+    if args.suite == "jpeg":
+        return jpeg_suite(args)
     transform = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                           args.local_crops_number, args.global_crops_size,
                                           args.local_crops_size)
@@ -69,6 +101,165 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
     result = dict(rgb_ms_per_image=rgb * 1e3, grey_ms_per_image=grey * 1e3, ratio=grey / rgb)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+# =============================================================================== jpeg suite
+def write_photos(folder: Path, count: int, seed: int = 0) -> Dict[str, float]:
+    """`count` JPEGs cut from scikit-learn's two photographs at ImageNet-like sizes: the longer
+    side is 500 px for 60 % (ImageNet's most common size), else uniform in 300-1000 px;
+    aspect 4:3, 3:2, 1:1 or their portrait forms; quality 75-95."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    sources = [Image.fromarray(photo) for photo in load_sample_images().images]
+    pixels = []
+    for index in range(count):
+        source = sources[index % len(sources)]
+        aspect = float(rng.choice([4 / 3, 3 / 2, 1.0, 3 / 4, 2 / 3]))
+        longer = 500 if rng.random() < 0.6 else int(rng.integers(300, 1001))
+        width, height = (longer, round(longer / aspect)) if aspect >= 1 else (round(longer * aspect), longer)
+        # a random window of the source with the target aspect, 50-100 % of the largest one
+        fit = min(source.width / width, source.height / height) * float(rng.uniform(0.5, 1.0))
+        w, h = width * fit, height * fit
+        left, top = rng.uniform(0, source.width - w), rng.uniform(0, source.height - h)
+        image = source.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        image.save(folder / f"{index:04d}.jpg", quality=int(rng.integers(75, 96)))
+        pixels.append(width * height)
+    return dict(mean_megapixels=float(np.mean(pixels)) / 1e6, count=count)
+
+
+def load_dino_augmentation(dino_ref: str) -> Any:
+    """DINO's own DataAugmentationDINO class, imported from the original code (its `utils`
+    and `vision_transformer` would shadow this project's modules, so they are swapped out
+    while it loads and its module keeps its own)."""
+    path = Path(dino_ref)
+    if not (path / "main_dino.py").exists():
+        raise utils.UserError(f"--dino_ref {dino_ref} holds no main_dino.py (a facebookresearch/dino checkout)")
+    names = ("utils", "vision_transformer")
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path.insert(0, str(path))
+    try:
+        spec = importlib.util.spec_from_file_location("dino_reference_main", path / "main_dino.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path))
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+    return module.DataAugmentationDINO
+
+
+def time_per_image(work: Callable[[str], Any], paths: List[str]) -> float:
+    start = time.perf_counter()
+    for path in paths:
+        work(path)
+    return (time.perf_counter() - start) / len(paths)
+
+
+def time_device_stage(geometry: Any, paths: List[str], local_number: int, global_size: int,
+                      batch: int, device: torch.device, rounds: int) -> float:
+    """Seconds per image of the device stage on `device`, in batches of `batch` images."""
+    samples = [geometry(utils.open_image(p)) for p in paths[:batch]]
+    crops = [torch.stack([s[k] for s in samples]).to(device) for k in range(len(samples[0]))]
+    stage = augmentations.PhotometricAugmentation(local_number, global_size)
+    stage(crops)  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        stage(crops)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / len(samples))
+    return best
+
+
+def train_images_per_second(folder: Path, on_device: bool, workers: int, sizes: Tuple[int, int, int],
+                            images: int, scratch: Path) -> float:
+    """End-to-end images/s of main_dino_sparo.py on CPU (ViT-tiny/16, a narrow head): the
+    second of two epochs of `images` images, from its log (worker start-up included)."""
+    global_size, local_size, local_number = sizes
+    batch = 8 if images >= 16 else 2
+    out = scratch / f"train_{int(on_device)}_{workers}"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "main_dino_sparo.py"),
+               "--arch", "vit_tiny", "--patch_size", "16", "--data_path", str(folder), "--subset", str(images),
+               "--batch_size_per_gpu", str(batch), "--global_crops_size", str(global_size),
+               "--local_crops_size", str(local_size), "--local_crops_number", str(local_number),
+               "--out_dim", "1024", "--head_hidden_dim", "256", "--head_bottleneck_dim", "64",
+               "--sparo_slots", "16", "--sparo_dim", "16", "--epochs", "2", "--warmup_epochs", "1",
+               "--num_workers", str(workers), "--augment_on_device", str(on_device).lower(),
+               "--saveckp_freq", "0", "--print_freq", "1000", "--output_dir", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    return (images // batch) * batch / log[-1]["epoch_seconds"]
+
+
+def jpeg_suite(args: argparse.Namespace) -> Dict[str, float]:
+    from torchvision.datasets.folder import pil_loader  # DINO's ImageFolder loader
+
+    torch.set_num_threads(1)  # per core: a data-loader worker runs one thread
+    global_size, local_size, local_number = args.jpeg_crops
+    scales = (tuple(args.global_crops_scale), tuple(args.local_crops_scale))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        photos = write_photos(folder, args.photos)
+        paths = sorted(str(p) for p in folder.iterdir())
+        if (global_size, local_size) == (224, 96):
+            dino_pipeline = load_dino_augmentation(args.dino_ref)(*scales, local_number)
+            dino_name = "DINO's DataAugmentationDINO (facebookresearch/dino)"
+        else:  # DINO's class has 224/96 built in; this project's copy of it takes sizes
+            dino_pipeline = dino.DataAugmentationDINO(*scales, local_number, global_size, local_size)
+            dino_name = "this project's DataAugmentationDINO (crop sizes differ from DINO's)"
+        stage = {draft: augmentations.MultiCropGeometry(*scales, local_number, global_size, local_size, draft=draft)
+                 for draft in (True, False)}
+        work = {"dino": lambda p: dino_pipeline(pil_loader(p)),
+                "cpu_stage": lambda p: stage[True](utils.open_image(p)),
+                "cpu_stage_no_draft": lambda p: stage[False](utils.open_image(p)),
+                "decode": pil_loader}
+        timings: Dict[str, List[float]] = {name: [] for name in work}
+        random.seed(0), torch.manual_seed(0)
+        for _ in range(args.rounds):
+            for name, fn in work.items():
+                timings[name].append(time_per_image(fn, paths))
+        best = {name: min(values) * 1e3 for name, values in timings.items()}
+        drafted = sum(augmentations.draft_scale(stage[True].sample(size)[0], [global_size] * 2 + [local_size] * local_number) > 1
+                      for size in (utils.open_image(p).size for p in paths))
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        device_ms = {d.type: time_device_stage(stage[True], paths, local_number, global_size, args.device_batch,
+                                               d, args.rounds) * 1e3 for d in devices}
+        e2e = {}
+        if args.train_images:
+            torch.set_num_threads(torch.get_num_interop_threads())
+            for workers in (1, 2):
+                for on_device in (False, True):
+                    e2e[f"{'device' if on_device else 'pil'}_{workers}w"] = train_images_per_second(
+                        folder, on_device, workers, args.jpeg_crops, args.train_images, Path(tmp))
+    speedup = best["dino"] / best["cpu_stage"]
+    print(f"device: {describe_device(torch.device('cpu'))}; torch {torch.__version__}")
+    print(f"photos: {photos['count']} JPEGs, mean {photos['mean_megapixels']:.3f} Mpixel; crops: "
+          f"2x{global_size}px + {local_number}x{local_size}px; one thread, best of {args.rounds} interleaved rounds")
+    print(f"reference: {dino_name}")
+    print(f"  DINO PIL pipeline (decode included): {best['dino']:8.2f} ms/image")
+    print(f"  CPU stage, JPEG draft:               {best['cpu_stage']:8.2f} ms/image "
+          f"(draft used for {drafted} of {len(paths)} images at this draw)")
+    print(f"  CPU stage, no draft:                 {best['cpu_stage_no_draft']:8.2f} ms/image")
+    print(f"  decode alone:                        {best['decode']:8.2f} ms/image")
+    for name, value in device_ms.items():
+        print(f"  device stage on {name} (batch {args.device_batch}):     {value:8.2f} ms/image")
+    for name, value in e2e.items():
+        print(f"  end-to-end training on CPU, {name}: {value:6.2f} images/s")
+    result = {f"{k}_ms_per_image": v for k, v in best.items()}
+    result.update({f"device_stage_{k}_ms_per_image": v for k, v in device_ms.items()})
+    result.update({f"train_{k}_images_per_s": v for k, v in e2e.items()}, speedup=speedup,
+                  drafted_images=drafted, mean_megapixels=photos["mean_megapixels"])
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    print(f"cpu-stage speed-up over DINO: {speedup:.2f}x")
     return result
 
 

@@ -39,3 +39,13 @@ def test_augmentation_speed_times_both_paths(capsys):
     assert result["rgb_ms_per_image"] > 0 and result["grey_ms_per_image"] > 0
     assert result["ratio"] == pytest.approx(result["grey_ms_per_image"] / result["rgb_ms_per_image"])
     assert "grey/rgb time ratio" in capsys.readouterr().out
+
+
+def test_augmentation_speed_jpeg_suite_compares_dino_with_the_cpu_stage(capsys):
+    result = augmentation_speed.main(["--suite", "jpeg", "--photos", "4", "--rounds", "1", "--jpeg_crops", "32", "16", "2",
+                                      "--train_images", "0", "--device_batch", "2"])
+    out = capsys.readouterr().out
+    assert result["dino_ms_per_image"] > 0 and result["cpu_stage_ms_per_image"] > 0
+    assert result["device_stage_cpu_ms_per_image"] > 0
+    assert result["speedup"] == pytest.approx(result["dino_ms_per_image"] / result["cpu_stage_ms_per_image"])
+    assert out.strip().splitlines()[-1] == f"cpu-stage speed-up over DINO: {result['speedup']:.2f}x"
