@@ -1148,6 +1148,31 @@ def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
     return out.view(world, *tensor.shape)
 
 
+def gather_shards_to_main(shard: torch.Tensor, total: int) -> Optional[torch.Tensor]:
+    """The whole bank (total, D) in rank 0's CPU memory (None on other ranks) from every rank's
+    shard (rows rank, rank + W, ..., as extract_feature_shard gives them). Shards travel one
+    at a time, so no GPU ever holds more than its own shard and one other."""
+    world, rank = get_world_size(), get_rank()
+    if world == 1:
+        return shard.cpu()
+    device = shard.device
+    if dist.get_backend() == "nccl" and not shard.is_cuda:
+        device = torch.device("cuda", torch.cuda.current_device())
+    rows = -(-total // world)  # the longest shard (rank 0's)
+    buffer = torch.zeros((rows, shard.shape[1]), dtype=shard.dtype, device=device)
+    if rank != 0:
+        buffer[:len(shard)] = shard
+        dist.send(buffer, dst=0)
+        return None
+    whole = torch.empty((total, shard.shape[1]), dtype=shard.dtype)
+    whole[0::world] = shard.cpu()
+    for source in range(1, world):
+        dist.recv(buffer, src=source)
+        count = len(range(source, total, world))
+        whole[source::world] = buffer[:count].cpu()
+    return whole
+
+
 @torch.no_grad()
 def _extract(model: nn.Module, data: Any, gather: bool, batch_size: int, num_workers: int,
              device: torch.device, forward: Optional[Callable], use_amp: bool,
