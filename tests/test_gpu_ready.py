@@ -290,14 +290,28 @@ def test_nccl_gets_its_device_and_two_ranks_never_share_a_gpu(clean_env):
     assert args.device == torch.device("cuda", 3) and args.gpu == 3
     assert calls[0]["backend"] == "nccl" and calls[0]["device_id"] == torch.device("cuda", 3)
 
-    clean_env.setenv("LOCAL_RANK", "5")
-    clean_env.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on a node with 4 GPUs
-    with pytest.raises(utils.UserError, match="8 processes on this node but only 4 visible GPUs"):
+    clean_env.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on a node with 4 GPUs: on every rank
+    with pytest.raises(utils.UserError, match=r"8 processes on this node but only 4 visible GPU\(s\)"):
         utils.init_distributed_mode(argparse.Namespace(device="auto"))
-    fake_gpus(clean_env, 1)  # Slurm --gpus-per-task: each task sees its own single GPU
+    fake_gpus(clean_env, 1)  # torchrun --nproc_per_node 2 on a 1-GPU host (the old gloo tests)
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
+        clean_env.setenv(name, value)
+    with pytest.raises(utils.UserError, match="two ranks would share a GPU"):
+        utils.init_distributed_mode(argparse.Namespace(device="auto"))
+
+
+def test_srun_task_bound_to_its_own_gpu(clean_env):
+    """srun --gpus-per-task: every task sees one GPU (its own) whatever its local id."""
+    FakeDist(clean_env)
+    fake_gpus(clean_env, 1)
+    for name, value in dict(SLURM_PROCID="3", SLURM_STEP_NUM_TASKS="4", SLURM_LOCALID="3",
+                            SLURM_STEP_TASKS_PER_NODE="4", SLURM_STEP_NUM_NODES="1",
+                            SLURM_JOB_ID="77").items():
+        clean_env.setenv(name, value)
+    clean_env.setattr(subprocess, "run", _no_scontrol)
     args = argparse.Namespace(device="auto")
     utils.init_distributed_mode(args)
-    assert args.gpu == 0
+    assert args.gpu == 0 and args.world_size == 4
 
 
 # ------------------------------------------------------------ 11: first-step OOM
