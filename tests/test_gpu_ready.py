@@ -403,3 +403,17 @@ def test_gpu_check_dry_mode_skips_cuda_parts_cleanly():
                                  env=env, capture_output=True, text=True, timeout=300)
         assert process.returncode == 1 and "FAIL: GPUs visible but unusable" in process.stdout
         assert "error: GPUs are expected (CUDA_VISIBLE_DEVICES=0)" in process.stderr
+
+
+# --------------------------------------------------------- 6: CPU tests stay on the CPU
+def test_cpu_tests_never_see_a_gpu(monkeypatch):
+    """conftest hides GPUs from every test not marked gpu (in this process and in the scripts
+    it starts): on a GPU host the gloo torchrun tests would otherwise put 2 NCCL ranks on one
+    GPU, and the bit-exact resume test would meet non-deterministic kernels."""
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
+    seen = {}
+    monkeypatch.setattr(subprocess, "run", lambda *a, env=None, **k: seen.update(env) or
+                        subprocess.CompletedProcess(a, 0, "", ""))
+    import helpers
+    helpers.run_script("main_dino_sparo.py")
+    assert seen["CUDA_VISIBLE_DEVICES"] == ""
