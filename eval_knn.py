@@ -479,8 +479,9 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
                   storage_device=storage, dtype=dtype)
     print("Extracting features for train set...")
     # Under torchrun the bank stays split across the processes (no process holds all of it)
-    # unless it is needed whole: written out, or searched for slots.
-    sharded = args.distributed and not args.dump_features and not args.select_slots
+    # unless slot selection needs it whole; a dump collects it on rank 0's host memory only.
+    sharded = args.distributed and not args.select_slots
+    all_train_labels = train_labels
     if sharded:
         train_features, index = utils.extract_feature_shard(model, dataset_train, **common)
         train_labels = train_labels[index]
@@ -490,8 +491,12 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
     test_features = utils.extract_features(model, dataset_val, **common)
     features = dict(train=train_features, test=test_features, train_labels=train_labels,
                     test_labels=test_labels)
-    if args.dump_features and utils.is_main_process():
-        dump_features(args.dump_features, features, config, args)
+    if args.dump_features:
+        whole = utils.gather_shards_to_main(train_features, len(all_train_labels)) if sharded \
+            else train_features
+        if utils.is_main_process():
+            dump_features(args.dump_features, {**features, "train": whole,
+                                               "train_labels": all_train_labels}, config, args)
     return features, config, sharded
 
 

@@ -230,7 +230,8 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     requested = getattr(args, "device", None)
     requested = requested.type if isinstance(requested, torch.device) else (requested or "auto")
     use_cuda = resolve_use_cuda(requested)
-    args.gpu = choose_gpu(local_rank, local_world) if use_cuda else None
+    args.gpu = choose_gpu(local_rank, local_world, own_gpu_per_task=_in_srun_step(env)
+                          and "RANK" not in env) if use_cuda else None
     if use_cuda:
         torch.cuda.set_device(args.gpu)
     args.device = torch.device("cuda", args.gpu) if use_cuda else torch.device("cpu")
@@ -260,18 +261,19 @@ def _slurm_tasks_on_this_node(env: Any) -> int:
     return counts[node] if node < len(counts) else counts[-1]
 
 
-def choose_gpu(local_rank: int, local_world: int) -> int:
-    """This process's GPU: its local rank among the visible GPUs. One GPU visible to each of
-    several local processes means per-task binding (Slurm --gpus-per-task): GPU 0. Fewer
-    GPUs than local processes otherwise would put two ranks on one GPU: an error."""
+def choose_gpu(local_rank: int, local_world: int, own_gpu_per_task: bool = False) -> int:
+    """This process's GPU: its local rank among the visible GPUs. More local processes than
+    visible GPUs would put two ranks on one GPU: an error on every rank. Under srun a single
+    visible GPU per task means per-task binding (--gpus-per-task): GPU 0 (own_gpu_per_task);
+    torchrun's processes all see the same GPUs."""
     count = torch.cuda.device_count()
-    if local_rank < count:
-        return local_rank
-    if count == 1:
+    if own_gpu_per_task and count == 1:
         return 0
-    raise UserError(f"{local_world} processes on this node but only {count} visible GPUs: "
-                    f"local rank {local_rank} has no GPU of its own; start at most {count} "
-                    f"processes per node (torchrun --nproc_per_node, srun --ntasks-per-node)")
+    if local_world > count or local_rank >= count:
+        raise UserError(f"{local_world} processes on this node but only {count} visible GPU(s): "
+                        f"two ranks would share a GPU; start at most {count} processes per node "
+                        f"(torchrun --nproc_per_node, srun --ntasks-per-node) or use --device cpu")
+    return local_rank
 
 
 def gpus_expected(env: Optional[Dict[str, str]] = None) -> Optional[str]:
@@ -1411,6 +1413,31 @@ def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
                       device=tensor.device)
     dist.all_gather_into_tensor(out, tensor.contiguous())
     return out.view(world, *tensor.shape)
+
+
+def gather_shards_to_main(shard: torch.Tensor, total: int) -> Optional[torch.Tensor]:
+    """The whole bank (total, D) in rank 0's CPU memory (None on other ranks) from every rank's
+    shard (rows rank, rank + W, ..., as extract_feature_shard gives them). Shards travel one
+    at a time, so no GPU ever holds more than its own shard and one other."""
+    world, rank = get_world_size(), get_rank()
+    if world == 1:
+        return shard.cpu()
+    device = shard.device
+    if dist.get_backend() == "nccl" and not shard.is_cuda:
+        device = torch.device("cuda", torch.cuda.current_device())
+    rows = -(-total // world)  # the longest shard (rank 0's)
+    buffer = torch.zeros((rows, shard.shape[1]), dtype=shard.dtype, device=device)
+    if rank != 0:
+        buffer[:len(shard)] = shard
+        dist.send(buffer, dst=0)
+        return None
+    whole = torch.empty((total, shard.shape[1]), dtype=shard.dtype)
+    whole[0::world] = shard.cpu()
+    for source in range(1, world):
+        dist.recv(buffer, src=source)
+        count = len(range(source, total, world))
+        whole[source::world] = buffer[:count].cpu()
+    return whole
 
 
 @torch.no_grad()

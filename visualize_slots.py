@@ -386,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key,
                                         expected={"arch": args.arch, "patch_size": args.patch_size})
     slots = check_args(args, config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if utils.resolve_use_cuda("auto") else "cpu")  # no silent CPU on a GPU node
     model.to(device).eval()
 
     # ============ drawing one grid per image ... ============

@@ -23,26 +23,31 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
     echo "nvidia-smi: not found"
 fi
-"$PY" - <<'PYEOF' || fail "torch does not import"
+# One interpreter start: print the build, then exit 0 (a usable GPU), 3 (none: dry mode) or 2
+# (GPUs visible but unusable: utils.resolve_use_cuda's one-line error).
+"$PY" - "${1:-}" <<'PYEOF'
+import sys
 import torch
+import utils
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, archs {' '.join(torch.cuda.get_arch_list()) or '(none)'}")
 print(f"cuda available: {torch.cuda.is_available()}, devices: {torch.cuda.device_count()}")
 for i in range(torch.cuda.device_count()):
     print(f"  cuda:{i} {torch.cuda.get_device_name(i)} capability {'.'.join(map(str, torch.cuda.get_device_capability(i)))}")
+sys.stdout.flush()
+try:
+    usable = utils.resolve_use_cuda("auto")
+except utils.UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+sys.exit(0 if usable and sys.argv[1] != "--dry" else 3)
 PYEOF
-
-dry=0
-[ "${1:-}" = "--dry" ] && dry=1
-if [ $dry = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    dry=1
-fi
-if [ $dry = 1 ]; then
-    # still catch a GPU that is present but unusable (utils.resolve_use_cuda's error)
-    "$PY" -c "import utils; utils.run_main(lambda: utils.resolve_use_cuda('auto'))" \
-        || fail "GPUs visible but unusable"
-    echo "dry mode: no usable CUDA GPU; skipped: GPU tests, ViT-S/16 training steps, k-NN benchmark"
-    exit $status
-fi
+case $? in
+    0) ;;
+    3) echo "dry mode (--dry, or no usable CUDA GPU): skipped: GPU tests, ViT-S/16 training steps, k-NN benchmark"
+       exit $status ;;
+    2) fail "GPUs visible but unusable"; exit $status ;;
+    *) fail "torch does not import"; exit $status ;;
+esac
 mkdir -p "$OUT"
 
 echo "== GPU tests"

@@ -63,12 +63,15 @@ def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser("prototype_precision")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--images", type=int, default=None,
+                        help="Images per batch instead of the recipes' 64 (a quicker look).")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = utils.amp_dtype(device) if device.type == "cuda" else torch.bfloat16
     results = {}
     for name, in_dim, hidden, bottleneck, out_dim, images, crops in HEADS:
+        images = args.images or images
         torch.manual_seed(0)
         fp32_head = vits.DINOHead(in_dim, out_dim, hidden_dim=hidden, bottleneck_dim=bottleneck).to(device)
         old_head = AutocastHead(in_dim, out_dim, hidden_dim=hidden, bottleneck_dim=bottleneck).to(device)

@@ -290,14 +290,28 @@ def test_nccl_gets_its_device_and_two_ranks_never_share_a_gpu(clean_env):
     assert args.device == torch.device("cuda", 3) and args.gpu == 3
     assert calls[0]["backend"] == "nccl" and calls[0]["device_id"] == torch.device("cuda", 3)
 
-    clean_env.setenv("LOCAL_RANK", "5")
-    clean_env.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on a node with 4 GPUs
-    with pytest.raises(utils.UserError, match="8 processes on this node but only 4 visible GPUs"):
+    clean_env.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on a node with 4 GPUs: on every rank
+    with pytest.raises(utils.UserError, match=r"8 processes on this node but only 4 visible GPU\(s\)"):
         utils.init_distributed_mode(argparse.Namespace(device="auto"))
-    fake_gpus(clean_env, 1)  # Slurm --gpus-per-task: each task sees its own single GPU
+    fake_gpus(clean_env, 1)  # torchrun --nproc_per_node 2 on a 1-GPU host (the old gloo tests)
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
+        clean_env.setenv(name, value)
+    with pytest.raises(utils.UserError, match="two ranks would share a GPU"):
+        utils.init_distributed_mode(argparse.Namespace(device="auto"))
+
+
+def test_srun_task_bound_to_its_own_gpu(clean_env):
+    """srun --gpus-per-task: every task sees one GPU (its own) whatever its local id."""
+    FakeDist(clean_env)
+    fake_gpus(clean_env, 1)
+    for name, value in dict(SLURM_PROCID="3", SLURM_STEP_NUM_TASKS="4", SLURM_LOCALID="3",
+                            SLURM_STEP_TASKS_PER_NODE="4", SLURM_STEP_NUM_NODES="1",
+                            SLURM_JOB_ID="77").items():
+        clean_env.setenv(name, value)
+    clean_env.setattr(subprocess, "run", _no_scontrol)
     args = argparse.Namespace(device="auto")
     utils.init_distributed_mode(args)
-    assert args.gpu == 0
+    assert args.gpu == 0 and args.world_size == 4
 
 
 # ------------------------------------------------------------ 11: first-step OOM
@@ -382,10 +396,24 @@ def test_gpu_check_dry_mode_skips_cuda_parts_cleanly():
                              capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stdout + process.stderr
     assert "torch " in process.stdout and "archs " in process.stdout
-    assert "dry mode: no usable CUDA GPU; skipped" in process.stdout
+    assert "dry mode (--dry, or no usable CUDA GPU): skipped" in process.stdout
     if torch.cuda.device_count() == 0:  # (patched is_available aside) no real GPU here
         env["CUDA_VISIBLE_DEVICES"] = "0"  # a GPU that CUDA cannot use: the check fails
         process = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--dry"], cwd=REPO,
                                  env=env, capture_output=True, text=True, timeout=300)
         assert process.returncode == 1 and "FAIL: GPUs visible but unusable" in process.stdout
         assert "error: GPUs are expected (CUDA_VISIBLE_DEVICES=0)" in process.stderr
+
+
+# --------------------------------------------------------- 6: CPU tests stay on the CPU
+def test_cpu_tests_never_see_a_gpu(monkeypatch):
+    """conftest hides GPUs from every test not marked gpu (in this process and in the scripts
+    it starts): on a GPU host the gloo torchrun tests would otherwise put 2 NCCL ranks on one
+    GPU, and the bit-exact resume test would meet non-deterministic kernels."""
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
+    seen = {}
+    monkeypatch.setattr(subprocess, "run", lambda *a, env=None, **k: seen.update(env) or
+                        subprocess.CompletedProcess(a, 0, "", ""))
+    import helpers
+    helpers.run_script("main_dino_sparo.py")
+    assert seen["CUDA_VISIBLE_DEVICES"] == ""
