@@ -475,6 +475,11 @@ def train_dino(args: argparse.Namespace) -> None:
     if args.distributed:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    if args.compile:
+        # After the DDP wrap, so that dynamo splits the student's graph at DDP's gradient
+        # buckets and the all-reduces still overlap the backward pass. Static shapes: one
+        # graph per crop layout instead of slower shape-generic kernels.
+        student, teacher = torch.compile(student, dynamic=False), torch.compile(teacher, dynamic=False)
     print(f"Student and teacher are {args.arch} with readout={args.readout} "
           f"(encoding width {student_without_ddp.backbone.num_features}, "
           f"{sum(p.numel() for p in student_without_ddp.backbone.parameters()) / 1e6:.2f}M backbone parameters).")
