@@ -506,6 +506,11 @@ def set_up_training(args: argparse.Namespace, output_dir: Path) -> TrainingSetup
             student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
     if found is None:
         teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())  # after the broadcast
+    if args.compile:
+        # After the DDP wrap, so that dynamo splits the student's graph at DDP's gradient
+        # buckets and the all-reduces still overlap the backward pass. Static shapes: one
+        # graph per crop layout instead of slower shape-generic kernels.
+        student, teacher = torch.compile(student, dynamic=False), torch.compile(teacher, dynamic=False)
     return TrainingSetup(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
                          optimizer, autocast, fp16_scaler, config, head_config, start_epoch, history)
 

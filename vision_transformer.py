@@ -229,6 +229,23 @@ vit_small = _arch_factory("vit_small")
 vit_base = _arch_factory("vit_base")
 
 
+def parameter_table(patch_size: int = 16, img_size: int = 224) -> str:
+    """Backbone parameter counts per architecture: CLS (DINO) against SPARO with its default
+    sizes (L = V = 64, a = d / heads), replacing the last block (default) or keeping it."""
+    rows = [f"{'arch':<10} {'CLS':>12} {'SPARO':>12} {'vs CLS':>8} {'SPARO+block':>12} {'vs CLS':>8} "
+            f"{'SPARO read-out':>15} {'one block':>10}"]
+    for arch in ARCHS:
+        def count(**options: Any) -> int:
+            model = build_backbone(model_config(arch, patch_size, img_size, **options))
+            return sum(p.numel() for p in model.parameters())
+        cls, sparo = count(readout="cls"), count(readout="sparo")
+        keep_all = count(readout="sparo", sparo_keep_all_blocks=True)
+        block, readout = keep_all - sparo, keep_all - cls  # the last block; SPARO itself
+        rows.append(f"{arch:<10} {cls:>12,} {sparo:>12,} {100 * (sparo / cls - 1):>+7.1f}% {keep_all:>12,} "
+                    f"{100 * (keep_all / cls - 1):>+7.1f}% {readout:>15,} {block:>10,}")
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------------------- DINO head
 class WeightNormLinear(nn.Module):
     """Bias-free Linear with weight = g * v / ||v|| per output, named like DINO's weight_norm.
@@ -309,3 +326,16 @@ def _resolution_boundaries(crops: List[torch.Tensor]) -> List[int]:
 
 
 import timm_models  # noqa: E402,F401 - registers these backbones with timm (vit_small_patch16_224_sparo, ...)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Parameter counts of the backbones.")
+    parser.add_argument("--param_table", action="store_true", help="Print the table (the default action).")
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--img_size", type=int, default=224)
+    options = parser.parse_args()
+    print(f"Backbone parameters, patch {options.patch_size}, {options.img_size} px "
+          f"(the position table grows with (img_size / patch)^2):", flush=True)
+    print(parameter_table(options.patch_size, options.img_size))

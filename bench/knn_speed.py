@@ -66,10 +66,10 @@ def dino_knn(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor
     return votes
 
 
-def gemm_peak_gflops(size: int, device: torch.device) -> float:
-    """Best of five timed fp32 square GEMMs (after one warm-up), in GFLOP/s."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def gemm_peak_gflops(size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Best of five timed square GEMMs (after one warm-up) in dtype, in GFLOP/s."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
     for i in range(6):
         synchronize(device)

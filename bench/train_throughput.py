@@ -1,6 +1,7 @@
 """Training-step throughput: SPARO vs CLS read-out vs a plain DINO-style reference, side by side.
 
     python bench/train_throughput.py                     # the reference CPU configuration
+    python bench/train_throughput.py --dino_repo ~/dino  # against the original DINO code
     python bench/train_throughput.py --arch vit_small --patch_size 16 --global_crops_size 224 \
         --local_crops_size 96 --local_crops_number 8 --out_dim 65536   # DINO's ViT-S/16 recipe
 
@@ -9,6 +10,11 @@ crops, student forward and backward on all crops, loss, clipping, optimiser step
 Inputs are random tensors of the crop shapes. Every variant runs in this one process, after
 warm-up steps, on the same inputs. Peak memory: CUDA's allocator peak on GPU; on CPU the growth
 of the process's peak resident set (VmHWM, reset between variants) over its size before.
+
+With --dino_repo PATH (a clone of facebookresearch/dino) the `dino` variant is DINO's own step
+(bench/dino_original.py) and the variants are timed interleaved, round by round, after all of
+them are built; each also reports its FLOPs (torch's FlopCounterMode) and the achieved GFLOP/s
+against a GEMM peak measured here in the step's precision (bf16 under autocast).
 """
 from __future__ import annotations
 
@@ -27,16 +33,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
+from bench.dino_original import OriginalDinoStep, load_dino  # noqa: E402
 from bench.dino_reference import ReferenceStep  # noqa: E402
 
-VARIANTS = ("sparo", "cls", "reference")
+VARIANTS = ("sparo", "cls", "reference", "dino")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("train_throughput", parents=[dino.get_args_parser()])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
                         help="sparo / cls: this project's step with that read-out; reference: a "
-                             "plain DINO-style step (bench/dino_reference.py, CLS read-out).")
+                             "plain DINO-style step (bench/dino_reference.py, CLS read-out); dino: "
+                             "the original DINO step (needs --dino_repo). Default: sparo cls "
+                             "reference, or sparo cls dino with --dino_repo.")
+    parser.add_argument("--dino_repo", default=None,
+                        help="A clone of facebookresearch/dino: time its own training step against "
+                             "this project's, interleaved round by round, with achieved GFLOP/s.")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="With --dino_repo: rounds of --steps timed steps per variant, "
+                             "interleaved; the best round counts.")
+    parser.add_argument("--gemm_size", type=int, default=2048, help="Square GEMM of the measured peak.")
     parser.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps per variant.")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per variant.")
     parser.add_argument("--output_json", default=None, help="Also write the results here.")
@@ -58,6 +74,8 @@ def make_crops(args: argparse.Namespace) -> List[torch.Tensor]:
 def build_step(variant: str, args: argparse.Namespace) -> Callable:
     if variant == "reference":
         return ReferenceStep(args)
+    if variant == "dino":  # the original code, in the precision of this project's step
+        return OriginalDinoStep(load_dino(args.dino_repo), args, dino.autocast_context(args)[0])
     args = argparse.Namespace(**{**vars(args), "readout": variant})
     student, teacher, _, _ = dino.build_student_teacher(args)
     student, teacher = student.to(args.device), teacher.to(args.device)
@@ -129,6 +147,60 @@ def measure(variant: str, args: argparse.Namespace, crops: List[torch.Tensor]) -
     return result
 
 
+def step_flops(step: Callable, crops: List[torch.Tensor]) -> float:
+    """Floating-point operations of one step (matmuls, convolutions, attention; forward and
+    backward), counted by torch's FlopCounterMode on an untimed step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(crops, 0, 1e-4, 0.04, 0.996)
+    return float(counter.get_total_flops())
+
+
+def measure_interleaved(args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, Dict[str, float]]:
+    """Every variant built and warmed up, then timed in rounds, variant after variant, so that
+    the machine's load changes hit all of them alike; each variant's best round counts."""
+    steps, results = {}, {}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        memory = PeakMemory(args.device)
+        memory.start()
+        steps[variant] = build_step(variant, args)
+        for _ in range(args.warmup_steps):
+            steps[variant](crops, 0, 1e-4, 0.04, 0.996)
+        synchronize(args.device)
+        results[variant] = dict(peak_mib=memory.stop(), step_ms=float("inf"),
+                                gflop_per_step=step_flops(steps[variant], crops) / 1e9)
+    for _ in range(args.rounds):
+        for variant, step in steps.items():
+            synchronize(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step(crops, 0, 1e-4, 0.04, 0.996)
+            synchronize(args.device)
+            ms = (time.perf_counter() - start) / args.steps * 1000
+            results[variant]["step_ms"] = min(results[variant]["step_ms"], ms)
+            results[variant]["loss"] = loss.detach().item()
+    for result in results.values():
+        result["images_per_s"] = args.batch_size_per_gpu / result["step_ms"] * 1000
+        result["gflop_per_s"] = result["gflop_per_step"] / result["step_ms"] * 1000
+    return results
+
+
+def join_single_process_group() -> bool:
+    """DINO's loss all-reduces its centre: give it a process group of one (gloo). Returns
+    whether a group was created here (and is to be destroyed after the run)."""
+    import tempfile
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    store = Path(tempfile.mkdtemp()) / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    return True
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -143,25 +215,53 @@ def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
     args.device = torch.device("cuda" if use_cuda else "cpu")
     args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0 if use_cuda else None, False
     dino.check_args(args)
+    if args.variants is None:
+        args.variants = ["sparo", "cls", "dino" if args.dino_repo else "reference"]
+    if "dino" in args.variants:
+        if not args.dino_repo:
+            raise utils.UserError("the dino variant needs --dino_repo PATH (a clone of facebookresearch/dino)")
+        load_dino(args.dino_repo)  # a wrong path fails here, before any timing
+        if join_single_process_group():
+            try:
+                return run(args)
+            finally:
+                utils.cleanup_distributed()
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     crops = make_crops(args)
     precision = dino.autocast_context(args)[0]().__class__.__name__
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}")
     print(f"config: {args.arch}/{args.patch_size}, batch {args.batch_size_per_gpu}, 2x{args.global_crops_size}px + "
           f"{args.local_crops_number}x{args.local_crops_size}px crops, out_dim {args.out_dim}, "
           f"{'mixed precision' if precision == 'autocast' else 'fp32'}, compile={args.compile}")
-    results = {}
-    for variant in args.variants:
-        torch.manual_seed(0)
-        results[variant] = measure(variant, args, crops)
-        r = results[variant]
-        print(f"{variant:>10}: {r['images_per_s']:8.1f} images/s  {r['step_ms']:9.1f} ms/step  "
-              f"peak {r['peak_mib']:8.1f} MiB", flush=True)
-    for a, b in [("sparo", "cls"), ("sparo", "reference"), ("cls", "reference")]:
+    results, peak = {}, None
+    if args.dino_repo:
+        from bench.knn_speed import gemm_peak_gflops  # here: knn_speed imports this module
+
+        dtype = torch.bfloat16 if precision == "autocast" and (args.cpu_bf16 or args.device.type == "cuda") else torch.float32
+        peak = gemm_peak_gflops(args.gemm_size, args.device, dtype)
+        print(f"measured {str(dtype).split('.')[-1]} GEMM peak ({args.gemm_size}^3): {peak:.1f} GFLOP/s; "
+              f"{args.rounds} interleaved rounds of {args.steps} steps, best round per variant")
+        results = measure_interleaved(args, crops)
+    else:
+        for variant in args.variants:
+            torch.manual_seed(0)
+            results[variant] = measure(variant, args, crops)
+    for variant, r in results.items():
+        line = (f"{variant:>10}: {r['images_per_s']:8.1f} images/s  {r['step_ms']:9.1f} ms/step  "
+                f"peak {r['peak_mib']:8.1f} MiB")
+        if peak:
+            line += (f"  {r['gflop_per_step'] / args.batch_size_per_gpu:.2f} GFLOP/image  "
+                     f"{r['gflop_per_s']:.1f} GFLOP/s = {100 * r['gflop_per_s'] / peak:.0f}% of the GEMM peak")
+        print(line, flush=True)
+    for a, b in [("sparo", "cls"), ("sparo", "reference"), ("cls", "reference"), ("sparo", "dino"), ("cls", "dino")]:
         if a in results and b in results:
             print(f"{a}/{b} throughput ratio: {results[a]['images_per_s'] / results[b]['images_per_s']:.3f}  "
                   f"peak memory ratio: {results[a]['peak_mib'] / max(results[b]['peak_mib'], 1e-9):.3f}")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(dict(device=describe_device(args.device),
+        Path(args.output_json).write_text(json.dumps(dict(device=describe_device(args.device), gemm_peak_gflops=peak,
                                                           config=utils.plain(args), results=results), indent=2))
     return results
 

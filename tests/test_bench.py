@@ -1,7 +1,9 @@
 """Smoke tests of the benchmarks: one tiny step of each, real code paths, checked outputs."""
 import pytest
+import torch
 
 from bench import augmentation_speed, knn_speed, train_throughput
+from bench.dino_original import DEFAULT_DINO_REPO, dino_available
 from helpers import needs_fashion_mnist, run_script
 
 
@@ -16,6 +18,22 @@ def test_train_throughput_runs_every_variant_and_reports_ratios(capsys):
         assert result["images_per_s"] > 0 and result["peak_mib"] >= 0
     assert "sparo/cls throughput ratio" in out and "sparo/reference throughput ratio" in out
     assert "device: CPU" in out
+
+
+@pytest.mark.skipif(not dino_available(), reason="no DINO clone (set DINO_REPO)")
+def test_train_throughput_times_the_original_dino_step(capsys):
+    results = train_throughput.main([
+        "--dino_repo", str(DEFAULT_DINO_REPO), "--arch", "vit_tiny", "--patch_size", "4",
+        "--global_crops_size", "8", "--local_crops_size", "4", "--local_crops_number", "2",
+        "--batch_size_per_gpu", "4", "--out_dim", "64", "--sparo_slots", "4", "--sparo_dim", "4",
+        "--steps", "1", "--warmup_steps", "1", "--rounds", "1", "--gemm_size", "128"])
+    out = capsys.readouterr().out
+    assert set(results) == {"sparo", "cls", "dino"}
+    # Same model and crops: DINO's CLS step and ours count the same matrix FLOPs.
+    assert results["dino"]["gflop_per_step"] == pytest.approx(results["cls"]["gflop_per_step"], rel=0.01)
+    assert all(r["gflop_per_s"] > 0 for r in results.values())
+    assert "cls/dino throughput ratio" in out and "% of the GEMM peak" in out
+    assert not torch.distributed.is_initialized()  # its group of one is gone with it
 
 
 def test_knn_speed_methods_agree_and_report_the_gemm_floor(capsys):
