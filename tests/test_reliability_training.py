@@ -374,3 +374,17 @@ def test_symlink_loops_and_fifos_in_a_data_folder(tmp_path):
     (flat / "loop").symlink_to(".")
     os.mkfifo(flat / "pipe.png")
     assert len(utils.build_dataset(str(flat), "pretrain")) == 4
+
+
+def test_ordinary_folders_list_the_same_samples_as_torchvision(tmp_path):
+    """The own folder scan (links, FIFOs) keeps torchvision ImageFolder's classes and order."""
+    from torchvision.datasets import ImageFolder
+
+    for name in ["c1/t.png", "c1/sub/x.png", "c1/b-c.png", "c1/b/y.png", "c2/a.jpg", "c2/Z.PNG",
+                 "c2/zz/q.png", "c2/notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not read here")
+    ours = utils.image_folder(str(tmp_path))
+    reference = ImageFolder(str(tmp_path))
+    assert ours.samples == [tuple(sample) for sample in reference.samples]
+    assert ours.classes == reference.classes
