@@ -460,7 +460,8 @@ def image_folder(root: str, transform: Optional[Callable] = None,
     for name in classes:
         files = _image_files(path / name, path, seen, recurse=True)
         empty += [] if files else [name]
-        samples += [(f, names.index(name)) for f in files]
+        label = names.index(name)
+        samples += [(f, label) for f in files]
     if empty:
         raise UserError(f"data folder {root} holds no images in {_short_list(empty)} (extensions: "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
@@ -498,13 +499,13 @@ def _image_files(folder: Path, root: Path, seen: set, recurse: bool) -> List[str
                     walk(entry.path)
             elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
                 real = os.path.realpath(entry.path) if entry.is_symlink() \
-                    else os.path.join(real_dir, entry.name)
+                    else f"{real_dir}/{entry.name}"
                 if real not in seen:
                     seen.add(real)
                     found.append((current, entry.name))
 
     walk(str(folder))
-    return [os.path.join(directory, name) for directory, name in sorted(found)]
+    return [f"{directory}/{name}" for directory, name in sorted(found)]
 
 
 class ImageFiles(torch.utils.data.Dataset):
