@@ -893,6 +893,7 @@ def ensure_output_file(path: str | Path, flag: str) -> Path:
 
 
 LOCK_NAME = "training.lock"
+LOCK_WAIT_S = 15.0  # a requeued job may start while its pre-empted predecessor is exiting
 _held_locks: Dict[str, Any] = {}  # resolved folder -> open lock file, for this process
 
 
@@ -912,6 +913,7 @@ def lock_output_dir(folder: str | Path) -> None:
     if key in _held_locks:
         return
     path = folder / LOCK_NAME
+    deadline = time.time() + LOCK_WAIT_S
     while True:
         handle = open(path, "a+")
         try:
@@ -920,6 +922,9 @@ def lock_output_dir(folder: str | Path) -> None:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
+            if time.time() < deadline:
+                time.sleep(0.5)
+                continue
             raise UserError(f"--output_dir {folder} is in use by {holder} ({path}); wait for "
                             f"that run to end or choose another --output_dir") from None
         # The holder may have removed the file between our open and our lock: then this lock

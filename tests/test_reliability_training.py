@@ -310,7 +310,7 @@ def test_missing_fashion_mnist_says_how_to_install(monkeypatch):
 
 
 # ------------------------------------------------------------------ issue 24: silent wrong runs
-def test_output_dir_lock_and_resume_notes(tmp_path):
+def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
     """A lock left by a dead run is no obstacle; a live one refuses a second run, naming its
     holder, and touches nothing; a resume with another --lr/--data_path says so in one line."""
     out = tmp_path / "out"
@@ -322,6 +322,7 @@ def test_output_dir_lock_and_resume_notes(tmp_path):
     assert [entry["epoch"] for entry in read_log(out / "log.txt")] == [0]
 
     saved = folder_digest(out)
+    monkeypatch.setattr(utils, "LOCK_WAIT_S", 1.0)  # how long a second run waits for the holder to exit
     with open(out / utils.LOCK_NAME, "w") as held:  # what a running training holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("a training run, pid 4242 on gpu-node-7\n")
