@@ -216,6 +216,8 @@ def validate(linear: nn.Module, test_data: Any, test_labels: torch.Tensor,
             backbone, test_data, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
             device=args.device, forward=lambda images: linear(to_features(images)),
             use_amp=args.use_fp16, print_freq=10 ** 9)
+    if not torch.isfinite(logits).all():  # an accuracy from NaN logits would look like a result
+        raise utils.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
     labels = test_labels.to(logits.device)
     top1, top5 = accuracy(logits.float(), labels)
     return dict(loss=F.cross_entropy(logits.float(), labels).item(), acc1=top1, acc5=top5)

@@ -643,7 +643,8 @@ def image_folder(root: str, transform: Optional[Callable] = None,
     for name in classes:
         files = _image_files(path / name, path, seen, recurse=True)
         empty += [] if files else [name]
-        samples += [(f, names.index(name)) for f in files]
+        label = names.index(name)
+        samples += [(f, label) for f in files]
     if empty:
         raise UserError(f"data folder {root} holds no images in {_short_list(empty)} (extensions: "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
@@ -660,29 +661,34 @@ def class_folders(root: Path) -> List[str]:
 
 def _image_files(folder: Path, root: Path, seen: set, recurse: bool) -> List[str]:
     """Image files under folder in ImageFolder's order. Only regular files (or links to them)
-    count: a FIFO named x.jpg would block the loader forever. Links are followed, but a
-    folder is entered once and a file counted once (`seen` holds resolved paths), so link
-    loops end and linked duplicates are not counted twice."""
-    above = {root.resolve(), *root.resolve().parents}
-    visited = {folder.resolve()}
-    found = []
-    for current, dirs, names in os.walk(folder, followlinks=True):
-        if not recurse:
-            dirs[:] = []
-        kept = []
-        for d in sorted(dirs):
-            real = Path(current, d).resolve()
-            if real not in visited and real not in above:
-                visited.add(real)
-                kept.append(d)
-        dirs[:] = kept
-        for name in names:
-            file = os.path.join(current, name)
-            real = os.path.realpath(file)
-            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(file) and real not in seen:
-                seen.add(real)
-                found.append((current, name))
-    return [os.path.join(c, n) for c, n in sorted(found)]
+    count: a FIFO named x.jpg would block the loader forever. Links are followed, but each
+    folder is entered once, links back to root or above are not entered, and each file is
+    counted once (`seen` holds real paths across calls), so link loops end and linked
+    duplicates are not counted twice. Costs one stat per link and per folder, not per file."""
+    above = {str(root.resolve()), *map(str, root.resolve().parents)}
+    visited: set = set()
+    found: List[Tuple[str, str]] = []
+
+    def walk(current: str) -> None:
+        real_dir = os.path.realpath(current)
+        if real_dir in visited:
+            return
+        visited.add(real_dir)
+        with os.scandir(current) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+        for entry in entries:
+            if entry.is_dir():  # follows links
+                if recurse and os.path.realpath(entry.path) not in above:
+                    walk(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                real = os.path.realpath(entry.path) if entry.is_symlink() \
+                    else f"{real_dir}/{entry.name}"
+                if real not in seen:
+                    seen.add(real)
+                    found.append((current, entry.name))
+
+    walk(str(folder))
+    return [f"{directory}/{name}" for directory, name in sorted(found)]
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -1109,6 +1115,7 @@ def ensure_output_file(path: str | Path, flag: str) -> Path:
 
 
 LOCK_NAME = "training.lock"
+LOCK_WAIT_S = 15.0  # a requeued job may start while its pre-empted predecessor is exiting
 _held_locks: Dict[str, Any] = {}  # resolved folder -> open lock file, for this process
 
 
@@ -1128,6 +1135,7 @@ def lock_output_dir(folder: str | Path) -> None:
     if key in _held_locks:
         return
     path = folder / LOCK_NAME
+    deadline = time.time() + LOCK_WAIT_S
     while True:
         handle = open(path, "a+")
         try:
@@ -1136,6 +1144,9 @@ def lock_output_dir(folder: str | Path) -> None:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
+            if time.time() < deadline:
+                time.sleep(0.5)
+                continue
             raise UserError(f"--output_dir {folder} is in use by {holder} ({path}); wait for "
                             f"that run to end or choose another --output_dir") from None
         # The holder may have removed the file between our open and our lock: then this lock

@@ -310,7 +310,7 @@ def test_missing_fashion_mnist_says_how_to_install(monkeypatch):
 
 
 # ------------------------------------------------------------------ issue 24: silent wrong runs
-def test_output_dir_lock_and_resume_notes(tmp_path):
+def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
     """A lock left by a dead run is no obstacle; a live one refuses a second run, naming its
     holder, and touches nothing; a resume with another --lr/--data_path says so in one line."""
     out = tmp_path / "out"
@@ -322,6 +322,7 @@ def test_output_dir_lock_and_resume_notes(tmp_path):
     assert [entry["epoch"] for entry in read_log(out / "log.txt")] == [0]
 
     saved = folder_digest(out)
+    monkeypatch.setattr(utils, "LOCK_WAIT_S", 1.0)  # how long a second run waits for the holder to exit
     with open(out / utils.LOCK_NAME, "w") as held:  # what a running training holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("a training run, pid 4242 on gpu-node-7\n")
@@ -374,3 +375,17 @@ def test_symlink_loops_and_fifos_in_a_data_folder(tmp_path):
     (flat / "loop").symlink_to(".")
     os.mkfifo(flat / "pipe.png")
     assert len(utils.build_dataset(str(flat), "pretrain")) == 4
+
+
+def test_ordinary_folders_list_the_same_samples_as_torchvision(tmp_path):
+    """The own folder scan (links, FIFOs) keeps torchvision ImageFolder's classes and order."""
+    from torchvision.datasets import ImageFolder
+
+    for name in ["c1/t.png", "c1/sub/x.png", "c1/b-c.png", "c1/b/y.png", "c2/a.jpg", "c2/Z.PNG",
+                 "c2/zz/q.png", "c2/notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not read here")
+    ours = utils.image_folder(str(tmp_path))
+    reference = ImageFolder(str(tmp_path))
+    assert ours.samples == [tuple(sample) for sample in reference.samples]
+    assert ours.classes == reference.classes

@@ -200,6 +200,19 @@ def test_bad_requests_are_refused_before_submitting(argv, message, tmp_path, mon
     assert not any(tmp_path.iterdir())  # nothing was submitted
 
 
+def test_flag_ranges_are_checked_by_the_launcher_too(tmp_path, monkeypatch, capsys):
+    """The range rules live in the flags' argparse types, so the launcher gets them (zero crop
+    sizes used to reach the job and come back as a garbled "did not finish" line)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_with_submitit.main(["--cluster", "local", "--ngpus", "0", "--nodes", "1", "--output_dir", "x",
+                                "--global_crops_size", "0", "--local_crops_size", "0"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: argument --global_crops_size: must be a positive "
+                                               "integer, got 0 (see --help)")
+    assert not any(tmp_path.iterdir())
+
+
 def test_slurm_cluster_needs_slurm(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
     with pytest.raises(utils.UserError, match="use --cluster local"):
