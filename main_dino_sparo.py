@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import run_record
 import utils
 import vision_transformer as vits
 import warm_start
@@ -608,6 +609,7 @@ def train_dino(args: argparse.Namespace) -> None:
     if start_epoch >= args.epochs:
         print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
         return
+    run_record.record_start(args, output_dir, get_args_parser(), start_epoch)
 
     # Printed once the set-up checks passed, so that an error is the last line of a failed start.
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
