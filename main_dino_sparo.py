@@ -133,7 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="An ImageFolder directory (labels ignored) or a built-in data set: "
                              "fashion_mnist (apt-get install dataset-fashion-mnist) or digits.")
     parser.add_argument("--subset", default=0, type=utils.non_negative_int,
-                        help="Train on the first N images only (0: all), for quick runs.")
+                        help="Train on N images only (0: all), for quick runs; of a folder, class-balanced.")
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Where checkpoints and log.txt go; a run there is resumed.")
     parser.add_argument("--saveckp_freq", default=20, type=utils.non_negative_int,
