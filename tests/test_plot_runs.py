@@ -40,8 +40,8 @@ def test_plots_a_sparo_and_a_cls_run(tiny_sparo_checkpoint, tmp_path):
     process = run_script("plot_runs.py", sparo, cls, "--output", tmp_path / "runs.png")
     assert "Wrote" in process.stdout
     image = np.asarray(Image.open(tmp_path / "runs.png").convert("L"))
-    assert image.shape[0] > 400 and image.shape[1] > 800
-    # four panels with curves: dark pixels in every quadrant
+    # four panels (the k-NN one too) in 2 x 2 of 5.5 x 3.8 inches at 120 dpi; three would be 1 x 3
+    assert image.shape == (2 * 3.8 * 120, 2 * 5.5 * 120)
     half_h, half_w = image.shape[0] // 2, image.shape[1] // 2
     for quadrant in (image[:half_h, :half_w], image[:half_h, half_w:], image[half_h:, :half_w], image[half_h:, half_w:]):
         assert (quadrant < 128).mean() > 0.005
