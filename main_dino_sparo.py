@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import augmentations
+import run_record
 import utils
 import vision_transformer as vits
 import warm_start
@@ -138,7 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="An ImageFolder directory (labels ignored) or a built-in data set: "
                              "fashion_mnist (apt-get install dataset-fashion-mnist) or digits.")
     parser.add_argument("--subset", default=0, type=utils.non_negative_int,
-                        help="Train on the first N images only (0: all), for quick runs.")
+                        help="Train on N images only (0: all), for quick runs; of a folder, class-balanced.")
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Where checkpoints and log.txt go; a run there is resumed.")
     parser.add_argument("--saveckp_freq", default=20, type=utils.non_negative_int,
@@ -564,6 +565,7 @@ def train_dino(args: argparse.Namespace) -> None:
     if start_epoch >= args.epochs:
         print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
         return
+    run_record.record_start(args, output_dir, get_args_parser(), start_epoch)
 
     # Printed once the set-up checks passed, so that an error is the last line of a failed start.
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))

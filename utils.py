@@ -769,7 +769,9 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
 
     split: "pretrain" (a whole ImageFolder, or the built-in train split), "train" or "test"
     (built-in splits, or the folder's train/ and val/ sub-folders, DINO's layout).
-    subset: keep the first N images.
+    subset: keep N images; of a folder, N class-balanced ones (balanced_indices), because a
+    folder lists its images class by class; of a built-in set (stored shuffled), the first N,
+    so that bench/quality.py's held-out images (training images 50000 on) stay unseen.
     grey: serve the built-in (grey) data sets as single-channel images; the transform must
     then make them 3-channel (to_three_channels). Folders are always read as RGB.
     lazy: pre-training folders give the transform undecoded images (open_image); the transform
@@ -796,12 +798,27 @@ def build_dataset(data_path: str, split: str, transform: Optional[Callable] = No
         train_classes = class_folders(folder.parent / "train") if split_name == "test" \
             and (folder.parent / "train").is_dir() else []
         dataset = FailOnUnreadableImages(image_folder(str(folder), transform, train_classes or None))
-    if subset is not None and subset > 0:
-        if subset < len(dataset):
-            dataset = torch.utils.data.Subset(dataset, range(subset))
+    if subset is not None and 0 < subset < len(dataset):
+        builtin = data_path in ("fashion_mnist", "digits")
+        indices = range(subset) if builtin else balanced_indices(dataset_labels(dataset), subset)
+        dataset = torch.utils.data.Subset(dataset, indices)
     if len(dataset) == 0:
         raise UserError(f"data set {data_path} ({split}) is empty")
     return dataset
+
+
+def balanced_indices(labels: np.ndarray, count: int) -> List[int]:
+    """`count` indices taken round-robin over the classes: every class's i-th image (in data
+    set order) before any class's (i+1)-th, classes in label order; a class that runs out
+    is passed over. Returned in data set order, deterministic."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    group_start = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    position = np.empty(len(labels), dtype=np.int64)
+    position[order] = np.arange(len(labels)) - group_start  # rank of each image within its class
+    chosen = np.lexsort((labels, position))[:count]  # by position, then label
+    return sorted(int(i) for i in chosen)
 
 
 def dataset_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
@@ -1299,10 +1316,10 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> Non
                              "built-in data set: fashion_mnist (official 60k/10k split) or digits "
                              "(scikit-learn; test = every 5th image).")
     parser.add_argument("--train_subset", default=None, type=non_negative_int,
-                        help="Use only the first N training images (the k-NN bank, the linear "
+                        help="Use only N training images (class-balanced in a folder; the k-NN bank, the linear "
                              "probe's training set), for quick evaluations. Default: all.")
     parser.add_argument("--test_subset", default=None, type=non_negative_int,
-                        help="Use only the first N test images. Results on a subset are not the "
+                        help="Use only N test images (class-balanced in a folder). Results on a subset are not the "
                              "official test figures; leave unset to report. Default: all.")
     parser.add_argument("--batch_size_per_gpu", default=batch_size, type=positive_int,
                         help="Images per process (per GPU, or per CPU process).")

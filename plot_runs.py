@@ -1,0 +1,116 @@
+"""Plot training runs side by side from their log.txt files (e.g. SPARO vs CLS).
+
+    python plot_runs.py RUN_DIR [RUN_DIR ...] --output runs.png
+
+Panels against epoch: loss, teacher entropy, learning rate, and k-NN top-1 when a log has
+`knn_top1`. Each run is labelled by its read-out and the flags in which the runs differ, read
+from RUN_DIR/config.yaml (run_record.py) or else from checkpoint.pth's saved args.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import utils
+
+PANELS = [("train_loss", "DINO loss"), ("train_teacher_entropy", "teacher entropy"),
+          ("train_lr", "learning rate"), ("knn_top1", "k-NN top-1 (%)")]
+# Flags that differ between any two runs without changing what is trained.
+NOT_A_DIFFERENCE = {"output_dir", "dist_url", "local_rank", "num_workers", "print_freq",
+                    "saveckp_freq", "config", "device"}
+
+
+def read_log(run_dir: Path) -> List[Dict[str, Any]]:
+    path = run_dir / "log.txt"
+    if not path.is_file():
+        raise utils.UserError(f"{run_dir} has no log.txt: not a training --output_dir, or no "
+                              f"epoch has finished there yet")
+    try:
+        entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise utils.UserError(f"cannot read {path}: {error}") from error
+    if not entries:
+        raise utils.UserError(f"{path} is empty: no epoch has finished yet")
+    return entries
+
+
+def read_flags(run_dir: Path) -> Dict[str, Any]:
+    """The run's flags: config.yaml, else the args in checkpoint.pth; {} when neither exists."""
+    import torch
+    import yaml
+
+    if (run_dir / "config.yaml").is_file():
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    if (run_dir / "checkpoint.pth").is_file():
+        checkpoint = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
+        return dict(checkpoint.get("args") or {})
+    return {}
+
+
+def run_labels(run_dirs: Sequence[Path], flags: Sequence[Dict[str, Any]]) -> List[str]:
+    """'<readout> flag=value ...' with the flags whose values differ between the runs; the
+    folder name is added where that leaves two runs with the same label."""
+    keys = sorted({k for f in flags for k in f} - NOT_A_DIFFERENCE - {"readout"})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flags}) > 1]
+    labels = [" ".join([str(f.get("readout", "?"))] + [f"{k}={f.get(k)}" for k in differing])
+              for f in flags]
+    return [f"{label} ({run_dir.name})" if labels.count(label) > 1 else label
+            for label, run_dir in zip(labels, run_dirs)]
+
+
+def plot(runs: Sequence[Tuple[str, List[Dict[str, Any]]]], output: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [(key, title) for key, title in PANELS
+              if any(key in entry for _, log in runs for entry in log)]
+    columns = 2 if len(panels) == 4 else len(panels)
+    rows = (len(panels) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False,
+                                 sharex=True)  # one epoch axis, also for a sparse k-NN curve
+    for axis, (key, title) in zip(axes.flat, panels):
+        for number, (label, log) in enumerate(runs):
+            points = [(e["epoch"], e[key]) for e in log if key in e and "epoch" in e]
+            if points:  # one colour per run in every panel, even where another run has no curve
+                epochs, values = zip(*points)
+                axis.plot(epochs, values, marker="o", markersize=3, label=label, color=f"C{number % 10}")
+        axis.set_title(title)
+        if axis.get_subplotspec().is_last_row():
+            axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        if key == "train_lr":
+            axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()  # the loss panel has every run
+    figure.legend(handles, labels, loc="upper center", ncol=min(len(runs), 3), fontsize=9,
+                  frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.06 * ((len(runs) + 2) // 3) * 2 / rows))
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Plot DINO training runs", add_help=True)
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="Training --output_dir folders.")
+    parser.add_argument("--output", default="runs.png", type=Path, help="The PNG to write.")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = utils.parse_args_with_config(get_args_parser(), argv)
+    logs = [read_log(run_dir) for run_dir in args.run_dirs]  # every error before drawing
+    if not args.output.parent.is_dir():
+        raise utils.UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
+    labels = run_labels(args.run_dirs, [read_flags(run_dir) for run_dir in args.run_dirs])
+    plot(list(zip(labels, logs)), args.output)
+    print(f"Wrote {args.output} ({len(logs)} run{'s' if len(logs) > 1 else ''})")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
