@@ -493,7 +493,12 @@ def set_up_training(args: argparse.Namespace, output_dir: Path) -> TrainingSetup
         check_resume_compatible(checkpoint, config, head_config, path)
         student_without_ddp.load_state_dict(checkpoint["student"])
         teacher_without_ddp.load_state_dict(checkpoint["teacher"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as error:  # e.g. a separate-values SPARO run saved with its key bias
+            raise utils.UserError(f"{path}: its optimizer state does not fit this model's "
+                                  f"parameters ({error}); was it written by an older version of this "
+                                  f"code? Resume it with that version, or use another --output_dir") from None
         dino_loss.load_state_dict(checkpoint["dino_loss"])
         if fp16_scaler is not None and checkpoint.get("fp16_scaler"):
             fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])

@@ -272,6 +272,20 @@ def test_resuming_with_other_architecture_is_refused(tmp_path, tiny_sparo_checkp
     assert before == after
 
 
+def test_resuming_an_optimizer_state_of_other_parameters_is_one_line(tmp_path, tiny_sparo_checkpoint):
+    """A checkpoint whose optimizer state lists one parameter more than the model has (as a
+    separate-values SPARO run saved with its key bias did) is refused in one line, untouched."""
+    checkpoint = torch.load(tiny_sparo_checkpoint, map_location="cpu", weights_only=True)
+    group = checkpoint["optimizer"]["param_groups"][0]
+    group["params"] = [*group["params"], max(p for g in checkpoint["optimizer"]["param_groups"]
+                                             for p in g["params"]) + 1]
+    make_existing_run(tmp_path, obj=checkpoint)
+    process, before, after = run_bad(tmp_path)
+    assert process.returncode == 2, process.stderr
+    assert "optimizer state does not fit" in process.stderr and "Traceback" not in process.stderr
+    assert before == after
+
+
 @pytest.mark.slow
 def test_unreadable_images_are_skipped_in_pretraining(tmp_path):
     data = tmp_path / "data"
@@ -354,7 +368,8 @@ def test_nan_before_any_checkpoint_says_so_and_leaves_no_empty_log(tmp_path, mon
     stopped = run_in_process([*RUN_ARGS, "--epochs", "1", "--output_dir", out])
     assert stopped.returncode == 3
     assert "no checkpoint was written yet" in stopped.stderr and "untouched" not in stopped.stderr
-    assert list(out.iterdir()) == []  # no empty log.txt, no lock file
+    # only the run record of the start (issue 20): no empty log.txt, no lock file
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run_record.jsonl"]
 
 
 def test_symlink_loops_and_fifos_in_a_data_folder(tmp_path):
