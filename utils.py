@@ -911,13 +911,19 @@ def clip_gradients(model: nn.Module, clip: float) -> None:
     torch._foreach_mul_(grads, factors)
 
 
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """Keep DINO's prototype layer fixed during the first `freeze_last_layer` epochs."""
-    if epoch >= freeze_last_layer:
+def cancel_gradients(epoch: int, model: nn.Module, until_epoch: int, selects: Callable[[str], bool]) -> None:
+    """Drop the gradients of the parameters whose names `selects` accepts during the first
+    `until_epoch` epochs, so the optimiser leaves them as they are (DINO's way to freeze)."""
+    if epoch >= until_epoch:
         return
     for name, param in model.named_parameters():
-        if "last_layer" in name:
+        if selects(name):
             param.grad = None
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Keep DINO's prototype layer fixed during the first `freeze_last_layer` epochs."""
+    cancel_gradients(epoch, model, freeze_last_layer, lambda name: "last_layer" in name)
 
 
 # ========================================================================= checkpoints

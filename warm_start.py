@@ -170,8 +170,4 @@ def cancel_gradients_frozen_backbone(epoch: int, model: nn.Module, freeze_epochs
     skips a parameter without a gradient entirely (no step, no weight decay, no moment
     estimates until it thaws). The price is the backbone's backward pass during those epochs.
     """
-    if epoch >= freeze_epochs:
-        return
-    for name, param in model.named_parameters():
-        if is_frozen(name):
-            param.grad = None
+    utils.cancel_gradients(epoch, model, freeze_epochs, is_frozen)
