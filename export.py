@@ -48,16 +48,16 @@ def check_round_trip(model: torch.nn.Module, path: Path, img_size: int) -> float
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", parents=[get_args_parser()])
     args = utils.parse_args_with_config(parser, argv)
-    model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key)
+    model, _ = utils.load_backbone(args.pretrained_weights, args.checkpoint_key)
     output_dir = utils.ensure_output_dir(args.output_dir, "--output_dir")
     source = {"checkpoint": Path(args.pretrained_weights).name, "checkpoint_key": args.checkpoint_key}
-    paths = portable.write_export(model, config, output_dir, source)
+    paths = portable.write_export(model, output_dir, source)
     for kind in ("safetensors", "pth"):
-        difference = check_round_trip(model, paths[kind], int(config["img_size"]))
+        difference = check_round_trip(model, paths[kind], model.config.img_size)
         if difference > 0:
             raise utils.UserError(f"{paths[kind]} does not reproduce the checkpoint's features "
                                   f"(max difference {difference:.3g})")
-    print(f"Exported {portable.timm_name(config)} to {output_dir}: "
+    print(f"Exported {portable.timm_name(model.config)} to {output_dir}: "
           f"{', '.join(p.name for p in paths.values())} (features checked: identical)")
 
 

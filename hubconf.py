@@ -24,7 +24,6 @@ get_last_selfattention and get_intermediate_layers.
 """
 import contextlib
 import importlib
-import inspect
 import sys
 import warnings
 from pathlib import Path
@@ -70,20 +69,17 @@ def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> C
             if kwargs.setdefault("patch_size", patch_size) != patch_size:
                 raise ValueError(f"this entry point has patch size {patch_size}, not "
                                  f"{kwargs['patch_size']}; use the {arch} entry point instead")
+        for name in ("arch", "readout"):
+            if name in kwargs:
+                raise TypeError(f"{name} is set by the entry point; pick another entry point")
         with _project_modules() as (utils, vits):
-            config_names = set(inspect.signature(vits.model_config).parameters)
-            for name in ("arch", "readout"):
-                if name in kwargs:
-                    raise TypeError(f"{name} is set by the entry point; pick another entry point")
-            config = {k: kwargs.pop(k) for k in list(kwargs) if k in config_names}
+            asked = vits.BackboneConfig.take_fields(kwargs)  # the rest are model options
             if pretrained_weights is None:
-                return vits.build_backbone(vits.model_config(arch=arch, readout=readout, **config),
-                                           **kwargs)
-            model, loaded_config = utils.load_backbone(
-                str(pretrained_weights), checkpoint_key,
-                expected={"arch": arch, "readout": readout, **config})
+                return vits.BackboneConfig(arch=arch, readout=readout, **asked).build(**kwargs)
+            model, _ = utils.load_backbone(str(pretrained_weights), checkpoint_key,
+                                           expected={"arch": arch, "readout": readout, **asked})
             if kwargs:  # e.g. drop_path_rate for fine-tuning: rebuild around the same weights
-                rebuilt = vits.build_backbone(loaded_config, **kwargs)
+                rebuilt = model.config.build(**kwargs)
                 rebuilt.load_state_dict(model.state_dict(), strict=True)
                 model = rebuilt
             return model

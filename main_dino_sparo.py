@@ -42,27 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="YAML file whose keys are flag names; flags on the command line win.")
 
     # --------------------------------------------------------------------------- model
-    parser.add_argument("--arch", default="vit_small", type=str, choices=sorted(vits.ARCHS),
-                        help="Backbone size, as in DINO: vit_tiny (5M), vit_small (21M), vit_base (85M).")
-    parser.add_argument("--patch_size", default=16, type=utils.positive_int,
-                        help="Side of the square patches in pixels. Smaller patches mean more "
-                             "tokens: better features, quadratically more attention cost.")
-    parser.add_argument("--readout", default="sparo", choices=vits.READOUTS,
-                        help="sparo: L slots of single-head attention with learned queries "
-                             "(this project); cls: DINO's CLS token (the baseline).")
-    parser.add_argument("--sparo_slots", default=64, type=utils.positive_int, help="L, the number of SPARO slots.")
-    parser.add_argument("--sparo_dim", default=64, type=utils.positive_int,
-                        help="V, the output width of each slot; the encoding has L*V dimensions.")
-    parser.add_argument("--sparo_attn_dim", default=None, type=utils.positive_int,
-                        help="a, the width of each slot's query and keys (default: embed_dim / num_heads).")
-    parser.add_argument("--sparo_share_kv", default=True, type=utils.bool_flag,
-                        help="Use each slot's keys as its values (SPARO's default).")
-    parser.add_argument("--sparo_norm", default="slot", choices=("slot", "global"),
-                        help="slot: each slot L2-normalised and scaled by 1/sqrt(L) (SPARO); "
-                             "global: one L2 normalisation of the whole vector (ablation).")
-    parser.add_argument("--sparo_keep_all_blocks", default=False, type=utils.bool_flag,
-                        help="Keep the last transformer block before SPARO. By default SPARO "
-                             "replaces it, keeping the parameter count at the CLS baseline's.")
+    vits.BackboneConfig.add_args(parser)  # --arch, --patch_size, --readout, --sparo_*
     parser.add_argument("--out_dim", default=65536, type=utils.positive_int,
                         help="Number of prototypes (output width of the DINO head). 65536 for "
                              "ImageNet; a few thousand is plenty for small data sets.")
@@ -256,13 +236,6 @@ class StepStatsTracker:
         return float(totals[0]) / count, float(totals[1]) / count
 
 
-def model_config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    return vits.model_config(arch=args.arch, patch_size=args.patch_size, img_size=args.global_crops_size,
-                             readout=args.readout, sparo_slots=args.sparo_slots, sparo_dim=args.sparo_dim,
-                             sparo_attn_dim=args.sparo_attn_dim, sparo_share_kv=args.sparo_share_kv,
-                             sparo_norm=args.sparo_norm, sparo_keep_all_blocks=args.sparo_keep_all_blocks)
-
-
 def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, Any]:
     return dict(in_dim=in_dim, out_dim=args.out_dim, use_bn=args.use_bn_in_head,
                 norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
@@ -356,9 +329,9 @@ def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
 
 
 def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Module, Dict[str, Any], Dict[str, Any]]:
-    config = model_config_from_args(args)
-    student_backbone = vits.build_backbone(config, drop_path_rate=args.drop_path_rate)
-    teacher_backbone = vits.build_backbone(config)
+    config = vits.BackboneConfig.from_args(args)
+    student_backbone = config.build(drop_path_rate=args.drop_path_rate)
+    teacher_backbone = config.build()
     head_config = head_config_from_args(args, student_backbone.num_features)
     student = MultiCropWrapper(student_backbone, DINOHead(**head_config))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(**head_config))
@@ -367,7 +340,7 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
         # took 3x the fp32 time on 17 tokens); the explicit q.k^T softmax runs in AMX matmuls.
         for backbone in (student_backbone, teacher_backbone):
             vits.set_fused_attention(backbone, False)
-    return student, teacher, config, head_config
+    return student, teacher, config.to_dict(), head_config
 
 
 def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:

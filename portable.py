@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from vision_transformer import BackboneConfig
 
 SAFETENSORS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -23,42 +26,41 @@ PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct",
                        "first_conv", "classifier")
 
 
-def timm_name(config: Dict[str, Any]) -> str:
-    """The timm name that builds this configuration (timm_models.py), e.g.
+def timm_name(config: BackboneConfig) -> str:
+    """The timm name that builds this BackboneConfig (timm_models.py), e.g.
     vit_small_patch16_224_sparo; the image size and read-out settings travel as model_args."""
     import timm_models
 
     return timm_models.registered_name(config) or timm_models.variant_name(
-        config["arch"], config["patch_size"], config["img_size"], config["readout"])
+        config.arch, config.patch_size, config.img_size, config.readout)
 
 
-def export_config(config: Dict[str, Any], source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """config.json: timm's hub layout (architecture, num_classes, num_features, pretrained_cfg,
-    model_args) plus this project's model_config and the read-out spelled out."""
+def export_config(config: BackboneConfig, source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """config.json of a BackboneConfig: timm's hub layout (architecture, num_classes,
+    num_features, pretrained_cfg, model_args) plus this project's model_config and the read-out
+    spelled out."""
     import timm_models
     import vision_transformer as vits
 
-    embed_dim, depth, num_heads = vits.ARCHS[config["arch"]]
-    size = int(config["img_size"])
-    readout: Dict[str, Any] = {"type": config["readout"]}
-    if config["readout"] == "sparo":
-        readout.update(L=config["sparo_slots"], V=config["sparo_dim"],
-                       a=config["sparo_attn_dim"] or embed_dim // num_heads,
-                       share_kv=config["sparo_share_kv"], norm=config["sparo_norm"],
-                       keep_all_blocks=config["sparo_keep_all_blocks"])
-    num_features = config["sparo_slots"] * config["sparo_dim"] if config["readout"] == "sparo" else embed_dim
+    embed_dim, depth, num_heads = vits.ARCHS[config.arch]
+    readout: Dict[str, Any] = {"type": config.readout}
+    if config.readout == "sparo":
+        readout.update(L=config.sparo_slots, V=config.sparo_dim, a=config.attn_dim,
+                       share_kv=config.sparo_share_kv, norm=config.sparo_norm,
+                       keep_all_blocks=config.sparo_keep_all_blocks)
+    model_config = config.to_dict()
     return {
         "architecture": timm_name(config),
         "num_classes": 0,
-        "num_features": num_features,
+        "num_features": config.num_features,
         "backbone": {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
-                     "patch_size": config["patch_size"], "mlp_ratio": 4.0, "qkv_bias": True},
+                     "patch_size": config.patch_size, "mlp_ratio": 4.0, "qkv_bias": True},
         "readout": readout,
         "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v
-                           for k, v in timm_models.pretrained_cfg_for(size).items()
+                           for k, v in timm_models.pretrained_cfg_for(config.img_size).items()
                            if k in PRETRAINED_CFG_KEYS},
-        "model_args": {k: v for k, v in config.items() if k not in ("arch", "readout")},
-        "model_config": dict(config),
+        "model_args": {k: v for k, v in model_config.items() if k not in ("arch", "readout")},
+        "model_config": model_config,
         "source": source or {},
     }
 
@@ -68,15 +70,15 @@ def backbone_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def write_export(model: torch.nn.Module, config: Dict[str, Any], output_dir: Path,
+def write_export(model: torch.nn.Module, output_dir: Path,
                  source: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
-    """Write model.safetensors, config.json and backbone.pth into output_dir."""
+    """Write model.safetensors, config.json and backbone.pth of a backbone into output_dir."""
     from safetensors.torch import save_file
 
     from utils import atomic_save
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    meta = export_config(config, source)
+    meta = export_config(model.config, source)
     state = backbone_state(model)
     paths = {"safetensors": output_dir / SAFETENSORS_NAME, "config": output_dir / CONFIG_NAME,
              "pth": output_dir / PTH_NAME}
@@ -88,7 +90,7 @@ def write_export(model: torch.nn.Module, config: Dict[str, Any], output_dir: Pat
     # DINO's released files are bare backbone state dicts; model_config (plain values) rides
     # along so that settings the shapes cannot tell (sparo_norm) survive. DINO's own loader
     # (load_state_dict(strict=False)) ignores that key.
-    atomic_save({**state, "model_config": dict(config)}, paths["pth"])
+    atomic_save({**state, "model_config": meta["model_config"]}, paths["pth"])
     return paths
 
 

@@ -17,6 +17,7 @@ is timm's "No pretrained weights exist" error.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -30,19 +31,16 @@ import vision_transformer as vits
 # (arch, patch size, default image size) of every registered name, with both read-outs.
 VARIANTS = [(arch, patch, 224) for arch in ("vit_nano", "vit_tiny", "vit_small", "vit_base")
             for patch in (8, 16)] + [("vit_nano", 7, 28), ("vit_tiny", 4, 28)]
-CONFIG_ARGS = ("patch_size", "img_size", "sparo_slots", "sparo_dim", "sparo_attn_dim",
-               "sparo_share_kv", "sparo_norm", "sparo_keep_all_blocks")
 
 
 def variant_name(arch: str, patch_size: int, img_size: int, readout: str) -> str:
     return f"{arch}_patch{patch_size}_{img_size}_{readout}"
 
 
-def registered_name(config: Dict[str, Any]) -> Optional[str]:
+def registered_name(config: vits.BackboneConfig) -> Optional[str]:
     """The registered name that builds this configuration (its image size preferred)."""
-    candidates = [(img != config["img_size"], variant_name(arch, patch, img, config["readout"]))
-                  for arch, patch, img in VARIANTS
-                  if arch == config["arch"] and patch == config["patch_size"]]
+    candidates = [(img != config.img_size, variant_name(arch, patch, img, config.readout))
+                  for arch, patch, img in VARIANTS if arch == config.arch and patch == config.patch_size]
     return min(candidates)[1] if candidates else None
 
 
@@ -70,22 +68,20 @@ class TimmVisionTransformer(vits.VisionTransformer):
         return self.forward_tokens(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        encoding = self.sparo(x) if self.sparo is not None else x[:, 0]
+        encoding = self.read_out(x)
         return encoding if pre_logits else self.head(encoding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-def _file_config(path: str) -> Dict[str, Any]:
+def _file_config(path: str) -> vits.BackboneConfig:
     """The model configuration a weight file carries, or the one its shapes imply."""
     import utils
 
     checkpoint = utils.load_checkpoint(path)
-    if isinstance(checkpoint.get("model_config"), dict):
-        return dict(checkpoint["model_config"])
     state = checkpoint.get("teacher") if isinstance(checkpoint.get("teacher"), dict) else checkpoint
-    return utils.infer_model_config(utils._strip_prefixes(state))
+    return utils.checkpoint_config(checkpoint, utils._strip_prefixes(state))
 
 
 def _filter_state(state: Dict[str, Any], model: TimmVisionTransformer) -> Dict[str, torch.Tensor]:
@@ -107,31 +103,28 @@ def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained:
     name = variant_name(arch, patch_size, img_size, readout)
     if kwargs.get("patch_size", patch_size) != patch_size:
         raise ValueError(f"{name} has patch size {patch_size}, not {kwargs['patch_size']}")
+    if "arch" in kwargs or "readout" in kwargs:
+        raise TypeError(f"{name} fixes the arch and read-out; pick another name")
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    config = vits.model_config(arch=arch, patch_size=patch_size, img_size=img_size, readout=readout)
+    asked = vits.BackboneConfig.take_fields(kwargs)  # the rest are model options
+    if isinstance(asked.get("img_size"), (tuple, list)):  # timm passes input_size[-2:]
+        asked["img_size"] = int(asked["img_size"][0])
+    config = vits.BackboneConfig(arch=arch, patch_size=patch_size, img_size=img_size, readout=readout)
     if pretrained and overlay.get("file"):
         from_file = _file_config(str(overlay["file"]))
         for key in ("arch", "readout", "patch_size"):
-            if from_file[key] != config[key]:
-                raise ValueError(f"{overlay['file']} holds a model with {key}={from_file[key]!r}, "
-                                 f"but {name} has {key}={config[key]!r}")
-        for key in CONFIG_ARGS:  # arguments given here must agree with the file
-            if key in kwargs and kwargs[key] is not None and key != "img_size" and kwargs[key] != from_file[key]:
-                raise ValueError(f"{overlay['file']} holds a model with {key}={from_file[key]!r}, "
-                                 f"but {key}={kwargs[key]!r} was asked for")
-        config.update(from_file)
-        size = int(from_file["img_size"])
-        overlay.setdefault("input_size", (3, size, size))
-    for key in CONFIG_ARGS:
-        if key in kwargs:
-            config[key] = kwargs.pop(key)
-    if isinstance(config["img_size"], (tuple, list)):  # timm passes input_size[-2:]
-        config["img_size"] = int(config["img_size"][0])
-    embed_dim, depth, num_heads = vits.ARCHS[config.pop("arch")]
+            if getattr(from_file, key) != getattr(config, key):
+                raise ValueError(f"{overlay['file']} holds a model with {key}={getattr(from_file, key)!r}, "
+                                 f"but {name} has {key}={getattr(config, key)!r}")
+        # arguments given here must agree with the file (the input size may differ)
+        disagreement = from_file.disagreement({k: v for k, v in asked.items() if k != "img_size"})
+        if disagreement:
+            raise ValueError(f"{overlay['file']} {disagreement}")
+        config = from_file
+        overlay.setdefault("input_size", (3, config.img_size, config.img_size))
     return build_model_with_cfg(TimmVisionTransformer, name, pretrained,
                                 pretrained_cfg_overlay=overlay, pretrained_filter_fn=_filter_state,
-                                embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                **config, **kwargs)
+                                config=dataclasses.replace(config, **asked), **kwargs)
 
 
 def pretrained_cfg_for(img_size: int) -> Dict[str, Any]:

@@ -1212,61 +1212,45 @@ def _strip_prefixes(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return state
 
 
-def infer_model_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """Rebuild a model configuration from a backbone state dict's shapes (e.g. official DINO
-    files, which carry no configuration)."""
-    import vision_transformer as vits
+def checkpoint_backbone(checkpoint: Dict[str, Any], checkpoint_key: str, what: str,
+                        key_flag: str = "--checkpoint_key") -> Tuple[Dict[str, Any], str]:
+    """(backbone state dict as stored, what it is) of a loaded file: the `checkpoint_key`
+    weights of a training checkpoint, or a bare backbone (DINO's released files, export.py's)."""
+    if isinstance(checkpoint.get(checkpoint_key), dict):
+        return checkpoint[checkpoint_key], f"'{checkpoint_key}' weights"
+    if all(isinstance(v, torch.Tensor) for k, v in checkpoint.items() if k != "model_config"):
+        return {k: v for k, v in checkpoint.items() if k != "model_config"}, "backbone weights"
+    keys = [k for k, v in checkpoint.items() if isinstance(v, dict)]
+    raise UserError(f"{what} has no '{checkpoint_key}' weights (it holds: "
+                    f"{', '.join(keys) or 'no state dicts'}); see {key_flag}")
 
-    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise UserError("the weights are not a ViT backbone (no patch_embed.proj.weight/pos_embed)")
-    embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
-    arch = next((name for name, (width, _, _) in vits.ARCHS.items() if width == embed_dim), None)
-    if arch is None:
-        raise UserError(f"no known architecture has width {embed_dim} ({sorted(vits.ARCHS)})")
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-    config: Dict[str, Any] = dict(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size),
-                                  readout="sparo" if "sparo.queries" in state else "cls")
-    if config["readout"] == "sparo":
-        slots, attn_dim = state["sparo.queries"].shape
-        depth = vits.ARCHS[arch][1]
-        num_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        config.update(sparo_slots=int(slots), sparo_attn_dim=int(attn_dim),
-                      sparo_dim=int(state["sparo.out_proj.weight"].shape[0]),
-                      sparo_share_kv="sparo.value.weight" not in state,
-                      sparo_keep_all_blocks=num_blocks == depth)
-    return config
+
+def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor]) -> Any:
+    """The BackboneConfig a file carries as `model_config`, else the one its backbone weights'
+    shapes imply (official DINO files carry none)."""
+    from vision_transformer import BackboneConfig
+
+    stored = checkpoint.get("model_config")
+    return BackboneConfig.from_dict(stored) if isinstance(stored, dict) else BackboneConfig.from_state_dict(state)
 
 
 def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
                   expected: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a backbone and load weights into it strictly; returns (model, model_config).
+    """Build a backbone and load weights into it strictly; returns (model, model_config dict).
 
     Accepts this project's checkpoints (student/teacher + model_config), bare backbone state
     dicts and official DINO files (bare, or full checkpoints with `args` as a Namespace).
     `expected` holds configuration values the caller asks for (e.g. arch, patch_size from the
     command line); one that differs from the checkpoint is an error, never a silent rebuild.
     """
-    import vision_transformer as vits
-
     checkpoint = load_checkpoint(pretrained_weights)
-    if checkpoint_key in checkpoint and isinstance(checkpoint[checkpoint_key], dict):
-        state, source = checkpoint[checkpoint_key], f"'{checkpoint_key}' weights"
-    elif all(isinstance(v, torch.Tensor) for k, v in checkpoint.items() if k != "model_config"):
-        # a bare backbone: DINO's released files, or export.py's (with model_config)
-        state = {k: v for k, v in checkpoint.items() if k != "model_config"}
-        source = "backbone weights"
-    else:
-        keys = [k for k, v in checkpoint.items() if isinstance(v, dict)]
-        raise UserError(f"{pretrained_weights} has no '{checkpoint_key}' weights "
-                        f"(it holds: {', '.join(keys) or 'no state dicts'}); see --checkpoint_key")
+    state, source = checkpoint_backbone(checkpoint, checkpoint_key, pretrained_weights)
     state = _strip_prefixes(state)
-    config = dict(checkpoint["model_config"]) if isinstance(checkpoint.get("model_config"), dict) \
-        else infer_model_config(state)
-    for key, value in (expected or {}).items():
-        if value is not None and key in config and config[key] != value:
-            raise UserError(f"{pretrained_weights} holds a model with {key}={config[key]!r}, but "
-                            f"{key}={value!r} was asked for")
-    model = vits.build_backbone(config)
+    config = checkpoint_config(checkpoint, state)
+    disagreement = config.disagreement(expected or {})
+    if disagreement:
+        raise UserError(f"{pretrained_weights} {disagreement}")
+    model = config.build()
     own = model.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     result = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape},
@@ -1281,10 +1265,10 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
     if result.unexpected_keys:
         problems.append(f"unexpected keys: {_short_list(result.unexpected_keys)}")
     if problems:
-        raise UserError(f"{pretrained_weights} does not fit a {config['arch']} "
-                        f"readout={config['readout']} backbone; {'; '.join(problems)}")
-    print(f"Loaded {source} from {pretrained_weights}: {config['arch']}/{config['patch_size']} readout={config['readout']}")
-    return model, config
+        raise UserError(f"{pretrained_weights} does not fit a {config.arch} "
+                        f"readout={config.readout} backbone; {'; '.join(problems)}")
+    print(f"Loaded {source} from {pretrained_weights}: {config.arch}/{config.patch_size} readout={config.readout}")
+    return model, config.to_dict()
 
 
 def _short_list(keys: List[str], limit: int = 5) -> str:

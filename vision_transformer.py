@@ -10,7 +10,10 @@ DINO backbone state dict loads strictly into `readout="cls"`.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
@@ -20,15 +23,14 @@ from torch import nn
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Attention, Block
 
-from sparo_head import SLOT_NORMS, SparoReadout
+from sparo_head import SLOT_NORMS, SlotNorm, SparoReadout
 
 Readout = Literal["sparo", "cls"]
 READOUTS = ("sparo", "cls")
 
 # DINO's architectures: (embed_dim, depth, num_heads); all use mlp_ratio 4 and qkv bias.
-# vit_nano is not DINO's: a CPU-sized ViT (half the width and depth of vit_tiny; a SPARO-DINO
-# step on 28-px images took 0.45x vit_tiny's time on 2 cores) for the learning-speed study in
-# RESULTS.md and quick experiments.
+# vit_nano is not DINO's: a CPU-sized ViT (half the width and depth of vit_tiny, and under half
+# its step time: BENCHMARKS.md) for the learning-speed study in RESULTS.md and quick experiments.
 ARCHS: Dict[str, tuple] = {
     "vit_nano": (96, 6, 3),
     "vit_tiny": (192, 12, 3),
@@ -37,41 +39,167 @@ ARCHS: Dict[str, tuple] = {
 }
 
 
+def _option(default: Any, help: str, choices: Optional[Tuple[str, ...]] = None) -> Any:
+    """A configuration field that training sets with the flag --<field name>."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything needed to rebuild a backbone, checked once here. Training flags, checkpoints
+    (as the plain dict `model_config`), weight files without one, hub and timm entries all
+    reach the model through it. A new read-out is a READOUTS name, its fields here and its
+    branch in VisionTransformer."""
+
+    arch: str = _option("vit_small", "Backbone size, as in DINO: vit_tiny (5M), vit_small (21M), "
+                                     "vit_base (85M).", choices=tuple(sorted(ARCHS)))
+    patch_size: int = _option(16, "Side of the square patches in pixels. Smaller patches mean more "
+                                  "tokens: better features, quadratically more attention cost.")
+    img_size: int = 224  # the training resolution (--global_crops_size): sizes the position table
+    readout: Readout = _option("sparo", "sparo: L slots of single-head attention with learned queries "
+                                        "(this project); cls: DINO's CLS token (the baseline).",
+                               choices=READOUTS)
+    sparo_slots: int = _option(64, "L, the number of SPARO slots.")
+    sparo_dim: int = _option(64, "V, the output width of each slot; the encoding has L*V dimensions.")
+    sparo_attn_dim: Optional[int] = _option(None, "a, the width of each slot's query and keys "
+                                                  "(default: embed_dim / num_heads).")
+    sparo_share_kv: bool = _option(True, "Use each slot's keys as its values (SPARO's default).")
+    sparo_norm: SlotNorm = _option("slot", "slot: each slot L2-normalised and scaled by 1/sqrt(L) "
+                                           "(SPARO); global: one L2 normalisation of the whole "
+                                           "vector (ablation).", choices=SLOT_NORMS)
+    sparo_keep_all_blocks: bool = _option(False, "Keep the last transformer block before SPARO. By "
+                                                 "default SPARO replaces it, keeping the parameter "
+                                                 "count at the CLS baseline's.")
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose from {sorted(ARCHS)}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
+        if self.sparo_norm not in SLOT_NORMS:
+            raise ValueError(f"sparo_norm must be one of {SLOT_NORMS}, got {self.sparo_norm!r}")
+        for name in ("patch_size", "img_size", "sparo_slots", "sparo_dim", "sparo_attn_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    # ------------------------------------------------------------ derived sizes
+    @property
+    def num_blocks(self) -> int:
+        """Blocks before the read-out: SPARO takes the last one's place unless told to keep
+        it (SPARO.md, "Cost")."""
+        depth = ARCHS[self.arch][1]
+        return depth - 1 if self.readout == "sparo" and not self.sparo_keep_all_blocks else depth
+
+    @property
+    def attn_dim(self) -> int:
+        """SPARO's a: as given, else the width of one attention head."""
+        embed_dim, _, num_heads = ARCHS[self.arch]
+        return self.sparo_attn_dim or embed_dim // num_heads
+
+    @property
+    def num_features(self) -> int:
+        """Width of the backbone encoding: L*V for SPARO, the token width for CLS."""
+        return self.sparo_slots * self.sparo_dim if self.readout == "sparo" else ARCHS[self.arch][0]
+
+    # ------------------------------------------------------------ conversions
+    def to_dict(self) -> Dict[str, Any]:
+        """The plain dict stored as `model_config` (checkpoints load with weights_only)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: Dict[str, Any]) -> "BackboneConfig":
+        """A stored `model_config`; fields it lacks (older checkpoints) take their defaults."""
+        return cls(**config)
+
+    @classmethod
+    def take_fields(cls, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """Remove the configuration's fields from kwargs (the rest are model options) and
+        return them."""
+        return {f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs}
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        """The training flags, one per field with a help text, under the field's name."""
+        import utils
+
+        for option in dataclasses.fields(cls):
+            if option.metadata:  # every numeric field is a size: positive
+                kind = (None if option.metadata["choices"] else
+                        utils.bool_flag if isinstance(option.default, bool) else utils.positive_int)
+                parser.add_argument(f"--{option.name}", default=option.default, type=kind,
+                                    choices=option.metadata["choices"], help=option.metadata["help"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BackboneConfig":
+        """The training flags' configuration (the image size is --global_crops_size)."""
+        flagged = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.metadata}
+        return cls(img_size=args.global_crops_size, **flagged)
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, torch.Tensor]) -> "BackboneConfig":
+        """The configuration a backbone state dict's shapes imply (official DINO files carry
+        none). SPARO's norm leaves no trace in the shapes: the default is assumed."""
+        import utils
+
+        if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+            raise utils.UserError("the weights are not a ViT backbone (no patch_embed.proj.weight/pos_embed)")
+        embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
+        arch = next((name for name, (width, _, _) in ARCHS.items() if width == embed_dim), None)
+        if arch is None:
+            raise utils.UserError(f"no known architecture has width {embed_dim} ({sorted(ARCHS)})")
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+        if "sparo.queries" not in state:
+            return cls(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size), readout="cls")
+        slots, attn_dim = state["sparo.queries"].shape
+        num_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        return cls(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size),
+                   readout="sparo", sparo_slots=int(slots), sparo_attn_dim=int(attn_dim),
+                   sparo_dim=int(state["sparo.out_proj.weight"].shape[0]),
+                   sparo_share_kv="sparo.value.weight" not in state,
+                   sparo_keep_all_blocks=num_blocks == ARCHS[arch][1])
+
+    def disagreement(self, asked: Dict[str, Any]) -> Optional[str]:
+        """What the first value asked for (None: anything) that this configuration does not
+        have says about it, or None when all agree."""
+        for key, value in asked.items():
+            if value is not None and getattr(self, key) != value:
+                return f"holds a model with {key}={getattr(self, key)!r}, but {key}={value!r} was asked for"
+        return None
+
+    def build(self, **overrides: Any) -> "VisionTransformer":
+        """The backbone (overrides: drop_path_rate, in_chans, ...)."""
+        return VisionTransformer(self, **overrides)
+
+
 class VisionTransformer(nn.Module):
     """DINO's ViT with a choice of read-out. `forward` returns the backbone encoding."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 readout: Readout = "sparo", sparo_slots: int = 64, sparo_dim: int = 64,
-                 sparo_attn_dim: Optional[int] = None, sparo_share_kv: bool = True,
-                 sparo_norm: str = "slot", sparo_keep_all_blocks: bool = False) -> None:
+    def __init__(self, config: BackboneConfig, in_chans: int = 3, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.readout, self.patch_size, self.embed_dim = readout, patch_size, embed_dim
-        self.num_features = embed_dim
+        self.config = config
+        embed_dim, depth, num_heads = ARCHS[config.arch]
+        self.readout, self.patch_size, self.embed_dim = config.readout, config.patch_size, embed_dim
+        self.num_features = config.num_features
         self.num_heads = num_heads
 
         # strict_img_size=False: any input size whose sides are multiples of the patch size.
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, flatten=False, strict_img_size=False)
+        self.patch_embed = PatchEmbed(img_size=config.img_size, patch_size=config.patch_size,
+                                      in_chans=in_chans, embed_dim=embed_dim, flatten=False,
+                                      strict_img_size=False)
         self.pos_grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.pos_grid), embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        # SPARO takes the place of the last block unless told to keep it (SPARO.md, "Cost").
-        num_blocks = depth - 1 if readout == "sparo" and not sparo_keep_all_blocks else depth
         drop_path = torch.linspace(0, drop_path_rate, depth).tolist()  # DINO's rule over depth
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                   proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[i],
                   norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for i in range(num_blocks)])
+            for i in range(config.num_blocks)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()  # DINO's backbones carry an empty head; the projection is apart
 
@@ -79,11 +207,9 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_dino_weights)
         self.sparo: Optional[SparoReadout] = None
-        if readout == "sparo":  # built after DINO's init so that it keeps SPARO's own
-            self.sparo = SparoReadout(embed_dim, sparo_slots, sparo_dim,
-                                      sparo_attn_dim or embed_dim // num_heads,
-                                      sparo_share_kv, sparo_norm)
-            self.num_features = self.sparo.out_dim
+        if config.readout == "sparo":  # built after DINO's init so that it keeps SPARO's own
+            self.sparo = SparoReadout(embed_dim, config.sparo_slots, config.sparo_dim,
+                                      config.attn_dim, config.sparo_share_kv, config.sparo_norm)
 
     # ------------------------------------------------------------------------------ tokens
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +235,10 @@ class VisionTransformer(nn.Module):
     # ---------------------------------------------------------------------------- read-out
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone encoding: (B, L*V) unit-norm SPARO vector, or the (B, D) CLS token."""
-        tokens = self.forward_tokens(x)
+        return self.read_out(self.forward_tokens(x))
+
+    def read_out(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoding of the output tokens (B, 1 + h*w, D)."""
         return self.sparo(tokens) if self.sparo is not None else tokens[:, 0]
 
     def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,39 +316,13 @@ def _init_dino_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-# --------------------------------------------------------------------- model configuration
-def model_config(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
-                 readout: Readout = "sparo", sparo_slots: int = 64, sparo_dim: int = 64,
-                 sparo_attn_dim: Optional[int] = None, sparo_share_kv: bool = True,
-                 sparo_norm: str = "slot", sparo_keep_all_blocks: bool = False) -> Dict[str, Any]:
-    """Everything needed to rebuild a backbone; stored in checkpoints as `model_config`."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-    if sparo_norm not in SLOT_NORMS:
-        raise ValueError(f"sparo_norm must be one of {SLOT_NORMS}, got {sparo_norm!r}")
-    return dict(arch=arch, patch_size=patch_size, img_size=img_size, readout=readout,
-                sparo_slots=sparo_slots, sparo_dim=sparo_dim, sparo_attn_dim=sparo_attn_dim,
-                sparo_share_kv=sparo_share_kv, sparo_norm=sparo_norm,
-                sparo_keep_all_blocks=sparo_keep_all_blocks)
-
-
-def build_backbone(config: Dict[str, Any], **overrides: Any) -> VisionTransformer:
-    """A VisionTransformer from a `model_config` dict (overrides: drop_path_rate, ...)."""
-    config = model_config(**config)
-    embed_dim, depth, num_heads = ARCHS[config.pop("arch")]
-    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             **config, **overrides)
-
-
 def _arch_factory(arch: str):
     def build(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
-        embed_dim, depth, num_heads = ARCHS[arch]
-        return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                 num_heads=num_heads, **kwargs)
+        config = BackboneConfig(arch=arch, patch_size=patch_size, **BackboneConfig.take_fields(kwargs))
+        return config.build(**kwargs)
     build.__name__ = arch
-    build.__doc__ = f"DINO's {arch}: width {ARCHS[arch][0]}, {ARCHS[arch][2]} heads."
+    build.__doc__ = (f"DINO's {arch}: width {ARCHS[arch][0]}, {ARCHS[arch][2]} heads. Keyword "
+                     f"arguments: BackboneConfig fields (readout, img_size, ...) and model options.")
     return build
 
 
@@ -236,7 +339,7 @@ def parameter_table(patch_size: int = 16, img_size: int = 224) -> str:
             f"{'SPARO read-out':>15} {'one block':>10}"]
     for arch in ARCHS:
         def count(**options: Any) -> int:
-            model = build_backbone(model_config(arch, patch_size, img_size, **options))
+            model = BackboneConfig(arch, patch_size, img_size, **options).build()
             return sum(p.numel() for p in model.parameters())
         cls, sparo = count(readout="cls"), count(readout="sparo")
         keep_all = count(readout="sparo", sparo_keep_all_blocks=True)
@@ -297,7 +400,7 @@ class DINOHead(nn.Module):
         x = F.normalize(self.mlp(x).float(), dim=-1, p=2)
         # The prototype layer runs in fp32 even under autocast: its outputs are cosines in
         # [-1, 1] that the loss divides by temperatures of 0.04-0.1; rounded to bf16 they
-        # carry a 2.5 % mean error into the teacher's probabilities.
+        # carry a visible error into the teacher's probabilities (BENCHMARKS.md).
         with torch.autocast(x.device.type, enabled=False):
             return self.last_layer(x)
 

@@ -43,15 +43,8 @@ def _non_negative(value: str) -> int:
 
 def backbone_weights(path: str, checkpoint_key: str) -> tuple:
     """(backbone tensors, names of the projection-head tensors left out) of any supported file."""
-    checkpoint = utils.load_checkpoint(path)
-    if isinstance(checkpoint.get(checkpoint_key), dict):
-        state = checkpoint[checkpoint_key]
-    elif all(isinstance(v, torch.Tensor) for k, v in checkpoint.items() if k != "model_config"):
-        state = {k: v for k, v in checkpoint.items() if k != "model_config"}
-    else:
-        keys = [k for k, v in checkpoint.items() if isinstance(v, dict)]
-        raise utils.UserError(f"--init_backbone {path} has no '{checkpoint_key}' weights (it holds: "
-                              f"{', '.join(keys) or 'no state dicts'}); see --init_checkpoint_key")
+    state, _ = utils.checkpoint_backbone(utils.load_checkpoint(path), checkpoint_key,
+                                         f"--init_backbone {path}", "--init_checkpoint_key")
     unprefixed = [k[len("module."):] if k.startswith("module.") else k for k in state]
     head = [k for k in unprefixed if k.startswith("head.")] if any(
         k.startswith("backbone.") for k in unprefixed) else []
@@ -98,11 +91,8 @@ def _replaced_block(backbone: nn.Module) -> Optional[int]:
     """Index of the DINO block whose place the SPARO read-out took (None: every block kept)."""
     import vision_transformer as vits
 
-    depth = next((d for width, d, heads in vits.ARCHS.values()
-                  if width == backbone.embed_dim and heads == backbone.num_heads), None)
-    if getattr(backbone, "sparo", None) is None or depth is None or len(backbone.blocks) != depth - 1:
-        return None
-    return len(backbone.blocks)
+    config = backbone.config
+    return config.num_blocks if config.num_blocks < vits.ARCHS[config.arch][1] else None
 
 
 def _grid(pos_embed: torch.Tensor) -> str:

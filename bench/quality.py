@@ -249,7 +249,7 @@ def variant_model_config(name: str, recipe: str, train_args: Sequence[str] = ())
 
     parser = argparse.ArgumentParser("SPARO-DINO", parents=[main_dino_sparo.get_args_parser()])
     args = utils.parse_args_with_config(parser, ["--config", recipe, *VARIANTS[name][1], *train_args])
-    return main_dino_sparo.model_config_from_args(args)
+    return vits.BackboneConfig.from_args(args).to_dict()
 
 
 def save_untrained(path: Path, config: Dict[str, Any], seed: int) -> None:
@@ -258,7 +258,7 @@ def save_untrained(path: Path, config: Dict[str, Any], seed: int) -> None:
     if path.exists():
         return
     utils.fix_random_seeds(seed)
-    model = vits.build_backbone(dict(config))
+    model = vits.BackboneConfig.from_dict(config).build()
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_save(dict(teacher=model.state_dict(), model_config=config), path)
 

@@ -275,7 +275,7 @@ def test_select_slots_never_uses_the_test_split(sparo_features, tmp_path):
 def cls_checkpoint(tmp_path_factory):
     """A DINO-named CLS backbone state dict (vit_tiny/4 at 16 px, random weights)."""
     torch.manual_seed(0)
-    model = vits.build_backbone(vits.model_config("vit_tiny", 4, 16, readout="cls"))
+    model = vits.BackboneConfig("vit_tiny", 4, 16, readout="cls").build()
     path = tmp_path_factory.mktemp("cls") / "cls_backbone.pth"
     torch.save(model.state_dict(), path)
     return path

@@ -39,7 +39,7 @@ def test_cls_feature_is_dinos_concatenation():
     """n last CLS tokens (+ mean patch token): the last CLS is the model's own output and the
     pooled part is the mean of its final patch tokens."""
     torch.manual_seed(0)
-    model = vits.build_backbone(vits.model_config("vit_tiny", 4, 16, readout="cls")).eval()
+    model = vits.BackboneConfig("vit_tiny", 4, 16, readout="cls").build().eval()
     images = torch.randn(3, 3, 16, 16)
     config = dict(readout="cls", arch="vit_tiny")
     with torch.no_grad():

@@ -32,14 +32,14 @@ def export_to(tmp_path, checkpoint, *extra):
 def cpu_recipe_checkpoint(tmp_path, readout="sparo"):
     """A checkpoint in the training layout with the CPU recipe's shapes (vit_nano/7 at 28 px,
     configs/quality/recipe_cpu.yaml), untrained: export does not care how the weights came."""
-    config = vits.model_config(arch="vit_nano", patch_size=7, img_size=28, readout=readout,
+    config = vits.BackboneConfig(arch="vit_nano", patch_size=7, img_size=28, readout=readout,
                                sparo_slots=8, sparo_dim=8, sparo_norm="global")
     torch.manual_seed(0)
-    student, teacher = vits.build_backbone(config), vits.build_backbone(config)
+    student, teacher = config.build(), config.build()
     path = tmp_path / "checkpoint.pth"
     torch.save(dict(student={f"backbone.{k}": v for k, v in student.state_dict().items()},
                     teacher={f"backbone.{k}": v for k, v in teacher.state_dict().items()},
-                    epoch=5, model_config=config), path)
+                    epoch=5, model_config=config.to_dict()), path)
     return path, student, teacher
 
 

@@ -16,12 +16,12 @@ class NotATensor:
     """An arbitrary pickled object: safe (weights_only) loading must refuse it."""
 
 
-CLS_CONFIG = vits.model_config("vit_tiny", patch_size=4, img_size=16, readout="cls")
+CLS_CONFIG = vits.BackboneConfig("vit_tiny", patch_size=4, img_size=16, readout="cls")
 
 
 def cls_backbone(seed):
     torch.manual_seed(seed)
-    return vits.build_backbone(CLS_CONFIG).eval()
+    return CLS_CONFIG.build().eval()
 
 
 def assert_same_weights(loaded, reference):

@@ -1,4 +1,5 @@
 """ViT backbone: shapes, DINO-compatible parameter names, read-outs, head and multi-crop."""
+import argparse
 import math
 
 import numpy as np
@@ -153,13 +154,36 @@ def test_slot_attention_and_intermediate_layers():
 
 
 def test_build_backbone_from_config_round_trip():
-    config = vits.model_config(arch="vit_tiny", patch_size=4, img_size=28, sparo_slots=8, sparo_dim=4,
-                               sparo_norm="global", sparo_share_kv=False)
-    model = vits.build_backbone(config)
+    config = vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=28, sparo_slots=8, sparo_dim=4,
+                                 sparo_norm="global", sparo_share_kv=False)
+    model = vits.BackboneConfig.from_dict(config.to_dict()).build()
     assert model.sparo.norm == "global" and model.sparo.value is not None
     assert model.pos_embed.shape == (1, 50, 192)
     with pytest.raises(ValueError):
-        vits.model_config(arch="vit_huge")
+        vits.BackboneConfig(arch="vit_huge")
+
+
+def test_backbone_config_checks_once_and_keeps_the_checkpoint_dict(capsys):
+    # the plain dict that checkpoints store as model_config (weights_only loading)
+    assert vits.BackboneConfig().to_dict() == dict(
+        arch="vit_small", patch_size=16, img_size=224, readout="sparo", sparo_slots=64, sparo_dim=64,
+        sparo_attn_dim=None, sparo_share_kv=True, sparo_norm="slot", sparo_keep_all_blocks=False)
+    older = vits.BackboneConfig.from_dict(dict(arch="vit_tiny", patch_size=4, readout="cls"))
+    assert (older.img_size, older.sparo_keep_all_blocks, older.num_features) == (224, False, 192)
+    for bad in (dict(readout="cls_token"), dict(sparo_norm="layer"), dict(sparo_slots=0),
+                dict(patch_size=-4), dict(sparo_attn_dim=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            vits.BackboneConfig(**bad)
+    parser = argparse.ArgumentParser()
+    vits.BackboneConfig.add_args(parser)
+    args = parser.parse_args(["--readout", "cls", "--sparo_keep_all_blocks", "true", "--sparo_dim", "8"])
+    args.global_crops_size = 28
+    assert vits.BackboneConfig.from_args(args) == vits.BackboneConfig(
+        img_size=28, readout="cls", sparo_dim=8, sparo_keep_all_blocks=True)
+    for bad in (["--sparo_slots", "0"], ["--sparo_norm", "layer"], ["--arch", "vit_huge"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "invalid choice: 'vit_huge'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", sorted(vits.ARCHS))
@@ -167,12 +191,9 @@ def test_build_backbone_from_config_round_trip():
 def test_every_arch_is_recovered_from_its_weights(arch, keep_all):
     """Checkpoints without a configuration (official DINO files) are rebuilt from weight shapes;
     this needs every arch to have its own width."""
-    import utils
-
-    config = vits.model_config(arch=arch, patch_size=8, img_size=16, sparo_slots=4, sparo_dim=8,
-                               sparo_keep_all_blocks=keep_all)
-    state = vits.build_backbone(config).state_dict()
-    inferred = utils.infer_model_config(state)
+    config = vits.BackboneConfig(arch=arch, patch_size=8, img_size=16, sparo_slots=4, sparo_dim=8,
+                                 sparo_keep_all_blocks=keep_all)
+    inferred = vits.BackboneConfig.from_state_dict(config.build().state_dict()).to_dict()
     assert inferred["arch"] == arch and inferred["sparo_keep_all_blocks"] == keep_all
     assert (inferred["sparo_slots"], inferred["sparo_dim"], inferred["patch_size"]) == (4, 8, 8)
     widths = [width for width, _, _ in vits.ARCHS.values()]

@@ -16,8 +16,8 @@ pytestmark = needs_dino_ref
 
 def sparo_tiny(**kwargs):
     torch.manual_seed(1)
-    return vits.build_backbone(vits.model_config(arch="vit_tiny", patch_size=4, img_size=16,
-                                                 sparo_slots=16, sparo_dim=16, **kwargs))
+    return vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=16, sparo_slots=16,
+                               sparo_dim=16, **kwargs).build()
 
 
 def full_dino_checkpoint(dino, path):
@@ -68,7 +68,7 @@ def test_cls_run_starts_with_dinos_features(tmp_path):
     dino = dino_vit_tiny()
     torch.save(dino.state_dict(), tmp_path / "dino.pth")
     torch.manual_seed(1)
-    model = vits.build_backbone(vits.model_config(arch="vit_tiny", patch_size=4, img_size=16, readout="cls"))
+    model = vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=16, readout="cls").build()
     report = warm_start.init_backbone(model, str(tmp_path / "dino.pth"))
     assert report["loaded"] == sorted(dino.state_dict()) and report["dropped"] == report["fresh"] == []
     images = torch.randn(2, 3, 16, 16)
@@ -80,8 +80,8 @@ def test_position_embeddings_are_resampled_for_another_crop_size(tmp_path):
     dino = dino_vit_tiny(img_size=16)
     torch.save(dino.state_dict(), tmp_path / "dino.pth")
     torch.manual_seed(1)
-    model = vits.build_backbone(vits.model_config(arch="vit_tiny", patch_size=4, img_size=32,
-                                                  sparo_slots=4, sparo_dim=4))
+    model = vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=32, sparo_slots=4,
+                                sparo_dim=4).build()
     warm_start.init_backbone(model, str(tmp_path / "dino.pth"))
     assert model.pos_embed.shape == (1, 1 + 64, 192)
     torch.testing.assert_close(model.pos_embed[:, 0], dino.pos_embed[:, 0], rtol=0, atol=0)
