@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Attention, Block
 from sparo_head import SLOT_NORMS, SlotNorm, SparoReadout
 
 Readout = Literal["sparo", "cls"]
-READOUTS = ("sparo", "cls")
+READOUTS: Tuple[str, ...] = get_args(Readout)
 
 # DINO's architectures: (embed_dim, depth, num_heads); all use mlp_ratio 4 and qkv bias.
 # vit_nano is not DINO's: a CPU-sized ViT (half the width and depth of vit_tiny, and under half
@@ -48,8 +48,9 @@ def _option(default: Any, help: str, choices: Optional[Tuple[str, ...]] = None) 
 class BackboneConfig:
     """Everything needed to rebuild a backbone, checked once here. Training flags, checkpoints
     (as the plain dict `model_config`), weight files without one, hub and timm entries all
-    reach the model through it. A new read-out is a READOUTS name, its fields here and its
-    branch in VisionTransformer."""
+    reach the model through it. A new read-out is a name in `Readout`, its fields and encoding
+    width here (and its weights' signature in from_state_dict), and its modules and branch of
+    `read_out` in VisionTransformer."""
 
     arch: str = _option("vit_small", "Backbone size, as in DINO: vit_tiny (5M), vit_small (21M), "
                                      "vit_base (85M).", choices=tuple(sorted(ARCHS)))
