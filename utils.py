@@ -1225,7 +1225,7 @@ def checkpoint_backbone(checkpoint: Dict[str, Any], checkpoint_key: str, what: s
                     f"{', '.join(keys) or 'no state dicts'}); see {key_flag}")
 
 
-def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor]) -> Any:
+def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor]) -> "BackboneConfig":
     """The BackboneConfig a file carries as `model_config`, else the one its backbone weights'
     shapes imply (official DINO files carry none)."""
     from vision_transformer import BackboneConfig

@@ -150,19 +150,19 @@ class BackboneConfig:
         if arch is None:
             raise utils.UserError(f"no known architecture has width {embed_dim} ({sorted(ARCHS)})")
         grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+        shape = dict(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size))
         if "sparo.queries" not in state:
-            return cls(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size), readout="cls")
+            return cls(**shape, readout="cls")
         slots, attn_dim = state["sparo.queries"].shape
         num_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        return cls(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size),
-                   readout="sparo", sparo_slots=int(slots), sparo_attn_dim=int(attn_dim),
+        return cls(**shape, readout="sparo", sparo_slots=int(slots), sparo_attn_dim=int(attn_dim),
                    sparo_dim=int(state["sparo.out_proj.weight"].shape[0]),
                    sparo_share_kv="sparo.value.weight" not in state,
                    sparo_keep_all_blocks=num_blocks == ARCHS[arch][1])
 
     def disagreement(self, asked: Dict[str, Any]) -> Optional[str]:
-        """What the first value asked for (None: anything) that this configuration does not
-        have says about it, or None when all agree."""
+        """"holds a model with k=v, but k=w was asked for" for the first value asked for that
+        differs from this configuration (None asks for nothing); None when all agree."""
         for key, value in asked.items():
             if value is not None and getattr(self, key) != value:
                 return f"holds a model with {key}={getattr(self, key)!r}, but {key}={value!r} was asked for"
