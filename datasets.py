@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 class ArrayImageDataset(torch.utils.data.Dataset):
     """Grey uint8 images (N, H, W) with labels, served as PIL images through a transform: RGB,
     or with grey=True single-channel ("L") images for a transform that ends in
-    `to_three_channels` (DINO's augmentation then takes 20 % less time)."""
+    `to_three_channels` (DINO's augmentation then takes less time: BENCHMARKS.md, grey augmentation)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray,
                  transform: Optional[Callable] = None, grey: bool = False) -> None:

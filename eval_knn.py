@@ -10,12 +10,12 @@ token). Each test image is classified by its k nearest training images under cos
 similarity, each neighbour voting for its class with weight exp(similarity / T) (Wu et al.
 2018, as in DINO). Top-1 and top-5 accuracy are printed for every k.
 
-The neighbour search runs on plain torch for a bank on a GPU (no second copy of the bank), on
-FAISS's exact inner-product index for a bank in CPU memory (torch without FAISS), or on FAISS's
-GPU index with --knn_backend faiss-gpu; all give the same neighbours.
-Under torchrun the training bank stays split across the processes: each one searches its own
-shard and the per-shard top-k lists are merged, so a bank of 1.28M x 4096 fits (halved again
-by --knn_fp16).
+The k-NN code is knn.py: plain torch for a bank on a GPU (no second copy of the bank),
+FAISS's exact inner-product index for a bank in CPU memory (torch without FAISS), or FAISS's
+GPU index with --knn_backend faiss-gpu; all give the same neighbours. Under torchrun the
+training bank stays split across the processes: each one searches its own shard and the
+per-shard top-k lists are merged, so a bank of 1.28M x 4096 fits (halved again by --knn_fp16);
+only --dump_features and --select_slots collect it, in rank 0's host memory.
 """
 from __future__ import annotations
 
@@ -129,11 +129,11 @@ def select_slots_on_main(args: argparse.Namespace, tensors: Dict[str, torch.Tens
     bank, labels = tensors["train"], tensors["train_labels"]
     if args.distributed:
         bank = feats.gather_shards_to_main(bank, index, bank_size)
-        labels = feats.gather_shards_to_main(labels[:, None].float(), index, bank_size)
+        labels = feats.gather_shards_to_main(labels, index, bank_size)
     choice: List = [None]
     if utils.is_main_process():
         choice[0] = knn.greedy_select_slots(
-            bank, labels.flatten().long(), int(config["sparo_slots"]), args.select_slots,
+            bank, labels, int(config["sparo_slots"]), args.select_slots,
             args.select_k, args.temperature, args.select_heldout, args.seed,
             args.select_max_images, device=tensors["train"].device)
     del bank, labels

@@ -257,21 +257,20 @@ def gather_shards_to_main(shard: torch.Tensor, index: torch.Tensor,
     if dist.get_backend() == "nccl" and not shard.is_cuda:
         device = torch.device("cuda", torch.cuda.current_device())
     rows = -(-total // world)  # the longest shard
-    buffer = torch.zeros((rows, shard.shape[1] + 1), dtype=torch.float64 if shard.dtype == torch.float64
-                         else torch.float32, device=device)
-    if rank != 0:  # indices travel as the last column (exact in float32 below 2**24 images)
-        buffer[:len(shard), :-1] = shard.to(device)
-        buffer[:len(shard), -1] = index.to(device)
-        buffer[len(shard):, -1] = -1
+    buffer = torch.zeros((rows, *shard.shape[1:]), dtype=shard.dtype, device=device)
+    where = torch.full((rows,), -1, dtype=torch.long, device=device)  # -1: no row
+    if rank != 0:
+        buffer[:len(shard)], where[:len(index)] = shard.to(device), index.to(device)
         dist.send(buffer, dst=0)
+        dist.send(where, dst=0)
         return None
-    whole = torch.empty((total, shard.shape[1]), dtype=shard.dtype)
+    whole = torch.empty((total, *shard.shape[1:]), dtype=shard.dtype)
     whole.index_copy_(0, index.cpu(), shard.cpu())
     for source in range(1, world):
         dist.recv(buffer, src=source)
-        received = buffer.cpu()
-        valid = received[:, -1] >= 0
-        whole.index_copy_(0, received[valid, -1].long(), received[valid, :-1].to(shard.dtype))
+        dist.recv(where, src=source)
+        valid = where >= 0
+        whole.index_copy_(0, where[valid].cpu(), buffer[valid].cpu())
     return whole
 
 
@@ -325,6 +324,7 @@ def extract_features(forward: Callable[[torch.Tensor], Outputs], dataset: torch.
     rows = len(sampler) if shard else total
     store: Optional[List[torch.Tensor]] = None
     carried: List[torch.Tensor] = []  # shard: the data set index of each row
+    filled = 0
     finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no sync per batch
     logger = utils.MetricLogger(delimiter="  ")
     for images, index in (loader if header is None else logger.log_every(loader, print_freq, header)):
@@ -334,9 +334,9 @@ def extract_features(forward: Callable[[torch.Tensor], Outputs], dataset: torch.
         for out in outputs:
             finite &= torch.isfinite(out).all()
         outputs = tuple(out.float().to(dtype) if out.is_floating_point() else out for out in outputs)
-        if shard:  # this rank's rows in arrival order; the indices say which items they are
+        if shard:  # this rank's rows in arrival order; the carried indices say which items
             carried.append(index)
-            index = torch.arange(sum(map(len, carried)) - len(index), sum(map(len, carried)))
+            index = torch.arange(filled, filled + len(index))
         elif world > 1:
             index = all_gather_stacked(index.to(device)).flatten()
             outputs = tuple(all_gather_stacked(out).flatten(0, 1) for out in outputs)
@@ -344,6 +344,7 @@ def extract_features(forward: Callable[[torch.Tensor], Outputs], dataset: torch.
             store = [torch.empty((rows, *out.shape[1:]), dtype=out.dtype, device=storage) for out in outputs]
         for target, out in zip(store, outputs):  # padding repeats items: same rows, same values
             target.index_copy_(0, index.to(storage), out.to(storage))
+        filled += len(images)
     _check_finite(finite)
     if store is None:  # an empty shard (more processes than images)
         store = [torch.empty((0, 0), dtype=dtype, device=storage)]
