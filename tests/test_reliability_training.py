@@ -319,7 +319,7 @@ def test_image_modes_load_as_8bit_rgb(tmp_path):
 
 
 def test_missing_fashion_mnist_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(utils, "FASHION_MNIST_DIRS", ("/nonexistent",))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", ("/nonexistent",))
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     with pytest.raises(utils.UserError, match="apt-get install dataset-fashion-mnist"):
         datasets.build_dataset("fashion_mnist", "train")
