@@ -342,7 +342,7 @@ def test_auto_search_of_a_cuda_bank_makes_no_faiss_copy(monkeypatch):
     class GpuFaiss:
         StandardGpuResources = object
         get_num_gpus = staticmethod(lambda: 1)
-    monkeypatch.setattr(eval_knn, "_import_faiss", lambda: GpuFaiss)
+    monkeypatch.setattr(knn, "_import_faiss", lambda: GpuFaiss)
     # FAISS GPU would copy a bank that already lies on the GPU into its own storage
     assert knn.resolve_backend("auto", torch.device("cuda", 0)) == "torch"
     assert knn.resolve_backend("faiss-gpu", torch.device("cuda", 0)) == "faiss-gpu"
