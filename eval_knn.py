@@ -176,13 +176,13 @@ def load_features(args: argparse.Namespace,
             raise utils.UserError(f"{path / name} holds features that are not finite (NaN or inf)")
         tensors[key] = tensor
     for split in ("train", "test"):
-        feats, labels = tensors[split], tensors[f"{split}_labels"]
-        if feats.dim() != 2 or labels.dim() != 1 or feats.shape[0] != labels.shape[0]:
-            raise utils.UserError(f"{path}: {split} features {tuple(feats.shape)} and labels "
+        rows, labels = tensors[split], tensors[f"{split}_labels"]
+        if rows.dim() != 2 or labels.dim() != 1 or rows.shape[0] != labels.shape[0]:
+            raise utils.UserError(f"{path}: {split} features {tuple(rows.shape)} and labels "
                                   f"{tuple(labels.shape)} do not match")
     if tensors["train"].shape[1] != tensors["test"].shape[1]:
         raise utils.UserError(f"{path}: train and test features differ in width")
-    storage = args.device if args.use_cuda else torch.device("cpu")
+    storage = storage_device(args)
     dtype = torch.float16 if args.knn_fp16 else torch.float32
     if shard is not None:
         tensors["train"], tensors["train_labels"] = bank_shard(tensors["train"], tensors["train_labels"], *shard)

@@ -85,12 +85,12 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
     transform = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                           args.local_crops_number, args.global_crops_size,
                                           args.local_crops_size)
-    datasets = {grey: datasets.build_dataset("fashion_mnist", "pretrain", transform, subset=args.images,
-                                          grey=grey) for grey in (False, True)}
-    count = len(datasets[True])
+    by_grey = {grey: datasets.build_dataset("fashion_mnist", "pretrain", transform, subset=args.images,
+                                            grey=grey) for grey in (False, True)}
+    count = len(by_grey[True])
     timings: Dict[bool, List[float]] = {False: [], True: []}
     for _ in range(args.rounds):
-        for grey, dataset in datasets.items():
+        for grey, dataset in by_grey.items():
             timings[grey].append(time_path(dataset, count))
     rgb, grey = min(timings[False]), min(timings[True])  # best round: least disturbed
     print(f"device: {describe_device(torch.device('cpu'))}; torch {torch.__version__}")
