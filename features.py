@@ -141,7 +141,8 @@ def setup_evaluation(args: argparse.Namespace,
     # ============ preparing data ... ============
     crop_size = eval_crop_size(args, config)
     test_transform = eval_transform(crop_size, args.resize_size)
-    train_set = datasets.build_dataset(args.data_path, "train", (train_transform or (lambda _: test_transform))(crop_size),
+    train_set = datasets.build_dataset(args.data_path, "train",
+                                       train_transform(crop_size) if train_transform else test_transform,
                                        subset=args.train_subset)
     test_set = datasets.build_dataset(args.data_path, "test", test_transform, subset=args.test_subset)
     if min_train_images > len(train_set):
