@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import datasets
 import utils
 
 # ------------------------------------------------------------ DINO's parameters (one source)
@@ -93,7 +94,7 @@ class DataAugmentationDINO:
         # Grey images stay single-channel until here: the PIL work on one channel takes 20 %
         # less time than on RGB (bench/augmentation_speed.py), with the same crops
         # (saturation and hue leave grey unchanged).
-        normalize = T.Compose([T.ToTensor(), utils.to_three_channels,
+        normalize = T.Compose([T.ToTensor(), datasets.to_three_channels,
                                T.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
         radius = blur_radius_range(global_crops_size)
         blur_p = crop_blur_p(1)
@@ -154,7 +155,7 @@ def decode(image: Any, scale: int) -> Tuple[Any, float]:
     # Files are read as RGB, as in the PIL pipeline; the built-in grey data sets stay "L".
     in_memory_grey = image.mode == "L" and getattr(image, "format", None) is None
     if image.mode != "RGB" and not in_memory_grey:
-        image = utils.to_rgb(image)
+        image = datasets.to_rgb(image)
     return image, factor
 
 
@@ -173,7 +174,7 @@ def image_tensor(image: Any) -> torch.Tensor:
 class MultiCropGeometry:
     """CPU stage of the two-stage pipeline: every crop of DataAugmentationDINO's geometry
     (RandomResizedCrop with bicubic resampling, horizontal flip with p = 0.5) as a uint8
-    tensor, from an image opened lazily (utils.open_image) so JPEGs can be decoded small.
+    tensor, from an image opened lazily (datasets.open_image) so JPEGs can be decoded small.
 
     Crops are resized by torch's uint8 antialiased bicubic kernel, which computes PIL's
     bicubic resize (see tests/test_augmentations.py) 2-3x faster than PIL does.

@@ -7,7 +7,7 @@
 The folder is searched recursively (flat or nested). Images are pre-processed as in the
 evaluation scripts (bicubic resize, centre crop at the checkpoint's resolution, ImageNet
 normalisation) and encoded in sorted path order; under torchrun every process encodes its
-share (utils.extract_features) and process 0 writes:
+share (feats.extract_features) and process 0 writes:
   emb.npy + emb.txt     float32 array (N, D), or (N, L, V) with --per_slot, and the file names
                         (relative to --data_path), one a line, in the same order
   emb.pt                {"features", "names", "unreadable", "model_config"} in one file
@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+import datasets
+import features as feats
 import utils
 
 OUTPUT_SUFFIXES = (".npy", ".pt")
@@ -44,19 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_slot", default=False, type=utils.bool_flag,
                         help="SPARO only: write (N, L, V), the encoding split into its L slots "
                              "(each slot of norm 1/sqrt(L) with sparo_norm=slot).")
-    parser.add_argument("--img_size", default=None, type=int,
-                        help="Side of the centre crop (default: the checkpoint's training resolution).")
-    parser.add_argument("--resize_size", default=None, type=int,
-                        help="Short side before the centre crop (default: img_size * 256 / 224).")
-    parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process.")
-    parser.add_argument("--num_workers", default=None, type=int,
-                        help="Data-loading processes per process (default: 10 on GPU, few on CPU).")
-    parser.add_argument("--use_fp16", default=False, type=utils.bool_flag,
-                        help="Encode under autocast on CUDA (bf16 where supported, else fp16).")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="URL to set up distributed encoding (torchrun and Slurm set the environment).")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Ignored; torchrun sets LOCAL_RANK.")
+    feats.add_image_size_args(parser)
+    feats.add_run_args(parser, batch_size=128)
     return parser
 
 
@@ -65,11 +56,11 @@ def list_images(root: str) -> List[Path]:
     folder = Path(root)
     if not folder.is_dir():
         raise utils.UserError(f"--data_path {root} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTENSIONS
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in datasets.IMAGE_EXTENSIONS
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise utils.UserError(f"--data_path {root} holds no images (extensions: "
-                              f"{' '.join(utils.IMAGE_EXTENSIONS)})")
+                              f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -85,15 +76,15 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         try:
-            return self.transform(utils.load_rgb_image(str(self.files[index]))), index
-        except utils.UNREADABLE_IMAGE_ERRORS:
+            return self.transform(datasets.load_rgb_image(str(self.files[index]))), index
+        except datasets.UNREADABLE_IMAGE_ERRORS:
             return torch.full((3, self.crop_size, self.crop_size), float("nan")), index
 
 
 def unreadable_reason(path: Path) -> str:
     try:
-        utils.load_rgb_image(str(path))
-    except utils.UNREADABLE_IMAGE_ERRORS as error:
+        datasets.load_rgb_image(str(path))
+    except datasets.UNREADABLE_IMAGE_ERRORS as error:
         return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     return "unreadable when encoded"
 
@@ -101,15 +92,13 @@ def unreadable_reason(path: Path) -> str:
 def encode(model: torch.nn.Module, dataset: ImageFiles, args: argparse.Namespace) -> Tuple[torch.Tensor, torch.Tensor]:
     """(encodings (N, D), readable (N,) bool) in data set order, on every process."""
 
-    def forward(images: torch.Tensor) -> torch.Tensor:
+    def forward(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         readable = torch.isfinite(images).flatten(1).all(dim=1)
-        encoding = model(torch.where(readable[:, None, None, None], images, torch.zeros_like(images)))
-        return torch.cat([encoding.float(), readable[:, None].float()], dim=1)
+        return model(torch.where(readable[:, None, None, None], images, torch.zeros_like(images))), readable
 
-    rows = utils.extract_features(model, dataset, batch_size=args.batch_size_per_gpu,
-                                  num_workers=args.num_workers, device=args.device, forward=forward,
+    return feats.extract_features(forward, dataset, batch_size=args.batch_size_per_gpu,
+                                  num_workers=args.num_workers, device=args.device,
                                   use_amp=args.use_fp16, storage_device=torch.device("cpu"))
-    return rows[:, :-1], rows[:, -1] > 0.5
 
 
 def write_output(path: Path, features: np.ndarray, names: List[str], unreadable: List[str],
@@ -133,22 +122,22 @@ def write_output(path: Path, features: np.ndarray, names: List[str], unreadable:
     return written
 
 
-def embed(args: argparse.Namespace) -> None:
-    output = Path(args.output)
-    if output.suffix not in OUTPUT_SUFFIXES:
+def check_args(args: argparse.Namespace) -> None:
+    if Path(args.output).suffix not in OUTPUT_SUFFIXES:
         raise utils.UserError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {args.output}")
-    utils.init_distributed_mode(args)
     if utils.is_main_process():
-        utils.ensure_output_file(output, "--output")
-    args.arch = args.patch_size = args.readout = None  # no expectations: the file decides
-    model, config = utils.load_eval_backbone(args)
+        utils.ensure_output_file(args.output, "--output")
+
+
+def embed(args: argparse.Namespace) -> None:
+    feats.start(args, check_args, show_args=False)
+    output = Path(args.output)
+    model, config = feats.load_eval_backbone(args)  # no --arch etc.: the file decides
     if args.per_slot:
-        utils.require_sparo(config, "--per_slot")
-    if args.num_workers is None:
-        args.num_workers = utils.default_num_workers(args.device)
-    crop = utils.eval_crop_size(args, config)
+        feats.require_sparo(config, "--per_slot")
+    crop = feats.eval_crop_size(args, config)
     files = list_images(args.data_path)
-    dataset = ImageFiles(files, utils.eval_transform(crop, args.resize_size), crop)
+    dataset = ImageFiles(files, feats.eval_transform(crop, args.resize_size), crop)
     print(f"Encoding {len(files)} images from {args.data_path} at {crop} px.")
     features, readable = encode(model, dataset, args)
     if not utils.is_main_process():
@@ -169,12 +158,7 @@ def embed(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser("Encode a folder of images", parents=[get_args_parser()])
-    args = utils.parse_args_with_config(parser, argv)
-    try:
-        embed(args)
-    finally:
-        utils.cleanup_distributed()
+    feats.run_script("Encode a folder of images", get_args_parser, embed, argv)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import features as feats
 import utils
 from sparo_head import select_slots
 
@@ -37,7 +38,7 @@ LOG_NAME = "linear_log.txt"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Evaluation with linear classification", add_help=False)
-    utils.add_eval_args(parser, batch_size=128)
+    feats.add_eval_args(parser, batch_size=128)
     parser.add_argument("--n_last_blocks", default=4, type=utils.positive_int,
                         help="CLS read-out: concatenate the CLS tokens of this many last blocks "
                              "(DINO: 4 for ViT-S, 1 for ViT-B). Ignored for SPARO, whose "
@@ -127,7 +128,7 @@ def feature_dim(config: Dict[str, Any], n_last_blocks: int, avgpool: bool,
 def build_transforms(args: argparse.Namespace, crop_size: int) -> Tuple[Callable, Callable]:
     from torchvision import transforms as T
 
-    val_transform = utils.eval_transform(crop_size, args.resize_size)
+    val_transform = feats.eval_transform(crop_size, args.resize_size)
     if args.train_augmentation == "none":
         return val_transform, val_transform
     train_transform = T.Compose([T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(),
@@ -167,12 +168,12 @@ def train_one_epoch(linear: nn.Module, optimizer: torch.optim.Optimizer, batches
     for inputs, target in metric_logger.log_every(batches, args.print_freq, header):
         inputs = inputs.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
-        with torch.no_grad(), utils.feature_autocast(args.device, args.use_fp16):
+        with torch.no_grad(), feats.feature_autocast(args.device, args.use_fp16):
             features = to_features(inputs)
         loss = F.cross_entropy(linear(features), target)
+        if not finite_everywhere(loss):  # stop before the step: no NaN head is ever saved
+            raise utils.UserError(nonfinite_loss_message(loss.item(), features, epoch))
         loss_value = loss.item()
-        if not math.isfinite(loss_value):  # stop before the step: no NaN head is ever saved
-            raise utils.UserError(nonfinite_loss_message(loss_value, features, epoch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -180,6 +181,17 @@ def train_one_epoch(linear: nn.Module, optimizer: torch.optim.Optimizer, batches
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+def finite_everywhere(value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every process: one all-reduce of the sum, in which a NaN or
+    an infinity of any rank survives, so that all ranks stop together (a rank that stopped
+    alone would leave the others waiting in DDP's next gradient all-reduce)."""
+    total = value.detach().float().reshape(1)
+    if utils.is_dist_avail_and_initialized():
+        total = total.to(utils.collective_device())
+        dist.all_reduce(total)
+    return bool(torch.isfinite(total).all())
 
 
 def nonfinite_loss_message(loss: float, features: torch.Tensor, epoch: int) -> str:
@@ -206,16 +218,15 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optiona
 
 @torch.no_grad()
 def validate(linear: nn.Module, test_data: Any, test_labels: torch.Tensor,
-             to_features: Callable, backbone: Optional[nn.Module], args: argparse.Namespace) -> Dict[str, Any]:
+             to_features: Callable, args: argparse.Namespace) -> Dict[str, Any]:
     """Loss and accuracy on every test image, counted exactly once across processes."""
     linear.eval()
     if isinstance(test_data, torch.Tensor):  # cached features
         logits = torch.cat([linear(chunk.to(args.device)) for chunk in test_data.split(4096)])
-    else:
-        logits = utils.extract_features(
-            backbone, test_data, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-            device=args.device, forward=lambda images: linear(to_features(images)),
-            use_amp=args.use_fp16, print_freq=10 ** 9)
+    else:  # every test image once, in data set order, without progress lines
+        logits = feats.extract_features(
+            lambda images: linear(to_features(images)), test_data, batch_size=args.batch_size_per_gpu,
+            num_workers=args.num_workers, device=args.device, use_amp=args.use_fp16, header=None)
     if not torch.isfinite(logits).all():  # an accuracy from NaN logits would look like a result
         raise utils.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
     labels = test_labels.to(logits.device)
@@ -281,6 +292,13 @@ def check_args(args: argparse.Namespace) -> None:
         utils.ensure_output_file(args.output_json, "--output_json")
 
 
+def check_model(args: argparse.Namespace, model: nn.Module, config: Dict[str, Any]) -> None:
+    feats.parse_slots(args.slots, config)
+    if config["readout"] == "cls" and args.n_last_blocks > len(model.blocks):
+        raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
+                              f"{len(model.blocks)} blocks of the model")
+
+
 def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> int:
     needed = int(train_labels.max()) + 1
     if args.num_labels is None:
@@ -292,36 +310,22 @@ def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> in
 
 
 def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
-    utils.init_distributed_mode(args)
+    feats.start(args, check_args)
     utils.enable_fast_fp32(args.device)  # TF32 for the default fp32 backbone passes, as DINO
-    check_args(args)
     utils.fix_random_seeds(args.seed)
-    if args.num_workers is None:
-        args.num_workers = utils.default_num_workers(args.device)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     output_dir = Path(args.output_dir)
-
-    # ============ building network ... ============
-    model, config = utils.load_eval_backbone(args)
-    slots = utils.parse_slots(args.slots, config)
-    if config["readout"] == "cls" and args.n_last_blocks > len(model.blocks):
-        raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
-                              f"{len(model.blocks)} blocks of the model")
+    evaluation = feats.setup_evaluation(args, lambda model, config: check_model(args, model, config),
+                                        train_transform=lambda crop: build_transforms(args, crop)[0])
+    model, config = evaluation.model, evaluation.config
+    dataset_train, dataset_val = evaluation.train, evaluation.test
+    train_labels, test_labels = evaluation.train_labels, evaluation.test_labels
+    slots = feats.parse_slots(args.slots, config)
     to_features = lambda images: frozen_features(  # noqa: E731
         model, images, config, args.n_last_blocks, args.avgpool_patchtokens, slots,
         args.scale_sparo_features)
     dim = feature_dim(config, args.n_last_blocks, args.avgpool_patchtokens, slots)
-
-    # ============ preparing data ... ============
-    crop_size = utils.eval_crop_size(args, config)
-    train_transform, val_transform = build_transforms(args, crop_size)
-    dataset_val = utils.build_dataset(args.data_path, "test", val_transform, subset=args.test_subset)
-    dataset_train = utils.build_dataset(args.data_path, "train", train_transform, subset=args.train_subset)
-    train_labels = torch.as_tensor(utils.dataset_labels(dataset_train))
-    test_labels = torch.as_tensor(utils.dataset_labels(dataset_val))
     num_labels = infer_num_labels(args, train_labels)
-    print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs "
-          f"({num_labels} classes); features of width {dim}.")
+    print(f"{num_labels} classes; features of width {dim}.")
 
     linear = LinearClassifier(dim, num_labels).to(args.device)
     wanted = head_config(args, config, slots, dim, num_labels, model)
@@ -331,20 +335,20 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     if args.evaluate:
         path = Path(args.linear_weights) if args.linear_weights else output_dir / CHECKPOINT_NAME
         load_head(path, linear, wanted)
-        stats = validate(linear, dataset_val, test_labels, to_features, model, args)
+        stats = validate(linear, dataset_val, test_labels, to_features, args)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {stats['acc1']:.1f}%")
         print(f"Top-1 test accuracy: {stats['acc1']:.1f}")
         results.update(evaluate=stats, top1=stats["acc1"])
-        write_json(args, results)
+        feats.write_json(args.output_json, results)
         return results
 
     # ============ features (cached) or images ... ============
     feature_kwargs = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                          device=args.device, forward=to_features, use_amp=args.use_fp16)
+                          device=args.device, use_amp=args.use_fp16)
     if args.cache_features:
         print("Caching the frozen features of the train and val sets...")
-        cached_train = utils.extract_features(model, dataset_train, **feature_kwargs)
-        test_data: Any = utils.extract_features(model, dataset_val, **feature_kwargs)
+        cached_train = feats.extract_features(to_features, dataset_train, **feature_kwargs)
+        test_data: Any = feats.extract_features(to_features, dataset_val, **feature_kwargs)
         batches: Any = CachedBatches(cached_train, train_labels.to(cached_train.device),
                                      args.batch_size_per_gpu, args.seed)
         train_features: Callable = lambda x: x  # noqa: E731
@@ -385,7 +389,7 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
         log_stats: Dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
             last = validate(linear, test_data, test_labels,
-                            train_features if args.cache_features else to_features, model, args)
+                            train_features if args.cache_features else to_features, args)
             last["epoch"] = epoch
             print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} test images: "
                   f"{last['acc1']:.1f}%")
@@ -404,22 +408,12 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     if last:
         print(f"Top-1 test accuracy after the last epoch: {last['acc1']:.1f}")
     results.update(top1=best_acc, last=last, epochs=args.epochs)
-    write_json(args, results)
+    feats.write_json(args.output_json, results)
     return results
 
 
-def write_json(args: argparse.Namespace, results: Dict[str, Any]) -> None:
-    if args.output_json and utils.is_main_process():
-        Path(args.output_json).write_text(json.dumps(results, indent=1) + "\n")
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser("Evaluation with linear classification", parents=[get_args_parser()])
-    args = utils.parse_args_with_config(parser, argv)
-    try:
-        eval_linear(args)
-    finally:
-        utils.cleanup_distributed()
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    return feats.run_script("Evaluation with linear classification", get_args_parser, eval_linear, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import augmentations
+import datasets
 import run_record
 import utils
 import vision_transformer as vits
@@ -314,7 +315,7 @@ def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     pipeline = augmentations.MultiCropGeometry if args.augment_on_device else DataAugmentationDINO
     transform = pipeline(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                          args.global_crops_size, args.local_crops_size)
-    dataset = utils.build_dataset(args.data_path, "pretrain", transform, subset=args.subset, grey=True,
+    dataset = datasets.build_dataset(args.data_path, "pretrain", transform, subset=args.subset, grey=True,
                                   lazy=args.augment_on_device)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size,
                                                   rank=args.rank, shuffle=True, seed=args.seed)

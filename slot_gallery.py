@@ -20,19 +20,19 @@ data set with a train and a test split, extracts features for both and runs one 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import eval_knn
+import features as feats
+import knn
+import slot_drawing as drawing
 import utils
-import visualize_slots as vis
 
 # Zalando's names of the Fashion-MNIST classes, in label order.
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -43,22 +43,24 @@ GALLERY_ALPHA = 0.5     # lighter heat maps than visualize_slots.py: the images 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("SPARO slot gallery", add_help=False)
-    utils.add_eval_args(parser, batch_size=128)
+    feats.add_eval_args(parser, batch_size=128)
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Where to write slot_gallery.png and slot_stats.json.")
-    parser.add_argument("--nb_knn", default=20, type=int,
-                        help="k of the per-slot weighted k-NN (20: DINO's headline number).")
-    parser.add_argument("--temperature", default=0.07, type=float,
+    parser.add_argument("--nb_knn", default=[20], nargs="+", type=utils.positive_int,
+                        help="k of the per-slot weighted k-NN (20: DINO's headline number). The "
+                             "first k is shown in the table and the gallery; slot_stats.json "
+                             "holds every k (knn_top1_by_k).")
+    parser.add_argument("--temperature", default=0.07, type=utils.positive_float,
                         help="Temperature T of the k-NN neighbour weights exp(similarity / T).")
-    parser.add_argument("--knn_backend", default="auto", choices=eval_knn.BACKENDS,
-                        help="Neighbour search of eval_knn.py: FAISS (GPU or CPU) or torch.")
-    parser.add_argument("--images_per_slot", default=8, type=int,
+    parser.add_argument("--knn_backend", default="auto", choices=knn.BACKENDS,
+                        help="Neighbour search of knn.py: FAISS (GPU or CPU) or torch.")
+    parser.add_argument("--images_per_slot", default=8, type=utils.positive_int,
                         help="Images shown in each slot's row.")
-    parser.add_argument("--top_k", default=None, type=int,
+    parser.add_argument("--top_k", default=None, type=utils.positive_int,
                         help="Rows only for the K slots with the most concentrated attention "
                              "(lowest mean entropy), most concentrated first. The table keeps "
                              "every slot (or every --slots slot).")
-    parser.add_argument("--thumbnail_size", default=64, type=int,
+    parser.add_argument("--thumbnail_size", default=64, type=utils.positive_int,
                         help="Side in pixels of each image in the gallery.")
     parser.add_argument("--show_attention", default=True, type=utils.bool_flag,
                         help="Draw the slot's attention over each image of its row.")
@@ -66,12 +68,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ======================================================================== per-slot numbers
-def encoding_and_attention_stats(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, L*V + 2L): the SPARO encoding, then per slot the entropy of its attention over the
-    patches, then per slot its weight on the CLS token."""
+def encoding_and_attention_stats(model: torch.nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The SPARO encoding (B, L*V), per slot the entropy of its attention over the patches
+    (B, L), and per slot its weight on the CLS token (B, L)."""
     encoding, attention = model.sparo(model.forward_tokens(images), return_attention=True)
-    return torch.cat([encoding.float(), vis.patch_entropy(attention[:, :, 1:].float()),
-                      attention[:, :, 0].float()], dim=1)
+    return encoding, drawing.patch_entropy(attention[:, :, 1:].float()), attention[:, :, 0]
 
 
 def unit_slot_vectors(encoding: torch.Tensor, num_slots: int, slot: int) -> torch.Tensor:
@@ -87,34 +88,33 @@ def mean_direction(vectors: torch.Tensor) -> tuple:
 
 
 def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
-             test_labels: torch.Tensor, k: int, temperature: float, backend: str) -> float:
-    votes = eval_knn.knn_classify(train, train_labels, test, nb_knn=[k], temperature=temperature,
-                                  backend=backend)
-    return eval_knn.knn_accuracy(votes, test_labels)[k][0]
+             test_labels: torch.Tensor, args: argparse.Namespace) -> Dict[int, float]:
+    """{k: weighted k-NN top-1} for every k of --nb_knn (one neighbour search)."""
+    accuracy = knn.knn_evaluate(train, train_labels, test, test_labels, args.nb_knn,
+                                args.temperature, backend=args.knn_backend)
+    return {k: top1 for k, (top1, _) in accuracy.items()}
 
 
 def slot_statistics(train_encoding: torch.Tensor, train_labels: torch.Tensor,
-                    test_stats: torch.Tensor, test_labels: torch.Tensor, num_slots: int,
-                    slots: Sequence[int], args: argparse.Namespace) -> List[Dict[str, Any]]:
+                    test_encoding: torch.Tensor, entropy: torch.Tensor, cls_weight: torch.Tensor,
+                    test_labels: torch.Tensor, num_slots: int, slots: Sequence[int],
+                    args: argparse.Namespace) -> List[Dict[str, Any]]:
     """One record per slot: numbers of the table and the test images nearest its mean direction."""
-    width = train_encoding.shape[1]
-    test_encoding = test_stats[:, :width]
-    entropy = test_stats[:, width:width + num_slots]
-    cls_weight = test_stats[:, width + num_slots:]
+    k = args.nb_knn[0]
     records = []
     for slot in slots:
         test_vectors = unit_slot_vectors(test_encoding, num_slots, slot)
         direction, resultant = mean_direction(test_vectors)
         nearest = (test_vectors @ direction).topk(min(args.images_per_slot, len(test_vectors)))
         accuracy = knn_top1(unit_slot_vectors(train_encoding, num_slots, slot), train_labels,
-                            test_vectors, test_labels, args.nb_knn, args.temperature,
-                            args.knn_backend)
+                            test_vectors, test_labels, args)
         records.append(dict(slot=slot, entropy=float(entropy[:, slot].mean()),
-                            cls_weight=float(cls_weight[:, slot].mean()), knn_top1=accuracy,
+                            cls_weight=float(cls_weight[:, slot].mean()), knn_top1=accuracy[k],
+                            knn_top1_by_k={str(key): value for key, value in accuracy.items()},
                             mean_resultant_length=resultant,
                             nearest=nearest.indices.tolist(),
                             nearest_cosine=[round(float(c), 4) for c in nearest.values]))
-        print(f"slot {slot}: {args.nb_knn}-NN top-1 {accuracy:.2f}", flush=True)
+        print(f"slot {slot}: {k}-NN top-1 {accuracy[k]:.2f}", flush=True)
     return records
 
 
@@ -142,7 +142,7 @@ def display_image(normalised: torch.Tensor, size: int) -> np.ndarray:
     std = torch.tensor(utils.IMAGENET_STD)[:, None, None]
     pixels = ((normalised.cpu() * std + mean).clamp(0, 1) * 255).round().byte()
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    height, width = vis.display_size((image.height, image.width), size)
+    height, width = drawing.display_size((image.height, image.width), size)
     return np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))
 
 
@@ -159,33 +159,25 @@ def gallery_row(model: torch.nn.Module, dataset: torch.utils.data.Dataset, recor
     for (image, label), weights in zip(items, attention):
         shown = display_image(image, args.thumbnail_size)
         if args.show_attention:
-            shown = vis.heat_overlay(shown, weights[1:].reshape(grid), GALLERY_ALPHA)
+            shown = drawing.heat_overlay(shown, weights[1:].reshape(grid), GALLERY_ALPHA)
         name = names[label] if label < len(names) else str(label)
-        cells.append(vis.titled(shown, [name]))
+        cells.append(drawing.titled(shown, [name]))
     cell_w, cell_h = max(c.width for c in cells), max(c.height for c in cells)
-    row = Image.new("RGB", (ROW_LABEL_WIDTH + len(cells) * (cell_w + vis.PAD), cell_h),
-                    vis.BACKGROUND)
+    row = Image.new("RGB", (ROW_LABEL_WIDTH + len(cells) * (cell_w + drawing.PAD), cell_h),
+                    drawing.BACKGROUND)
     draw = ImageDraw.Draw(row)
     text = [f"slot {record['slot']}", f"{k}-NN top-1 {record['knn_top1']:.1f}%",
             f"H {record['entropy']:.2f}  CLS {record['cls_weight']:.3f}",
             f"resultant {record['mean_resultant_length']:.2f}"]
     for line, value in enumerate(text):
-        draw.text((0, 2 + line * vis.LINE_HEIGHT), value, fill=vis.TEXT_COLOR, font=vis.font())
+        draw.text((0, 2 + line * drawing.LINE_HEIGHT), value, fill=drawing.TEXT_COLOR, font=drawing.font())
     for index, cell in enumerate(cells):
-        row.paste(cell, (ROW_LABEL_WIDTH + index * (cell_w + vis.PAD), 0))
+        row.paste(cell, (ROW_LABEL_WIDTH + index * (cell_w + drawing.PAD), 0))
     return row
 
 
 # ================================================================================ script
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("nb_knn", "images_per_slot", "batch_size_per_gpu"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("train_subset", "test_subset", "top_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise utils.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.temperature <= 0:
-        raise utils.UserError(f"--temperature must be positive, got {args.temperature}")
     if args.thumbnail_size < 16:
         raise utils.UserError(f"--thumbnail_size must be at least 16, got {args.thumbnail_size}")
     utils.ensure_output_dir(args.output_dir, "--output_dir")
@@ -193,87 +185,72 @@ def check_args(args: argparse.Namespace) -> None:
         utils.ensure_output_file(args.output_json, "--output_json")
 
 
+def check_model(args: argparse.Namespace, config: Dict[str, Any]) -> None:
+    feats.require_sparo(config, "slot_gallery.py")
+    feats.parse_slots(args.slots, config)
+    feats.require_slot_count(args.top_k, config, "--top_k")
+
+
 def slot_gallery(args: argparse.Namespace) -> Dict[str, Any]:
-    utils.init_distributed_mode(args)
-    check_args(args)
-    if args.num_workers is None:
-        args.num_workers = utils.default_num_workers(args.device)
-
-    # ============ building network ... ============
-    model, config = utils.load_eval_backbone(args)
-    utils.require_sparo(config, "slot_gallery.py")
+    feats.start(args, check_args, show_args=False)
+    evaluation = feats.setup_evaluation(args, lambda _, config: check_model(args, config),
+                                        min_train_images=max(args.nb_knn), min_train_flag="--nb_knn")
+    model, config, crop = evaluation.model, evaluation.config, evaluation.crop_size
+    dataset_train, dataset_test = evaluation.train, evaluation.test
     num_slots = int(config["sparo_slots"])
-    slots = utils.parse_slots(args.slots, config) or list(range(num_slots))
-    utils.require_slot_count(args.top_k, config, "--top_k")
-
-    # ============ preparing data ... ============
-    crop = utils.eval_crop_size(args, config)
-    transform = utils.eval_transform(crop, args.resize_size)
-    dataset_train = utils.build_dataset(args.data_path, "train", transform, subset=args.train_subset)
-    dataset_test = utils.build_dataset(args.data_path, "test", transform, subset=args.test_subset)
-    if args.nb_knn > len(dataset_train):
-        raise utils.UserError(f"--nb_knn {args.nb_knn} exceeds the {len(dataset_train)} training images")
-    print(f"Data loaded with {len(dataset_train)} train and {len(dataset_test)} test images.")
-    train_labels = torch.as_tensor(utils.dataset_labels(dataset_train))
-    test_labels = torch.as_tensor(utils.dataset_labels(dataset_test))
+    slots = feats.parse_slots(args.slots, config) or list(range(num_slots))
+    k = args.nb_knn[0]
 
     # ============ extracting features and attention statistics ... ============
     common = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
                   device=args.device, use_amp=args.use_fp16, storage_device=torch.device("cpu"))
     print("Extracting features for train set...")
-    train_encoding = utils.extract_features(model, dataset_train, **common)
+    train_encoding = feats.extract_features(model, dataset_train, **common)
     print("Extracting features and slot attention for test set...")
-    test_stats = utils.extract_features(
-        model, dataset_test, forward=lambda x: encoding_and_attention_stats(model, x), **common)
+    test_encoding, entropy, cls_weight = feats.extract_features(
+        lambda x: encoding_and_attention_stats(model, x), dataset_test, **common)
 
     # ============ per-slot statistics and k-NN ... ============
-    width = train_encoding.shape[1]
-    all_slots_top1 = knn_top1(F.normalize(train_encoding, dim=1), train_labels,
-                              F.normalize(test_stats[:, :width], dim=1), test_labels,
-                              args.nb_knn, args.temperature, args.knn_backend)
-    records = slot_statistics(train_encoding, train_labels, test_stats, test_labels, num_slots,
-                              slots, args)
+    all_slots_top1 = knn_top1(F.normalize(train_encoding, dim=1), evaluation.train_labels,
+                              F.normalize(test_encoding, dim=1), evaluation.test_labels, args)[k]
+    records = slot_statistics(train_encoding, evaluation.train_labels, test_encoding, entropy,
+                              cls_weight, evaluation.test_labels, num_slots, slots, args)
     grid = (crop // config["patch_size"]) ** 2
     summary = dict(pretrained_weights=args.pretrained_weights, checkpoint_key=args.checkpoint_key,
                    data_path=args.data_path, num_train=len(dataset_train),
-                   num_test=len(dataset_test), image_size=crop, k=args.nb_knn,
+                   num_test=len(dataset_test), image_size=crop, k=k,
                    temperature=args.temperature, entropy_uniform=math.log(grid),
                    all_slots_knn_top1=all_slots_top1, slots=records)
-    print(format_table(records, args.nb_knn, all_slots_top1))
+    print(format_table(records, k, all_slots_top1))
     if not utils.is_main_process():
         return summary
 
     # ============ writing the table and the gallery ... ============
     output_dir = Path(args.output_dir)
     json_path = Path(args.output_json) if args.output_json else output_dir / "slot_stats.json"
-    json_path.write_text(json.dumps(summary, indent=1) + "\n")
+    feats.write_json(str(json_path), summary)
     shown = records
     if args.top_k:
         shown = sorted(records, key=lambda r: (r["entropy"], r["slot"]))[:args.top_k]
     names = class_names(args.data_path, dataset_test)
-    rows = [gallery_row(model, dataset_test, record, names, args.nb_knn, args) for record in shown]
-    header = [f"Slot gallery: {vis.describe_model(config)}, {args.data_path} test split "
+    rows = [gallery_row(model, dataset_test, record, names, k, args) for record in shown]
+    header = [f"Slot gallery: {drawing.describe_model(config)}, {args.data_path} test split "
               f"({len(dataset_test)} images, {crop} px).",
               f"Per slot: the {args.images_per_slot} images whose slot vectors lie closest to the "
               f"slot's mean direction" + (", with the slot's attention." if args.show_attention else "."),
-              f"{args.nb_knn}-NN top-1: that slot alone (bank: {len(dataset_train)} train images); "
+              f"{k}-NN top-1: that slot alone (bank: {len(dataset_train)} train images); "
               f"all slots: {all_slots_top1:.1f}%.",
               f"H: mean entropy over the patches (uniform: {math.log(grid):.2f}); CLS: mean weight "
               f"on the CLS token; resultant: mean resultant length."]
-    gallery = vis.compose_grid(rows, header, columns=1)
+    gallery = drawing.compose_grid(rows, header, columns=1)
     gallery.save(output_dir / "slot_gallery.png", optimize=True)
     print(f"Wrote {output_dir / 'slot_gallery.png'} ({gallery.width}x{gallery.height}, "
           f"{len(rows)} slots) and {json_path}")
     return summary
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser("SPARO slot gallery", parents=[get_args_parser()])
-    args = utils.parse_args_with_config(parser, argv)
-    try:
-        slot_gallery(args)
-    finally:
-        utils.cleanup_distributed()
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    return feats.run_script("SPARO slot gallery", get_args_parser, slot_gallery, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ visualize_attention.py. Method: ../shared/SPARO.md ("Visualisation").
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -23,28 +22,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+import datasets
+import features as feats
 import utils
+from slot_drawing import (CONTOUR_COLOR, compose_grid, describe_model, display_size, heat_overlay,
+                          mask_contour, patch_entropy, titled, upsample_nearest)
 
-# Layout of the grids, in pixels (tests check image sizes against these).
-PAD = 6                # gap between panels and around the grid
-FONT_SIZE = 13
-LINE_HEIGHT = 16
-TITLE_HEIGHT = 2 * LINE_HEIGHT + 4   # two title lines above each panel
-COLORBAR_HEIGHT = 10
-HEAT_ALPHA = 0.7       # opacity of the heat map over the grey image
-CONTOUR_COLOR = (255, 48, 48)
-BACKGROUND = (255, 255, 255)
-TEXT_COLOR = (20, 20, 20)
 OUTPUT_SUFFIXES = ("_slots.png", "_heads.png")   # grid file names: SPARO, CLS read-out
-
-# Viridis sampled at 10 evenly spaced points (matplotlib's published values): perceptually
-# uniform, readable in grey and by colour-blind readers. Interpolated linearly in between.
-VIRIDIS = np.array([
-    (0x44, 0x01, 0x54), (0x48, 0x28, 0x78), (0x3E, 0x49, 0x89), (0x31, 0x68, 0x8E),
-    (0x26, 0x82, 0x8E), (0x1F, 0x9E, 0x89), (0x35, 0xB7, 0x79), (0x6E, 0xCE, 0x58),
-    (0xB5, 0xDE, 0x2B), (0xFD, 0xE7, 0x25)], dtype=np.float64)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,11 +43,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default=None, type=str,
                         help="Optional check: the architecture the checkpoint must hold (it is "
                              "read from the checkpoint either way).")
-    parser.add_argument("--patch_size", default=None, type=int,
+    parser.add_argument("--patch_size", default=None, type=utils.positive_int,
                         help="Optional check: the patch size the checkpoint must hold.")
     parser.add_argument("--image_path", required=True, type=str,
                         help="An image, or a folder of images (searched recursively).")
-    parser.add_argument("--image_size", default=None, type=int, nargs="+",
+    parser.add_argument("--image_size", default=None, type=utils.positive_int, nargs="+",
                         help="Network input size. One value: the shorter side, aspect ratio kept; "
                              "two values: height width. Each side is rounded to a multiple of the "
                              "patch size. Default: the resolution the model was trained at.")
@@ -72,14 +58,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", default=None, type=str,
                         help="Show these slots, e.g. 0,5,9 (0-based, in this order; the same "
                              "format as eval_knn.py). Default: every slot.")
-    parser.add_argument("--top_k", default=None, type=int,
+    parser.add_argument("--top_k", default=None, type=utils.positive_int,
                         help="Show the K slots with the most concentrated attention (lowest "
                              "entropy over the patches) for each image, most concentrated first; "
                              "with --slots, the K best among those.")
-    parser.add_argument("--display_size", default=224, type=int,
+    parser.add_argument("--display_size", default=224, type=utils.positive_int,
                         help="Shorter side of each panel in pixels; small images are upscaled so "
                              "the heat maps stay readable.")
-    parser.add_argument("--columns", default=8, type=int, help="Panels per row of the grid.")
+    parser.add_argument("--columns", default=8, type=utils.positive_int, help="Panels per row of the grid.")
     return parser
 
 
@@ -114,15 +100,6 @@ def attention_maps(model: torch.nn.Module, image: torch.Tensor) -> AttentionMaps
         labels = [f"head {i}" for i in range(len(weights))]
     weights = weights.float().cpu().numpy()
     return AttentionMaps(labels, weights[:, 1:].reshape(len(weights), *grid), weights[:, 0])
-
-
-def patch_entropy(patch_weights):
-    """Entropy in nats of each row (last axis) renormalised to sum to 1; log(P) for a uniform
-    row of P patches, 0 for a one-hot row. A numpy array or a torch tensor, same type out."""
-    weights = torch.as_tensor(patch_weights)
-    p = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
-    return entropy.numpy() if isinstance(patch_weights, np.ndarray) else entropy
 
 
 def threshold_mask(patch_weights: np.ndarray, fraction: float) -> np.ndarray:
@@ -163,18 +140,18 @@ def list_images(image_path: str, output_dir: Optional[str] = None) -> List[Path]
         return [path]
     skip = Path(output_dir).resolve() if output_dir else None
     files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTENSIONS
+                   if p.is_file() and p.suffix.lower() in datasets.IMAGE_EXTENSIONS
                    and not (skip and p.resolve().is_relative_to(skip)
                             and p.name.endswith(OUTPUT_SUFFIXES)))
     if not files:
         raise utils.UserError(f"--image_path {image_path} holds no images (extensions: "
-                              f"{' '.join(utils.IMAGE_EXTENSIONS)})")
+                              f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
     return files
 
 
 def open_image(path: Path):
     try:
-        return utils.load_rgb_image(str(path))
+        return datasets.load_rgb_image(str(path))
     except Exception as error:  # noqa: BLE001 - PIL raises many types for unreadable files
         raise utils.UserError(f"cannot read image {path}: {error}") from error
 
@@ -203,67 +180,7 @@ def to_network_input(image, size: Tuple[int, int]) -> torch.Tensor:
     return transform(image).unsqueeze(0)
 
 
-def display_size(size: Tuple[int, int], shorter_side: int) -> Tuple[int, int]:
-    """(height, width) of a panel: the input size scaled so its shorter side is shorter_side."""
-    scale = shorter_side / min(size)
-    return int(round(size[0] * scale)), int(round(size[1] * scale))
-
-
 # ================================================================================ drawing
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Viridis colours (..., 3) uint8 for values in [0, 1]."""
-    position = np.clip(values, 0.0, 1.0) * (len(VIRIDIS) - 1)
-    low = np.minimum(np.floor(position).astype(int), len(VIRIDIS) - 2)
-    frac = (position - low)[..., None]
-    return np.round(VIRIDIS[low] * (1 - frac) + VIRIDIS[low + 1] * frac).astype(np.uint8)
-
-
-def upsample_nearest(grid: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Each output pixel takes the value of the patch its centre falls in."""
-    rows = np.minimum(((np.arange(height) + 0.5) * grid.shape[0] / height).astype(int), grid.shape[0] - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * grid.shape[1] / width).astype(int), grid.shape[1] - 1)
-    return grid[rows][:, cols]
-
-
-def heat_overlay(image: np.ndarray, weights: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
-    """The patch weights (h, w), scaled to their peak and upsampled, as a colour heat map of
-    opacity alpha over a grey version of the image (H, W, 3) uint8."""
-    heat = upsample_nearest(weights / max(float(weights.max()), 1e-30), *image.shape[:2])
-    grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    blended = (1 - alpha) * grey[..., None] + alpha * colormap(heat)
-    return np.round(blended).astype(np.uint8)
-
-
-def mask_contour(mask: np.ndarray, thickness: int = 2) -> np.ndarray:
-    """Pixels of a boolean mask (H, W) within `thickness` pixels of its border."""
-    inner = mask.copy()
-    for _ in range(thickness):
-        padded = np.pad(inner, 1, constant_values=False)
-        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
-
-
-@functools.lru_cache(maxsize=None)
-def font(size: int = FONT_SIZE):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def titled(panel: np.ndarray, lines: Sequence[str]):
-    """A panel (H, W, 3) uint8 under title lines (two lines: TITLE_HEIGHT), as a PIL image
-    at least as wide as its titles."""
-    height, width = panel.shape[:2]
-    title_height = len(lines) * LINE_HEIGHT + 4
-    text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font()))
-                     for t in lines) + 4
-    canvas = Image.new("RGB", (max(width, text_width), title_height + height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for row, text in enumerate(lines):
-        draw.text((2, 2 + row * LINE_HEIGHT), text, fill=TEXT_COLOR, font=font())
-    canvas.paste(Image.fromarray(panel), (0, title_height))
-    return canvas
 
 
 def map_panels(image: np.ndarray, maps: AttentionMaps, threshold: Optional[float]) -> List:
@@ -283,62 +200,19 @@ def map_panels(image: np.ndarray, maps: AttentionMaps, threshold: Optional[float
     return panels
 
 
-def colorbar(width: int) -> np.ndarray:
-    return np.repeat(colormap(np.linspace(0, 1, width))[None], COLORBAR_HEIGHT, axis=0)
-
-
-def compose_grid(panels: Sequence, header: Sequence[str], columns: int):
-    """Panels (PIL images) in rows of `columns`, in cells the size of the largest panel, under
-    header lines and the colour bar of the heat maps (each map scaled to its own peak)."""
-    columns = max(1, min(columns, len(panels)))
-    rows = math.ceil(len(panels) / columns)
-    cell_w, cell_h = max(p.width for p in panels), max(p.height for p in panels)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    low, high, bar_w = "low ", " high (each map scaled to its own peak)", 160
-    bar_line = [int(measure.textlength(t, font=font())) for t in (low, high)]
-    text_width = max([int(measure.textlength(t, font=font())) for t in header] +
-                     [sum(bar_line) + bar_w])
-    width = max(PAD + columns * (cell_w + PAD), 2 * PAD + text_width)
-    header_h = header_height(len(header))
-    canvas = Image.new("RGB", (width, header_h + rows * (cell_h + PAD) + PAD), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for row, text in enumerate(header):
-        draw.text((PAD, PAD + row * LINE_HEIGHT), text, fill=TEXT_COLOR, font=font())
-    bar_y = PAD + len(header) * LINE_HEIGHT + 2
-    draw.text((PAD, bar_y - 3), low, fill=TEXT_COLOR, font=font())
-    canvas.paste(Image.fromarray(colorbar(bar_w)), (PAD + bar_line[0], bar_y))
-    draw.text((PAD + bar_line[0] + bar_w, bar_y - 3), high, fill=TEXT_COLOR, font=font())
-    for index, panel in enumerate(panels):
-        row, column = divmod(index, columns)
-        canvas.paste(panel, (PAD + column * (cell_w + PAD), header_h + row * (cell_h + PAD)))
-    return canvas
-
-
-def header_height(lines: int) -> int:
-    return PAD + lines * LINE_HEIGHT + COLORBAR_HEIGHT + 2 * PAD
-
-
 # ================================================================================= script
 def check_args(args: argparse.Namespace, config: dict) -> Optional[List[int]]:
     """Refuse options that do not fit the checkpoint, with one clear line each; returns the
     --slots list."""
-    utils.require_slot_count(args.top_k, config, "--top_k")
-    slots = utils.parse_slots(args.slots, config)
-    if args.top_k is not None and args.top_k < 1:
-        raise utils.UserError(f"--top_k must be at least 1, got {args.top_k}")
+    feats.require_slot_count(args.top_k, config, "--top_k")
+    slots = feats.parse_slots(args.slots, config)
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise utils.UserError(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
-    if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 1):
+    if args.image_size is not None and len(args.image_size) > 2:
         raise utils.UserError("--image_size takes one positive value (shorter side) or two (height width)")
-    if args.display_size < 32 or args.columns < 1:
-        raise utils.UserError("--display_size must be at least 32 and --columns at least 1")
+    if args.display_size < 32:
+        raise utils.UserError(f"--display_size must be at least 32, got {args.display_size}")
     return slots
-
-
-def describe_model(config: dict) -> str:
-    readout = (f"SPARO L={config['sparo_slots']} V={config['sparo_dim']}"
-               if config["readout"] == "sparo" else "CLS read-out")
-    return f"{config['arch']}/{config['patch_size']} {readout}"
 
 
 def output_name(path: Path, root: Path, readout: str) -> str:
@@ -376,7 +250,7 @@ def visualize_image(model: torch.nn.Module, config: dict, path: Path,
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser("Visualize SPARO slots", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
+    args = utils.parse_args_with_config(parser, argv)
 
     # ============ checking the inputs ... ============
     images = list_images(args.image_path, args.output_dir)

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import augmentations  # noqa: E402
+import datasets  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 from bench.train_throughput import describe_device  # noqa: E402
@@ -84,12 +85,12 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
     transform = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                           args.local_crops_number, args.global_crops_size,
                                           args.local_crops_size)
-    datasets = {grey: utils.build_dataset("fashion_mnist", "pretrain", transform, subset=args.images,
-                                          grey=grey) for grey in (False, True)}
-    count = len(datasets[True])
+    by_grey = {grey: datasets.build_dataset("fashion_mnist", "pretrain", transform, subset=args.images,
+                                            grey=grey) for grey in (False, True)}
+    count = len(by_grey[True])
     timings: Dict[bool, List[float]] = {False: [], True: []}
     for _ in range(args.rounds):
-        for grey, dataset in datasets.items():
+        for grey, dataset in by_grey.items():
             timings[grey].append(time_path(dataset, count))
     rgb, grey = min(timings[False]), min(timings[True])  # best round: least disturbed
     print(f"device: {describe_device(torch.device('cpu'))}; torch {torch.__version__}")
@@ -162,7 +163,7 @@ def time_per_image(work: Callable[[str], Any], paths: List[str]) -> float:
 def time_device_stage(geometry: Any, paths: List[str], local_number: int, global_size: int,
                       batch: int, device: torch.device, rounds: int) -> float:
     """Seconds per image of the device stage on `device`, in batches of `batch` images."""
-    samples = [geometry(utils.open_image(p)) for p in paths[:batch]]
+    samples = [geometry(datasets.open_image(p)) for p in paths[:batch]]
     crops = [torch.stack([s[k] for s in samples]).to(device) for k in range(len(samples[0]))]
     stage = augmentations.PhotometricAugmentation(local_number, global_size)
     stage(crops)  # warm-up
@@ -218,8 +219,8 @@ def jpeg_suite(args: argparse.Namespace) -> Dict[str, float]:
         stage = {draft: augmentations.MultiCropGeometry(*scales, local_number, global_size, local_size, draft=draft)
                  for draft in (True, False)}
         work = {"dino": lambda p: dino_pipeline(pil_loader(p)),
-                "cpu_stage": lambda p: stage[True](utils.open_image(p)),
-                "cpu_stage_no_draft": lambda p: stage[False](utils.open_image(p)),
+                "cpu_stage": lambda p: stage[True](datasets.open_image(p)),
+                "cpu_stage_no_draft": lambda p: stage[False](datasets.open_image(p)),
                 "decode": pil_loader}
         timings: Dict[str, List[float]] = {name: [] for name in work}
         random.seed(0), torch.manual_seed(0)
@@ -228,7 +229,7 @@ def jpeg_suite(args: argparse.Namespace) -> Dict[str, float]:
                 timings[name].append(time_per_image(fn, paths))
         best = {name: min(values) * 1e3 for name, values in timings.items()}
         drafted = sum(augmentations.draft_scale(stage[True].sample(size)[0], [global_size] * 2 + [local_size] * local_number) > 1
-                      for size in (utils.open_image(p).size for p in paths))
+                      for size in (datasets.open_image(p).size for p in paths))
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         device_ms = {d.type: time_device_stage(stage[True], paths, local_number, global_size, args.device_batch,
                                                d, args.rounds) * 1e3 for d in devices}

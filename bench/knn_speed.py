@@ -23,7 +23,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval_knn  # noqa: E402
+import knn  # noqa: E402
 import utils  # noqa: E402
 from bench.train_throughput import describe_device  # noqa: E402
 
@@ -98,7 +98,7 @@ def run_method(method: str, args: argparse.Namespace, train: torch.Tensor, label
                test: torch.Tensor) -> Dict[int, torch.Tensor]:
     if method == "dino":
         return dino_knn(train, labels, test, sorted(args.nb_knn), args.temperature, args.num_classes)
-    return eval_knn.knn_classify(train, labels, test, nb_knn=args.nb_knn, temperature=args.temperature,
+    return knn.knn_classify(train, labels, test, nb_knn=args.nb_knn, temperature=args.temperature,
                                  num_classes=args.num_classes, backend=method)
 
 

@@ -8,7 +8,7 @@ Every variant is pre-trained by the real command-line script (main_dino_sparo.py
 subprocess) with the same small-data recipe (configs/quality/recipe_cpu.yaml) and the same budget
 (images, epochs, crops, batch), then evaluated by the real eval_knn.py (weighted 20-NN,
 T=0.07, cosine) and eval_linear.py (a linear probe on frozen features). Next to them: the
-raw-pixel k-NN floor (computed with eval_knn's own k-NN code on the raw 28x28 pixels) and
+raw-pixel k-NN floor (computed with knn.py's k-NN code on the raw 28x28 pixels) and
 each variant's network untrained (randomly initialised), to tell what the architecture gives
 from what pre-training adds. For SPARO, greedy slot selection (eval_knn.py --select_slots,
 scored on a held-out part of the training bank) is reported next to all slots.
@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import eval_knn  # noqa: E402
+import datasets  # noqa: E402
+import knn  # noqa: E402
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 
@@ -200,9 +201,9 @@ def export_image_folders(root: Path, bank_size: int, eval_split: str, test_size:
         return folder
     from PIL import Image
 
-    train_images, train_labels = utils.load_fashion_mnist("train")
+    train_images, train_labels = datasets.load_fashion_mnist("train")
     if eval_split == "test":
-        test_images, test_labels = utils.load_fashion_mnist("test")
+        test_images, test_labels = datasets.load_fashion_mnist("test")
         test_index = range(test_size)
     else:
         test_images, test_labels = train_images, train_labels
@@ -219,11 +220,11 @@ def export_image_folders(root: Path, bank_size: int, eval_split: str, test_size:
 
 
 def raw_pixel_floor(bank_size: int, eval_split: str, test_size: int) -> Dict[str, Any]:
-    """Weighted k-NN on raw pixels (L2-normalised, cosine), with eval_knn's own k-NN code:
+    """Weighted k-NN on raw pixels (L2-normalised, cosine), with knn.py's k-NN code:
     on the same bank as the networks, and on the whole 60k training split."""
-    train_images, train_labels = utils.load_fashion_mnist("train")
+    train_images, train_labels = datasets.load_fashion_mnist("train")
     if eval_split == "test":
-        test_images, test_labels = utils.load_fashion_mnist("test")
+        test_images, test_labels = datasets.load_fashion_mnist("test")
         test_images, test_labels = test_images[:test_size], test_labels[:test_size]
         full_bank = len(train_images)
     else:
@@ -236,8 +237,8 @@ def raw_pixel_floor(bank_size: int, eval_split: str, test_size: int) -> Dict[str
         torch.tensor(test_labels.astype(np.int64))
     result = {}
     for name, size in (("same_bank", bank_size), ("full_bank", full_bank)):
-        votes = eval_knn.knn_classify(bank[:size], bank_labels[:size], test, (20,), 0.07)
-        top1, top5 = eval_knn.knn_accuracy(votes, test_labels_t)[20]
+        votes = knn.knn_classify(bank[:size], bank_labels[:size], test, (20,), 0.07)
+        top1, top5 = knn.knn_accuracy(votes, test_labels_t)[20]
         result[name] = dict(bank_size=size, top1=top1, top5=top5)
     return result
 

@@ -31,15 +31,39 @@ def run_script(script, *args, env=None, timeout=600, check=True):
     return process
 
 
+def run_two_gloo_ranks(function, *args):
+    """function(*args) in two spawned CPU processes joined in a gloo group, as torchrun would
+    set them up (RANK, WORLD_SIZE, ...): for tests that patch code inside the ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gloo_rank, args=(port, function, args), nprocs=2, start_method="spawn")
+
+
+def _gloo_rank(rank, port, function, args):
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", CUDA_VISIBLE_DEVICES="",
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    function(*args)
+
+
 def read_log(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def fashion_mnist_installed():
     """Whether utils finds Fashion-MNIST (the Debian package, or FASHION_MNIST_DIR)."""
+    import datasets
     import utils
     try:
-        utils.fashion_mnist_dir()
+        datasets.fashion_mnist_dir()
     except utils.UserError:
         return False
     return True

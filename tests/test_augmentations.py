@@ -17,6 +17,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 import augmentations as A
+import datasets
 import utils
 
 N = 1000  # draws per crop position: rates to +-0.07 at 4.5 sigma
@@ -252,9 +253,9 @@ def test_drafted_jpeg_crops_match_full_resolution_crops(tmp_path):
     boxes, sizes, flips = [(0, 0, 854, 1280), (101, 203, 200, 196), (300, 600, 100, 105)], [96, 96, 48], [False] * 3
     scale = A.draft_scale(boxes, sizes)
     assert scale == 2
-    drafted, factor = A.decode(utils.open_image(str(path)), scale)
+    drafted, factor = A.decode(datasets.open_image(str(path)), scale)
     assert drafted.size == (640, 427) and factor == 1 / 2
-    full, one = A.decode(utils.open_image(str(path)), 1)
+    full, one = A.decode(datasets.open_image(str(path)), 1)
     assert full.size == (1280, 854) and one == 1
     for small, exact in zip(A.crop_and_resize_subpixel(drafted, boxes, sizes, flips, factor),
                             A.crop_and_resize(A.image_tensor(full), boxes, sizes, flips)):
@@ -282,7 +283,7 @@ def test_grey_small_and_non_square_images_behave_as_today(tmp_path):
     Image.fromarray(np.full((50, 90), 128, np.uint8), "L").save(tmp_path / "grey.jpg")
     grey.convert("P").resize((31, 77)).save(tmp_path / "palette.png")
     for name in ("grey.jpg", "palette.png"):
-        crops = geometry(utils.open_image(str(tmp_path / name)))
+        crops = geometry(datasets.open_image(str(tmp_path / name)))
         assert [tuple(c.shape) for c in crops] == [(3, 28, 28)] * 2 + [(3, 12, 12)] * 2
     boxes, _ = geometry.sample((31, 77))
     for top, left, height, width in boxes:
@@ -293,7 +294,7 @@ def test_lazy_folder_skips_unreadable_images(tmp_path, capsys):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.jpg")
     (tmp_path / "b.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:200])  # truncated
     geometry = A.MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 1, 16, 8)
-    dataset = utils.build_dataset(str(tmp_path), "pretrain", geometry, lazy=True)
+    dataset = datasets.build_dataset(str(tmp_path), "pretrain", geometry, lazy=True)
     crops, _ = dataset[1]
     assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)]
     assert "b.jpg" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import eval_knn
 import eval_linear
 import slot_gallery
@@ -263,8 +264,8 @@ def subset_val(tmp_path_factory):
 
 
 def test_val_with_a_subset_of_classes_keeps_the_training_labels(subset_val):
-    assert list(utils.dataset_labels(utils.build_dataset(str(subset_val), "test"))) == [1, 1, 2, 2]
-    assert list(utils.dataset_labels(utils.build_dataset(str(subset_val), "train"))) == [0, 0, 1, 1, 2, 2]
+    assert list(datasets.dataset_labels(datasets.build_dataset(str(subset_val), "test"))) == [1, 1, 2, 2]
+    assert list(datasets.dataset_labels(datasets.build_dataset(str(subset_val), "train"))) == [0, 0, 1, 1, 2, 2]
 
 
 def test_knn_and_linear_score_a_val_subset_of_classes_correctly(subset_val, tiny_sparo_checkpoint, tmp_path):

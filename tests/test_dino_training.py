@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import datasets
 import main_dino_sparo as dino
 import utils
 import vision_transformer as vits
@@ -144,7 +145,7 @@ def test_grey_images_augment_exactly_like_their_rgb_copies():
     import random
     from PIL import Image
     transform = dino.DataAugmentationDINO((0.3, 1.0), (0.1, 0.3), 2, 28, 14)
-    images, _ = utils.load_digits_split("train")
+    images, _ = datasets.load_digits_split("train")
     for i in range(40):
         grey = Image.fromarray((images[i] * 16).clip(0, 255).astype(np.uint8), mode="L").resize((28, 28))
         random.seed(i), torch.manual_seed(i)

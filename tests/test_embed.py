@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import embed
+import features as feats
 import utils
 from helpers import REPO
 
@@ -18,7 +20,7 @@ from helpers import REPO
 def image_folder(tmp_path_factory):
     """Six digits in a nested folder, a corrupt .png, a non-image and a hidden file."""
     root = tmp_path_factory.mktemp("images")
-    images, _ = utils.load_digits_split("test")
+    images, _ = datasets.load_digits_split("test")
     places = ["3.png", "a/1.png", "a/b/2.png", "a/b/0.jpg", "z/4.bmp", "z/5.png"]
     for image, place in zip(images, places):
         (root / place).parent.mkdir(parents=True, exist_ok=True)
@@ -32,9 +34,9 @@ def image_folder(tmp_path_factory):
 def reference_encodings(checkpoint, root, names):
     """One image at a time through the evaluation pre-processing, in name order."""
     model, config = utils.load_backbone(str(checkpoint))
-    transform = utils.eval_transform(int(config["img_size"]))
+    transform = feats.eval_transform(int(config["img_size"]))
     with torch.no_grad():
-        return torch.cat([model.eval()(transform(utils.load_rgb_image(str(root / n)))[None]) for n in names])
+        return torch.cat([model.eval()(transform(datasets.load_rgb_image(str(root / n)))[None]) for n in names])
 
 
 def test_every_readable_image_is_encoded_and_the_corrupt_one_listed(tiny_sparo_checkpoint, image_folder,

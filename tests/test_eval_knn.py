@@ -7,16 +7,20 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import datasets
 import eval_knn
+import features as feats
+import knn
 import utils
 import vision_transformer as vits
-from helpers import REPO, run_script
+from helpers import REPO, run_script, run_two_gloo_ranks
 from sparo_head import select_slots
 
 T = 0.07
@@ -62,8 +66,8 @@ def brute_force_accuracy(votes, test_labels, k):
 @pytest.fixture(scope="module")
 def digits_pixels():
     """Real features: L2-normalised raw pixels of scikit-learn digits, the project's split."""
-    train_images, train_labels = utils.load_digits_split("train")
-    test_images, test_labels = utils.load_digits_split("test")
+    train_images, train_labels = datasets.load_digits_split("train")
+    test_images, test_labels = datasets.load_digits_split("test")
     as_features = lambda images: F.normalize(torch.tensor(images.reshape(len(images), -1),  # noqa: E731
                                                           dtype=torch.float32), dim=1)
     return (as_features(train_images), torch.tensor(train_labels),
@@ -85,9 +89,9 @@ def test_votes_equal_brute_force_with_labels_above_1000(digits_pixels, backend, 
     train, train_labels, test, test_labels = digits_pixels
     test, test_labels = test[:num_test], test_labels[:num_test]
     train_labels, test_labels = train_labels + 1000, test_labels + 1000  # 1000..1009
-    votes = eval_knn.knn_classify(train, train_labels, test, KS, T, backend=backend, chunk_size=50)
+    votes = knn.knn_classify(train, train_labels, test, KS, T, backend=backend, chunk_size=50)
     assert sorted(votes) == list(KS)
-    accuracy = eval_knn.knn_accuracy(votes, test_labels)
+    accuracy = knn.knn_accuracy(votes, test_labels)
     for k in KS:
         reference, tied = brute_force_knn(train, train_labels, test, k)
         assert votes[k].shape == (num_test, 1010)
@@ -104,7 +108,7 @@ def test_votes_equal_brute_force_with_labels_above_1000(digits_pixels, backend, 
 def test_half_precision_bank_equals_brute_force_on_rounded_features(digits_pixels, backend):
     train, train_labels, test, _ = digits_pixels
     train, test = train.half(), test.half()
-    votes = eval_knn.knn_classify(train, train_labels, test, (10, 20), T, backend=backend)
+    votes = knn.knn_classify(train, train_labels, test, (10, 20), T, backend=backend)
     for k in (10, 20):
         reference, tied = brute_force_knn(train.float(), train_labels, test.float(), k)
         assert_votes_match(votes[k], reference, tied, rtol=2e-3)
@@ -112,8 +116,8 @@ def test_half_precision_bank_equals_brute_force_on_rounded_features(digits_pixel
 
 def test_torch_search_merges_bank_blocks_exactly(digits_pixels):
     train, _, test, _ = digits_pixels
-    whole_sims, whole_index = eval_knn._torch_search(train, test, 50, chunk_size=None)
-    block_sims, block_index = eval_knn._torch_search(train.half(), test, 50, chunk_size=64,
+    whole_sims, whole_index = knn._torch_search(train, test, 50, chunk_size=None)
+    block_sims, block_index = knn._torch_search(train.half(), test, 50, chunk_size=64,
                                                      bank_block=37)  # blocks smaller than k
     reference = torch.sort(test.double() @ train.half().double().T, dim=1, descending=True).values[:, :50]
     torch.testing.assert_close(block_sims.double(), reference, atol=1e-6, rtol=0)
@@ -131,11 +135,11 @@ def test_sharded_search_merge_equals_whole_bank(digits_pixels):
     parts = []
     for shard in range(3):
         index = torch.arange(shard, len(train), 3)
-        sims, where = eval_knn.search_topk(train[index], test, k, "torch")
+        sims, where = knn.search_topk(train[index], test, k, "torch")
         parts.append((sims, train_labels[index][where]))
-    merged_sims, merged_labels = eval_knn.merge_topk(torch.cat([p[0] for p in parts], 1),
+    merged_sims, merged_labels = knn.merge_topk(torch.cat([p[0] for p in parts], 1),
                                                      torch.cat([p[1] for p in parts], 1), k)
-    votes = eval_knn.class_votes(merged_sims, merged_labels, [k], T, 10)[k]
+    votes = knn.class_votes(merged_sims, merged_labels, [k], T, 10)[k]
     reference, tied = brute_force_knn(train, train_labels, test, k)
     assert_votes_match(votes, reference, tied)
 
@@ -143,17 +147,17 @@ def test_sharded_search_merge_equals_whole_bank(digits_pixels):
 def test_top5_is_undefined_for_fewer_than_five_classes(digits_pixels):
     train, train_labels, test, test_labels = digits_pixels
     keep_train, keep_test = train_labels < 3, test_labels < 3
-    votes = eval_knn.knn_classify(train[keep_train], train_labels[keep_train], test[keep_test],
+    votes = knn.knn_classify(train[keep_train], train_labels[keep_train], test[keep_test],
                                   (5, 20), T, backend="torch")
-    accuracy = eval_knn.knn_accuracy(votes, test_labels[keep_test])
+    accuracy = knn.knn_accuracy(votes, test_labels[keep_test])
     assert all(top5 is None for _, top5 in accuracy.values())
-    assert eval_knn.format_result(20, *accuracy[20]) == LINE.format(k=20, top1=accuracy[20][0])
+    assert knn.format_result(20, *accuracy[20]) == LINE.format(k=20, top1=accuracy[20][0])
 
 
 def test_k_larger_than_the_bank_is_an_error(digits_pixels):
     train, train_labels, test, _ = digits_pixels
     with pytest.raises(ValueError, match="exceeds"):
-        eval_knn.knn_classify(train[:50], train_labels[:50], test, (20, 100), backend="torch")
+        knn.knn_classify(train[:50], train_labels[:50], test, (20, 100), backend="torch")
 
 
 # --------------------------------------------------------------- the script, end to end
@@ -232,9 +236,9 @@ def test_slot_scores_equal_knn_on_the_selected_features(sparo_features):
     folder, _ = sparo_features
     features = torch.load(folder / "trainfeat.pth", weights_only=True)
     labels = torch.load(folder / "trainlabels.pth", weights_only=True)
-    heldout, bank = eval_knn.heldout_split(len(features), 0.1, seed=3)
+    heldout, bank = knn.heldout_split(len(features), 0.1, seed=3)
     selected, candidates, k = [4, 11], [0, 7, 15], 10
-    scores = eval_knn.score_slot_candidates(features[heldout], labels[heldout], features[bank],
+    scores = knn.score_slot_candidates(features[heldout], labels[heldout], features[bank],
                                             labels[bank], 16, selected, candidates, k, T, 10,
                                             chunk_size=50)
     for score, slot in zip(scores, candidates):
@@ -269,6 +273,44 @@ def test_select_slots_never_uses_the_test_split(sparo_features, tmp_path):
     second = run(perturbed)
     assert selected_slots(second) == (chosen, scores)
     assert parse_knn_lines(second)[20][0] < parse_knn_lines(first)[20][0] - 20
+
+
+def _select_slots_on_a_rank(folder, out):
+    """eval_knn.py --select_slots on one of two ranks, recording the bank this rank holds."""
+    held = {}
+    prepare = eval_knn.prepare_features
+
+    def recording(args):
+        tensors, *rest = prepare(args)
+        bank = tensors["train"]
+        held.update(rows=bank.shape[0], width=bank.shape[1], storage=bank.untyped_storage().nbytes())
+        return (tensors, *rest)
+
+    eval_knn.prepare_features = recording
+    results = eval_knn.main(["--load_features", str(folder), "--nb_knn", "20", "--select_slots", "3",
+                             "--select_k", "10", "--device", "cpu"])
+    torch.save(dict(held, slots=results["selected_slots"], knn=results["knn"]),
+               Path(out) / f"rank{os.environ['RANK']}.pth")
+
+
+@pytest.mark.slow
+def test_select_slots_under_two_ranks_keeps_only_shards(sparo_features, tmp_path):
+    """Issue 23 item 7: with --select_slots every rank still holds only its shard of the bank
+    (rank 0 collects the whole bank in host memory to select), and the selection and the
+    accuracy equal one process's."""
+    folder, _ = sparo_features
+    single = run_knn("--load_features", folder, "--nb_knn", "20", "--select_slots", "3",
+                     "--select_k", "10")
+    run_two_gloo_ranks(_select_slots_on_a_rank, str(folder), str(tmp_path))
+    total = len(torch.load(folder / "trainlabels.pth", weights_only=True))
+    for rank in (0, 1):
+        record = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
+        rows = len(range(rank, total, 2))
+        assert record["rows"] == rows and record["storage"] == rows * record["width"] * 4
+        assert record["slots"] == selected_slots(single)[0]
+        two_decimals = lambda v: None if v is None else round(v, 2)  # noqa: E731
+        assert {int(k): (two_decimals(v["top1"]), two_decimals(v["top5"]))
+                for k, v in record["knn"].items()} == parse_knn_lines(single)
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +388,7 @@ def test_refined_similarities_are_exact_fp32(digits_pixels):
     train, _, test, _ = digits_pixels
     bank = train.half()
     index = torch.randint(0, len(train), (len(test), 25), generator=torch.Generator().manual_seed(0))
-    sims, order = eval_knn.refine_similarities(test.half(), bank, index)
+    sims, order = knn.refine_similarities(test.half(), bank, index)
     reference = torch.tensor([[float(test.half()[i].double() @ bank[j].double()) for j in row]
                               for i, row in enumerate(order.tolist())])
     torch.testing.assert_close(sims.double(), reference.double(), atol=1e-6, rtol=0)
@@ -380,8 +422,8 @@ def test_fp16_criterion_on_a_simulated_fp16_search(digits_pixels):
     train, test = train.half(), test.half()
     rounded = (test.float() @ train.float().T).half()  # the fp16 GEMM's output
     _, picked = rounded.float().topk(200, dim=1)
-    sims, order = eval_knn.refine_similarities(test, train, picked)
-    votes = eval_knn.class_votes(sims, train_labels[order], (10, 20, 200), T, 10)
+    sims, order = knn.refine_similarities(test, train, picked)
+    votes = knn.class_votes(sims, train_labels[order], (10, 20, 200), T, 10)
     for k in (10, 20, 200):
         assert_fp16_knn_close(sims, votes[k], train, train_labels, test, k)
     _, tied = brute_force_knn(train.float(), train_labels, test.float(), 200, tie=2e-3)
@@ -395,14 +437,14 @@ def test_gpu_backends_equal_brute_force(digits_pixels, dtype):
     train, train_labels, test, test_labels = digits_pixels
     train, test = train.to("cuda", dtype), test.to("cuda", dtype)
     backends = ["torch", "auto"]
-    faiss = eval_knn._import_faiss()
+    faiss = knn._import_faiss()
     if faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         backends.append("faiss-gpu")
     for backend in backends:
-        votes = eval_knn.knn_classify(train, train_labels.cuda() + 1000, test, (10, 20, 200), T,
+        votes = knn.knn_classify(train, train_labels.cuda() + 1000, test, (10, 20, 200), T,
                                       backend=backend, chunk_size=100)
         if dtype == torch.float16:  # fp16 GEMM picks the neighbours
-            sims, _ = eval_knn.search_topk(train, test, 200, backend, chunk_size=100)
+            sims, _ = knn.search_topk(train, test, 200, backend, chunk_size=100)
             for k in (10, 20, 200):
                 assert_fp16_knn_close(sims, votes[k], train, train_labels + 1000, test, k)
             continue
@@ -413,12 +455,26 @@ def test_gpu_backends_equal_brute_force(digits_pixels, dtype):
 
 
 def test_extract_features_keeps_dataset_order_and_storage_dtype():
-    dataset = utils.build_dataset("digits", "test", utils.eval_transform(8, resize_size=8))
+    dataset = datasets.build_dataset("digits", "test", feats.eval_transform(8, resize_size=8))
     model = torch.nn.Flatten()  # features = the pre-processed pixels, easy to recompute
     expected = torch.stack([dataset[i][0].flatten() for i in range(len(dataset))])
-    features = utils.extract_features(model, dataset, batch_size=7, dtype=torch.float16)
+    features = feats.extract_features(model, dataset, batch_size=7, dtype=torch.float16)
     assert features.dtype == torch.float16 and features.shape == expected.shape
     torch.testing.assert_close(features, expected.half())
-    shard, index = utils.extract_feature_shard(model, dataset, batch_size=50)
+    shard, index = feats.extract_features(model, dataset, batch_size=50, shard=True)
     assert torch.equal(index, torch.arange(len(dataset)))  # one process: the whole data set
     torch.testing.assert_close(shard, expected)
+
+
+def test_extract_features_places_every_output_of_a_tuple_by_index():
+    """A forward with several outputs gives each one in data set order (floating outputs in the
+    storage dtype, others as computed), the index carried by each sample."""
+    dataset = datasets.build_dataset("digits", "test", feats.eval_transform(8, resize_size=8), subset=45)
+    pixels = torch.stack([dataset[i][0].flatten() for i in range(len(dataset))])
+    flat, total, bright = feats.extract_features(
+        lambda x: (x.flatten(1), x.flatten(1).sum(1).double(), x.flatten(1).mean(1) > 0),
+        dataset, batch_size=8, header=None)
+    torch.testing.assert_close(flat, pixels)
+    torch.testing.assert_close(total, pixels.sum(1))
+    assert total.dtype == torch.float32 and bright.dtype == torch.bool
+    assert torch.equal(bright, pixels.mean(1) > 0)

@@ -13,7 +13,7 @@ import torch
 import eval_linear
 import utils
 import vision_transformer as vits
-from helpers import read_log, run_script
+from helpers import read_log, run_script, run_two_gloo_ranks
 
 ACCURACY_LINE = re.compile(r"Accuracy at epoch (\d+) of the network on the (\d+) test images: ([\d.]+)%")
 CHANCE = 10.0  # digits: 10 balanced classes
@@ -157,3 +157,23 @@ def test_cosine_schedule_matches_torch_cosine_annealing():
         assert eval_linear.cosine_lr(0.3, epoch, 7) == pytest.approx(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+
+
+def _loss_check_on_a_rank(out):
+    """Rank 1 alone has a NaN loss; each rank records whether it sees every loss finite."""
+    from pathlib import Path
+
+    args = argparse.Namespace(device="cpu", dist_url="env://")
+    utils.init_distributed_mode(args)
+    loss = torch.tensor(float("nan") if args.rank == 1 else 0.5)
+    Path(out, f"rank{args.rank}.txt").write_text(str(eval_linear.finite_everywhere(loss)))
+    utils.cleanup_distributed()
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Multi-rank linear probe: the decision to stop is the same on all ranks (the others would
+    otherwise wait in DDP's next all-reduce); in one process it is the loss's own."""
+    assert eval_linear.finite_everywhere(torch.tensor(1.0))
+    assert not eval_linear.finite_everywhere(torch.tensor(float("inf")))
+    run_two_gloo_ranks(_loss_check_on_a_rank, str(tmp_path))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]

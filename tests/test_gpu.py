@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import eval_knn
+import knn
 import main_dino_sparo
 import utils
 from helpers import REPO, TINY_TRAIN_ARGS, read_log
@@ -102,13 +102,13 @@ def test_two_rank_sharded_knn_equals_one_gpu(tiny_sparo_checkpoint, tmp_path):
 
 
 def test_faiss_gpu_equals_torch_on_the_gpu():
-    faiss = eval_knn._import_faiss()
+    faiss = knn._import_faiss()
     if faiss is None or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         pytest.skip("faiss with GPU support is not installed")
     generator = torch.Generator().manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(5000, 64, generator=generator), dim=1).cuda()
     queries = torch.nn.functional.normalize(torch.randn(300, 64, generator=generator), dim=1).cuda()
-    sims_faiss, index_faiss = eval_knn.search_topk(bank, queries, 20, "faiss-gpu")
-    sims_torch, index_torch = eval_knn.search_topk(bank, queries, 20, "torch")
+    sims_faiss, index_faiss = knn.search_topk(bank, queries, 20, "faiss-gpu")
+    sims_torch, index_torch = knn.search_topk(bank, queries, 20, "torch")
     torch.testing.assert_close(sims_faiss.cpu(), sims_torch.cpu(), atol=1e-5, rtol=0)
     assert (index_faiss.cpu() == index_torch.cpu()).float().mean() > 0.99  # ties may swap

@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import datasets
 import eval_knn
+import features as feats
+import knn
 import main_dino_sparo
 import utils
 import vision_transformer as vits
@@ -114,7 +117,7 @@ def test_bf16_only_from_compute_capability_8(monkeypatch, capability, dtype):
     assert utils.amp_dtype(args.device) == dtype
     seen = {}
     monkeypatch.setattr(torch, "autocast", lambda device, dtype: seen.update(dtype=dtype))
-    utils.feature_autocast(args.device, True)  # the evaluation scripts' choice
+    feats.feature_autocast(args.device, True)  # the evaluation scripts' choice
     assert seen["dtype"] == dtype
 
 
@@ -204,7 +207,7 @@ def test_errors_and_warnings_come_from_every_rank(capsys):
     utils.setup_for_distributed(False, rank=3)
     print("progress line")  # progress: rank 0 only
     print("error: cannot read image x.jpg", file=sys.stderr)
-    utils.SkipUnreadableImages([])._warn(7, OSError("truncated"))  # a data warning
+    datasets.SkipUnreadableImages([])._warn(7, OSError("truncated"))  # a data warning
     out, err = capsys.readouterr()
     assert out == ""
     assert "[rank 3] error: cannot read image x.jpg" in err
@@ -339,10 +342,10 @@ def test_auto_search_of_a_cuda_bank_makes_no_faiss_copy(monkeypatch):
     class GpuFaiss:
         StandardGpuResources = object
         get_num_gpus = staticmethod(lambda: 1)
-    monkeypatch.setattr(eval_knn, "_import_faiss", lambda: GpuFaiss)
+    monkeypatch.setattr(knn, "_import_faiss", lambda: GpuFaiss)
     # FAISS GPU would copy a bank that already lies on the GPU into its own storage
-    assert eval_knn.resolve_backend("auto", torch.device("cuda", 0)) == "torch"
-    assert eval_knn.resolve_backend("faiss-gpu", torch.device("cuda", 0)) == "faiss-gpu"
+    assert knn.resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert knn.resolve_backend("faiss-gpu", torch.device("cuda", 0)) == "faiss-gpu"
 
 
 def test_splitting_the_bank_frees_the_rest():

@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+import datasets
 import main_dino_sparo as dino
 import utils
 import vision_transformer as vits
@@ -35,7 +36,7 @@ def tiny_args():
 
 
 def digit_batch(size=16):
-    images, _ = utils.load_digits_split("test")
+    images, _ = datasets.load_digits_split("test")
     x = torch.tensor(images[:6], dtype=torch.float32) / 255.0
     x = torch.nn.functional.interpolate(x[:, None], size=(size, size), mode="bilinear")
     return ((x.repeat(1, 3, 1, 1) - 0.45) / 0.225)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import datasets
 import utils
 from helpers import REPO, needs_fashion_mnist, run_script
 
@@ -62,8 +63,8 @@ def test_table_has_every_variant_on_the_official_test_split(quick_run):
     # the dumped features are the bank (first training images) and the official test images,
     # in data set order
     features = next((out / "eval").glob("*/sparo_seed0/features"))
-    _, train_labels = utils.load_fashion_mnist("train")
-    _, test_labels = utils.load_fashion_mnist("test")
+    _, train_labels = datasets.load_fashion_mnist("train")
+    _, test_labels = datasets.load_fashion_mnist("test")
     load = lambda name: torch.load(features / name, weights_only=True)  # noqa: E731
     assert torch.equal(load("trainlabels.pth"), torch.as_tensor(train_labels[:BANK].astype(np.int64)))
     assert torch.equal(load("testlabels.pth"), torch.as_tensor(test_labels[:TEST].astype(np.int64)))
@@ -77,7 +78,7 @@ def test_heldout_images_are_exported_once_with_their_labels(tmp_path):
     data = quality.evaluation_data(tmp_path, 30, "heldout", 12)
     folder = Path(data.data_path)
     assert data.flags == [] and data.name == folder.name
-    images, labels = utils.load_fashion_mnist("train")
+    images, labels = datasets.load_fashion_mnist("train")
     for split, index in (("train", range(30)), ("val", range(50000, 50012))):
         files = sorted((folder / split).rglob("*.png"))
         assert sorted(int(f.stem) for f in files) == list(index)
@@ -93,8 +94,8 @@ def test_heldout_images_are_exported_once_with_their_labels(tmp_path):
 
 def test_raw_pixel_floor_equals_brute_force(quick_run):
     _, results, _ = quick_run
-    train_images, train_labels = utils.load_fashion_mnist("train")
-    test_images, test_labels = utils.load_fashion_mnist("test")
+    train_images, train_labels = datasets.load_fashion_mnist("train")
+    test_images, test_labels = datasets.load_fashion_mnist("test")
     flat = lambda x: x.reshape(len(x), -1).astype(np.float64)  # noqa: E731
     expected = weighted_knn_top1(flat(train_images[:BANK]), train_labels[:BANK],
                                  flat(test_images[:TEST]), test_labels[:TEST])

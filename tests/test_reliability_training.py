@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import main_dino_sparo as dino
 import utils
 from helpers import REPO, TINY_TRAIN_ARGS, read_log, run_script
@@ -299,7 +300,7 @@ def test_unreadable_images_are_skipped_in_pretraining(tmp_path):
 
 def test_evaluation_data_fails_on_unreadable_image_with_its_name(tmp_path):
     write_images(tmp_path / "val" / "a", count=2, bad=["broken.png"])
-    dataset = utils.build_dataset(str(tmp_path), "test")
+    dataset = datasets.build_dataset(str(tmp_path), "test")
     with pytest.raises(utils.UserError, match="broken.png"):
         [dataset[i] for i in range(len(dataset))]
 
@@ -312,16 +313,16 @@ def test_image_modes_load_as_8bit_rgb(tmp_path):
     for name, image, expected in [("grey.png", grey, (100, 100, 100)), ("rgba.png", rgba, (10, 20, 30)),
                                   ("deep.png", deep, (127, 127, 127)), ("palette.png", palette, (100, 100, 100))]:
         image.save(tmp_path / name)
-        loaded = utils.load_rgb_image(str(tmp_path / name))
+        loaded = datasets.load_rgb_image(str(tmp_path / name))
         assert loaded.mode == "RGB" and loaded.size == (5, 4), name
         assert tuple(np.asarray(loaded)[0, 0]) == expected, name
 
 
 def test_missing_fashion_mnist_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(utils, "FASHION_MNIST_DIRS", ("/nonexistent",))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", ("/nonexistent",))
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     with pytest.raises(utils.UserError, match="apt-get install dataset-fashion-mnist"):
-        utils.build_dataset("fashion_mnist", "train")
+        datasets.build_dataset("fashion_mnist", "train")
 
 
 # ------------------------------------------------------------------ issue 24: silent wrong runs
@@ -383,14 +384,14 @@ def test_symlink_loops_and_fifos_in_a_data_folder(tmp_path):
     (data / "b" / "again.png").symlink_to("0.png")  # the same file twice
     (data / "up").symlink_to(".")                    # a "class" that is the data folder
     os.mkfifo(data / "a" / "x.jpg")
-    pretrain = utils.build_dataset(str(data), "pretrain")
+    pretrain = datasets.build_dataset(str(data), "pretrain")
     assert len(pretrain) == 5
-    assert utils.dataset_labels(pretrain).tolist() == [0, 0, 0, 1, 1]
+    assert datasets.dataset_labels(pretrain).tolist() == [0, 0, 0, 1, 1]
     flat = tmp_path / "flat"
     write_images(flat, count=4)
     (flat / "loop").symlink_to(".")
     os.mkfifo(flat / "pipe.png")
-    assert len(utils.build_dataset(str(flat), "pretrain")) == 4
+    assert len(datasets.build_dataset(str(flat), "pretrain")) == 4
 
 
 def test_ordinary_folders_list_the_same_samples_as_torchvision(tmp_path):
@@ -401,7 +402,7 @@ def test_ordinary_folders_list_the_same_samples_as_torchvision(tmp_path):
                  "c2/zz/q.png", "c2/notes.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"not read here")
-    ours = utils.image_folder(str(tmp_path))
+    ours = datasets.image_folder(str(tmp_path))
     reference = ImageFolder(str(tmp_path))
     assert ours.samples == [tuple(sample) for sample in reference.samples]
     assert ours.classes == reference.classes

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import utils
+import datasets
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +33,22 @@ def round_robin(labels, count):
 @pytest.mark.parametrize("split", ["pretrain", "train", "test"])
 def test_folder_subset_spans_every_class_and_is_deterministic(three_classes, split):
     root = str(three_classes / "train") if split == "pretrain" else str(three_classes)
-    full = list(utils.dataset_labels(utils.build_dataset(root, split)))
+    full = list(datasets.dataset_labels(datasets.build_dataset(root, split)))
     assert full == [0] * 5 + [1] * 2 + [2] * 4  # a folder lists its images class by class
     for count in (1, 3, 7, 10):
-        subset = utils.build_dataset(root, split, subset=count)
+        subset = datasets.build_dataset(root, split, subset=count)
         assert list(subset.indices) == round_robin(full, count)
-        assert list(utils.build_dataset(root, split, subset=count).indices) == list(subset.indices)
-    labels = utils.dataset_labels(utils.build_dataset(root, split, subset=7))
+        assert list(datasets.build_dataset(root, split, subset=count).indices) == list(subset.indices)
+    labels = datasets.dataset_labels(datasets.build_dataset(root, split, subset=7))
     assert np.bincount(labels).tolist() == [3, 2, 2]  # the first 7 would be a, a, a, a, a, b, b
 
 
 def test_balanced_indices_match_the_round_robin_loop():
     labels = np.random.default_rng(3).integers(0, 6, 200)
     for count in (0, 1, 5, 6, 50, 199, 200):
-        assert utils.balanced_indices(labels, count) == round_robin(list(labels), count)
+        assert datasets.balanced_indices(labels, count) == round_robin(list(labels), count)
 
 
 def test_builtin_subset_keeps_the_first_images():
     # bench/quality.py --eval_split heldout relies on it: training images 50000 on stay unseen
-    assert list(utils.build_dataset("digits", "train", subset=40).indices) == list(range(40))
+    assert list(datasets.build_dataset("digits", "train", subset=40).indices) == list(range(40))

@@ -8,9 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
+import features as feats
+import slot_drawing as drawing
 import utils
-import visualize_slots as vis
 import vision_transformer as vits
+import visualize_slots as vis
 from helpers import run_script
 
 
@@ -19,7 +22,7 @@ from helpers import run_script
 def digit_images(tmp_path_factory):
     """Three scikit-learn test digits as PNGs: 16x16, 24 wide x 16 high, and one in a sub-folder."""
     folder = tmp_path_factory.mktemp("digits_png")
-    images, labels = utils.load_digits_split("test")
+    images, labels = datasets.load_digits_split("test")
     (folder / "sub").mkdir()
     paths = [folder / "square.png", folder / "wide.png", folder / "sub" / "square.png"]
     sizes = [(16, 16), (24, 16), (16, 16)]
@@ -39,7 +42,7 @@ def cls_checkpoint(tmp_path_factory):
 
 
 def network_input(path, size):
-    return vis.to_network_input(utils.load_rgb_image(str(path)), size)
+    return vis.to_network_input(datasets.load_rgb_image(str(path)), size)
 
 
 # ------------------------------------------------------------------ attention computations
@@ -118,15 +121,15 @@ def test_patch_entropy_matches_torch_categorical():
     rng = np.random.default_rng(1)
     weights = rng.uniform(size=(5, 12)) * 0.7                  # rows need not sum to 1
     expected = torch.distributions.Categorical(probs=torch.tensor(weights)).entropy().numpy()
-    np.testing.assert_allclose(vis.patch_entropy(weights), expected, rtol=1e-10)
-    assert vis.patch_entropy(np.ones((1, 49)))[0] == pytest.approx(math.log(49))
-    assert vis.patch_entropy(np.eye(4))[0] == 0.0
+    np.testing.assert_allclose(drawing.patch_entropy(weights), expected, rtol=1e-10)
+    assert drawing.patch_entropy(np.ones((1, 49)))[0] == pytest.approx(math.log(49))
+    assert drawing.patch_entropy(np.eye(4))[0] == 0.0
 
 
 def test_nearest_upsampling_and_top_k_selection():
     grid = np.arange(6.0).reshape(2, 3)
-    np.testing.assert_array_equal(vis.upsample_nearest(grid, 8, 12), np.kron(grid, np.ones((4, 4))))
-    odd = vis.upsample_nearest(grid, 5, 7)                       # pixel centres decide
+    np.testing.assert_array_equal(drawing.upsample_nearest(grid, 8, 12), np.kron(grid, np.ones((4, 4))))
+    odd = drawing.upsample_nearest(grid, 5, 7)                       # pixel centres decide
     assert odd[0, 0] == 0 and odd[4, 6] == 5 and odd[1, 3] == 1 and odd[3, 2] == 4
 
     patches = np.stack([np.ones((2, 2)), np.eye(2), np.array([[1.0, 0.0], [0.0, 0.0]]),
@@ -138,7 +141,7 @@ def test_nearest_upsampling_and_top_k_selection():
 
 
 def test_colormap_runs_from_dark_purple_to_yellow_with_rising_luminance():
-    colours = vis.colormap(np.linspace(0, 1, 50)).astype(float)
+    colours = drawing.colormap(np.linspace(0, 1, 50)).astype(float)
     assert tuple(colours[0]) == (0x44, 0x01, 0x54) and tuple(colours[-1]) == (0xFD, 0xE7, 0x25)
     luminance = colours @ np.array([0.299, 0.587, 0.114])
     assert np.all(np.diff(luminance) > 0)
@@ -147,17 +150,17 @@ def test_colormap_runs_from_dark_purple_to_yellow_with_rising_luminance():
 # --------------------------------------------------------------------------- the script
 def expected_grid_size(panels, columns, panel_w, panel_h, header_lines):
     rows = math.ceil(panels / columns)
-    header = vis.PAD + header_lines * vis.LINE_HEIGHT + vis.COLORBAR_HEIGHT + 2 * vis.PAD
-    return (vis.PAD + columns * (panel_w + vis.PAD),
-            header + rows * (vis.TITLE_HEIGHT + panel_h + vis.PAD) + vis.PAD)
+    header = drawing.PAD + header_lines * drawing.LINE_HEIGHT + drawing.COLORBAR_HEIGHT + 2 * drawing.PAD
+    return (drawing.PAD + columns * (panel_w + drawing.PAD),
+            header + rows * (drawing.TITLE_HEIGHT + panel_h + drawing.PAD) + drawing.PAD)
 
 
 def panel_box(index, columns, panel_w, panel_h, header_lines):
     """Pixel box of the image part of panel `index` in a grid (left, top, right, bottom)."""
-    header = vis.PAD + header_lines * vis.LINE_HEIGHT + vis.COLORBAR_HEIGHT + 2 * vis.PAD
+    header = drawing.PAD + header_lines * drawing.LINE_HEIGHT + drawing.COLORBAR_HEIGHT + 2 * drawing.PAD
     row, column = divmod(index, columns)
-    left = vis.PAD + column * (panel_w + vis.PAD)
-    top = header + row * (vis.TITLE_HEIGHT + panel_h + vis.PAD) + vis.TITLE_HEIGHT
+    left = drawing.PAD + column * (panel_w + drawing.PAD)
+    top = header + row * (drawing.TITLE_HEIGHT + panel_h + drawing.PAD) + drawing.TITLE_HEIGHT
     return left, top, left + panel_w, top + panel_h
 
 
@@ -184,7 +187,7 @@ def test_script_writes_a_readable_grid_for_a_trained_checkpoint(tiny_sparo_check
     for a in range(3):
         for b in range(a + 1, 3):
             assert np.abs(heat[a] - heat[b]).mean() > 1.0, "two slots drew the same heat map"
-    red = lambda panel: np.all(panel == vis.CONTOUR_COLOR, axis=-1).sum()
+    red = lambda panel: np.all(panel == drawing.CONTOUR_COLOR, axis=-1).sum()
     assert all(red(panel) > 0 for panel in heat)                          # threshold outlines
 
 
@@ -254,12 +257,12 @@ def test_slot_gallery_numbers_match_an_independent_computation(tiny_sparo_checkp
     # Independent: features and attention straight from the model, k-NN written out here.
     model, config = utils.load_backbone(str(tiny_sparo_checkpoint))
     model.eval()
-    transform = utils.eval_transform(config["img_size"])
+    transform = feats.eval_transform(config["img_size"])
     def encode(split, subset):
-        dataset = utils.build_dataset("digits", split, transform, subset=subset)
+        dataset = datasets.build_dataset("digits", split, transform, subset=subset)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         with torch.no_grad():
-            return model(images), model.get_slot_attention(images), torch.as_tensor(utils.dataset_labels(dataset))
+            return model(images), model.get_slot_attention(images), torch.as_tensor(datasets.dataset_labels(dataset))
     train, _, train_labels = encode("train", 800)
     test, attention, test_labels = encode("test", 200)
     num_slots = config["sparo_slots"]
@@ -282,11 +285,11 @@ def test_slot_gallery_numbers_match_an_independent_computation(tiny_sparo_checkp
     assert 0 <= min(r["knn_top1"] for r in summary["slots"]) and summary["all_slots_knn_top1"] > 50
 
     # The gallery: two rows (the two most concentrated of the four slots), five thumbnails each.
-    thumbnail, cell_h = 64, vis.LINE_HEIGHT + 4 + 64
+    thumbnail, cell_h = 64, drawing.LINE_HEIGHT + 4 + 64
     gallery = Image.open(out / "slot_gallery.png")
-    header = vis.PAD + 4 * vis.LINE_HEIGHT + vis.COLORBAR_HEIGHT + 2 * vis.PAD
-    assert gallery.height == header + 2 * (cell_h + vis.PAD) + vis.PAD
-    assert gallery.width >= slot_gallery.ROW_LABEL_WIDTH + 5 * (thumbnail + vis.PAD)
+    header = drawing.PAD + 4 * drawing.LINE_HEIGHT + drawing.COLORBAR_HEIGHT + 2 * drawing.PAD
+    assert gallery.height == header + 2 * (cell_h + drawing.PAD) + drawing.PAD
+    assert gallery.width >= slot_gallery.ROW_LABEL_WIDTH + 5 * (thumbnail + drawing.PAD)
 
 
 def test_slot_gallery_refuses_a_cls_checkpoint(cls_checkpoint, tmp_path):
