@@ -66,7 +66,7 @@ class VisionTransformer(nn.Module):
 
         # SPARO takes the place of the last block unless told to keep it (SPARO.md, "Cost").
         num_blocks = depth - 1 if readout == "sparo" and not sparo_keep_all_blocks else depth
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()  # DINO's rule over depth
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # DINO's rule over depth
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                   proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[i],

@@ -90,12 +90,9 @@ def tiny_args(extra=()):
 def test_train_step_updates_teacher_by_ema_and_freezes_last_layer():
     torch.manual_seed(0)
     args = tiny_args(["--freeze_last_layer", "1"])
-    student, teacher, _, _ = dino.build_student_teacher(args)
-    teacher.load_state_dict(student.state_dict())
-    loss_fn = dino.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 2)
-    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student))
-    step = dino.TrainStep(student, teacher, student, teacher, loss_fn, optimizer,
-                          *dino.autocast_context(args), args)
+    models, optimisation = dino.build_training(args)  # DINOLoss(out_dim, 4 crops, 0.04, 0.04, 0, 2), AdamW
+    student, teacher = models.student, models.teacher
+    step = dino.TrainStep(models, optimisation, args)
     images = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     last_layer_before = student.head.last_layer.weight_v.clone()

@@ -203,7 +203,7 @@ BAD_INPUT = [
      "invalid choice"),
     # flags that would train nonsense quietly, or died in a traceback (issue 24)
     ("negative learning rate", lambda d: ["--lr", "-1"], "--lr: must be a positive number, got -1"),
-    ("one prototype", lambda d: ["--out_dim", "1"], "--out_dim must be at least 2"),
+    ("one prototype", lambda d: ["--out_dim", "1"], "--out_dim: must be at least 2"),
     ("teacher momentum above 1", lambda d: ["--momentum_teacher", "2"], "--momentum_teacher: must lie between 0 and 1"),
     ("zero crop sizes", lambda d: ["--global_crops_size", "0", "--local_crops_size", "0"],
      "--global_crops_size: must be a positive integer"),
