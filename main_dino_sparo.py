@@ -400,8 +400,8 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
     student = MultiCropWrapper(student_backbone, DINOHead(**head_config))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(**head_config))
     if args.cpu_bf16 and args.device.type == "cpu":
-        # torch's CPU flash attention is slow in bf16 on short token sequences (its backward
-        # took 3x the fp32 time on 17 tokens); the explicit q.k^T softmax runs in AMX matmuls.
+        # torch's CPU flash attention is slow in bf16 on short token sequences (BENCHMARKS.md,
+        # the CPU quality recipe); the explicit q.k^T softmax runs in AMX matmuls.
         for backbone in (student_backbone, teacher_backbone):
             vits.set_fused_attention(backbone, False)
     return student, teacher, config, head_config
