@@ -367,8 +367,9 @@ def fall_back_from_emulated_bf16(args: argparse.Namespace) -> Optional[str]:
         return None
     shortfall = utils.cpu_bf16_shortfall()
     if shortfall is not None:
-        print(f"Warning: --cpu_bf16 ignored: {shortfall}; bf16 would be emulated, far slower "
-              f"than fp32. Training in fp32.", file=sys.stderr, flush=True)
+        if utils.is_main_process():  # once per run, not once per process
+            print(f"Warning: --cpu_bf16 ignored: {shortfall}; bf16 would be emulated, far slower "
+                  f"than fp32. Training in fp32.", file=sys.stderr, flush=True)
         args.cpu_bf16 = False
     return shortfall
 
