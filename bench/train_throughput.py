@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     if args.dino_repo:
         from bench.knn_speed import gemm_peak_gflops  # here: knn_speed imports this module
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision[:4], torch.float32)
+        dtype = dino.autocast_dtype(args) or torch.float32
         peak = gemm_peak_gflops(args.gemm_size, args.device, dtype)
         print(f"measured {str(dtype).split('.')[-1]} GEMM peak ({args.gemm_size}^3): {peak:.1f} GFLOP/s; "
               f"{args.rounds} interleaved rounds of {args.steps} steps, best round per variant")
