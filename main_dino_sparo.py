@@ -19,7 +19,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # --------------------------------------------------------------------------- model
     vits.BackboneConfig.add_args(parser)  # --arch, --patch_size, --readout, --sparo_*
-    parser.add_argument("--out_dim", default=65536, type=utils.positive_int,
+    parser.add_argument("--out_dim", default=65536, type=prototype_count,
                         help="Number of prototypes (output width of the DINO head). 65536 for "
                              "ImageNet; a few thousand is plenty for small data sets.")
     parser.add_argument("--head_hidden_dim", default=vits.DINO_HEAD_HIDDEN_DIM, type=utils.positive_int,
@@ -77,7 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "with loss scaling). Ignored on CPU, which trains in fp32 unless "
                              "--cpu_bf16 is set.")
     parser.add_argument("--cpu_bf16", default=False, type=utils.bool_flag,
-                        help="bf16 autocast on CPU: faster on CPUs with native bf16, less exact.")
+                        help="bf16 autocast on CPU: faster on CPUs with native bf16 (AVX512_BF16, "
+                             "AMX), less exact. Elsewhere bf16 is emulated and far slower: a "
+                             "warning, and training runs in fp32.")
     parser.add_argument("--weight_decay", default=0.04, type=utils.non_negative_float, help="Initial weight decay.")
     parser.add_argument("--weight_decay_end", default=0.4, type=utils.non_negative_float,
                         help="Final weight decay (cosine schedule); a rising decay helps ViTs.")
@@ -93,8 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the total batch size, reached after the warm-up.")
     parser.add_argument("--warmup_epochs", default=10, type=utils.non_negative_int, help="Epochs of linear learning-rate warm-up.")
     parser.add_argument("--min_lr", type=utils.non_negative_float, default=1e-6, help="Learning rate at the end of the cosine.")
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"),
-                        help="adamw is DINO's recommendation for ViTs.")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
+                        help="adamw is DINO's recommendation for ViTs (its third choice, lars, "
+                             "is for convnets only).")
     parser.add_argument("--drop_path_rate", type=utils.unit_interval, default=0.1, help="Stochastic depth rate.")
     parser.add_argument("--compile", default=False, type=utils.bool_flag,
                         help="torch.compile the student and teacher (slow start, faster steps on GPU).")
@@ -137,6 +140,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Ignored; torchrun sets LOCAL_RANK.")
     warm_start.add_args(parser)  # --init_backbone, --init_checkpoint_key, --freeze_backbone_epochs
     return parser
+
+
+def prototype_count(value: str) -> int:
+    """argparse type of --out_dim: with one prototype the loss is exactly 0."""
+    number = utils.positive_int(value)
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {number}: with one prototype "
+                                         f"the loss is exactly 0 and nothing is learned")
+    return number
 
 
 # ==================================================================================== loss
@@ -250,9 +262,6 @@ def check_args(args: argparse.Namespace) -> None:
         size = getattr(args, name)
         if size % args.patch_size:
             raise utils.UserError(f"--{name} {size} is not a multiple of --patch_size {args.patch_size}")
-    if args.out_dim < 2:
-        raise utils.UserError(f"--out_dim must be at least 2, got {args.out_dim}: with one prototype "
-                              f"the loss is exactly 0 and nothing is learned")
     for name in ("global_crops_scale", "local_crops_scale"):
         low, high = getattr(args, name)
         if not 0 < low <= high:
@@ -278,36 +287,70 @@ def warn_suspicious_args(args: argparse.Namespace) -> None:
         print(f"Warning: {warning}.", file=sys.stderr, flush=True)
 
 
-# Copies of every head weight a training step keeps: student, gradient, teacher, AdamW's two moments.
-HEAD_WEIGHT_COPIES = 5
+# Copies of every weight a training step keeps: student, gradient, teacher, AdamW's two moments.
+WEIGHT_COPIES = 5
 
 
-def check_head_fits(args: argparse.Namespace) -> None:
-    """With SPARO the DINO head's input is L*V wide; refuse an L*V whose first head layer
-    alone cannot fit in the device's memory, instead of dying later in the allocator. Needs
+def check_model_fits(args: argparse.Namespace) -> None:
+    """Refuse a model whose weights alone cannot fit in the device's memory (with SPARO the
+    DINO head's input is L*V wide) instead of dying later in the allocator. The model is built
+    on the meta device, which allocates nothing; activations are not counted: a CUDA
+    out-of-memory error in the first step explains those (explain_out_of_memory). Needs
     args.device, so it runs in the job, not in the launcher's early check_args."""
-    if args.readout != "sparo":
-        return
-    width = args.sparo_slots * args.sparo_dim
-    needed = width * args.head_hidden_dim * 4 * HEAD_WEIGHT_COPIES
-    available = utils.device_memory_bytes(args.device)
+    with torch.device("meta"):
+        student = build_student_teacher(args)[0]
+    head = sum(p.numel() for p in student.head.parameters())
+    total = sum(p.numel() for p in student.parameters())
+    needed, available = total * 4 * WEIGHT_COPIES, utils.device_memory_bytes(args.device)
     if needed > available:
+        width = f"{student.backbone.num_features}"
+        if args.readout == "sparo":
+            width = f"--sparo_slots {args.sparo_slots} x --sparo_dim {args.sparo_dim} = {width}"
         raise utils.UserError(
-            f"--sparo_slots {args.sparo_slots} x --sparo_dim {args.sparo_dim} = {width} does not fit: "
-            f"the DINO head's first layer alone needs {needed / 2**30:.1f} GiB for training "
-            f"(weights, gradients, teacher, AdamW state), more than the {available / 2**30:.1f} GiB "
-            f"of {args.device.type.upper()} memory here")
+            f"the model does not fit: the DINO head has {head / 1e6:.0f}M of its {total / 1e6:.0f}M "
+            f"parameters (input width {width}, --out_dim {args.out_dim}); training needs "
+            f"{needed / 2**30:.1f} GiB for weights, gradients, teacher and AdamW state, more than "
+            f"the {available / 2**30:.1f} GiB of {args.device.type.upper()} memory here")
 
 
-def autocast_context(args: argparse.Namespace) -> Tuple[Any, Optional[torch.amp.GradScaler]]:
-    """(autocast context factory, grad scaler or None) for this device and precision."""
+def autocast_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """The precision of the network passes under autocast, None for fp32: on CUDA bf16 or DINO's
+    fp16 by compute capability (--use_fp16), on CPU bf16 with --cpu_bf16."""
     if args.device.type == "cuda" and args.use_fp16:
-        dtype = utils.amp_dtype(args.device)
-        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
-    if args.device.type == "cpu" and args.cpu_bf16:
-        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
-    return contextlib.nullcontext, None
+        return utils.amp_dtype(args.device)
+    return torch.bfloat16 if args.device.type == "cpu" and args.cpu_bf16 else None
+
+
+def autocast_context(args: argparse.Namespace) -> Tuple[Callable[[], Any], torch.amp.GradScaler]:
+    """(autocast context factory, grad scaler); the scaler is enabled for fp16 only (DINO's
+    loss scaling) and passes everything through otherwise."""
+    dtype = autocast_dtype(args)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    if dtype is None:
+        return contextlib.nullcontext, scaler
+    return (lambda: torch.autocast(args.device.type, dtype=dtype)), scaler
+
+
+def precision(args: argparse.Namespace) -> str:
+    """The precision of the network passes, in words (the start line)."""
+    dtype = autocast_dtype(args)
+    return {None: "fp32", torch.bfloat16: "bf16 autocast",
+            torch.float16: "fp16 autocast, loss scaling"}[dtype]
+
+
+def fall_back_from_emulated_bf16(args: argparse.Namespace) -> Optional[str]:
+    """--cpu_bf16 on a CPU without native bf16 would emulate it, far slower than fp32
+    (BENCHMARKS.md): one warning, and the run trains in fp32 (args.cpu_bf16 becomes false, so
+    the checkpoint records what trained). Returns the reason, or None."""
+    if not (args.cpu_bf16 and args.device.type == "cpu"):
+        return None
+    shortfall = utils.cpu_bf16_shortfall()
+    if shortfall is not None:
+        if utils.is_main_process():  # once per run, not once per process
+            print(f"Warning: --cpu_bf16 ignored: {shortfall}; bf16 would be emulated, far slower "
+                  f"than fp32. Training in fp32.", file=sys.stderr, flush=True)
+        args.cpu_bf16 = False
+    return shortfall
 
 
 # ================================================================================= training
@@ -337,8 +380,8 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
     student = MultiCropWrapper(student_backbone, DINOHead(**head_config))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(**head_config))
     if args.cpu_bf16 and args.device.type == "cpu":
-        # torch's CPU flash attention is slow in bf16 on short token sequences (its backward
-        # took 3x the fp32 time on 17 tokens); the explicit q.k^T softmax runs in AMX matmuls.
+        # torch's CPU flash attention is slow in bf16 on short token sequences (BENCHMARKS.md,
+        # the CPU quality recipe); the explicit q.k^T softmax runs in AMX matmuls.
         for backbone in (student_backbone, teacher_backbone):
             vits.set_fused_attention(backbone, False)
     return student, teacher, config.to_dict(), head_config
@@ -420,100 +463,120 @@ def prepare_output_dir(output_dir: Path) -> None:
     utils.stop_together(error)
 
 
-class TrainingSetup(NamedTuple):
-    student: nn.Module  # DDP-wrapped when distributed
-    teacher: nn.Module
-    student_without_ddp: nn.Module
-    teacher_without_ddp: nn.Module
-    dino_loss: "DINOLoss"
-    optimizer: torch.optim.Optimizer
-    autocast: Any
-    fp16_scaler: Optional[torch.amp.GradScaler]
-    config: Dict[str, Any]
+class Models(NamedTuple):
+    """The networks of a run. The optimizer, the EMA and checkpoints see the plain modules."""
+    student: nn.Module  # what a step runs: student_without_ddp, wrapped in DDP when distributed
+    student_without_ddp: MultiCropWrapper
+    teacher: MultiCropWrapper  # the EMA of the student, never wrapped (it gets no gradients)
+    config: Dict[str, Any]  # the backbone's model_config, saved with every checkpoint
     head_config: Dict[str, Any]
-    start_epoch: int
-    history: List[Dict[str, Any]]
 
 
-def set_up_training(args: argparse.Namespace, output_dir: Path) -> TrainingSetup:
-    """Networks, loss, optimizer and scaler, resumed from output_dir's checkpoint if any.
+class Optimisation(NamedTuple):
+    dino_loss: DINOLoss  # holds the centre of the teacher's outputs (saved and resumed)
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], Any]  # a new autocast (or null) context for each step
+    fp16_scaler: torch.amp.GradScaler  # enabled for fp16 on CUDA only
 
-    The checkpoint is loaded before the DDP wrap and every rank must resume from the same
-    epoch. A fresh teacher is copied from the student after the wrap (as in DINO): the wrap
-    broadcasts rank 0's student, so every rank starts with the same student and teacher.
-    """
+
+def build_training(args: argparse.Namespace) -> Tuple[Models, Optimisation]:
+    """The student and its teacher (a copy without gradients), DINO's loss, the optimizer,
+    autocast and loss scaling, on args.device: what main_dino_sparo.py and the benchmarks train."""
     student, teacher, config, head_config = build_student_teacher(args)
     warm_start.apply(args, student.backbone)  # before the teacher copies the student
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.use_bn_in_head and args.distributed:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    for param in teacher.parameters():
-        param.requires_grad = False
-    student_without_ddp, teacher_without_ddp = student, teacher
-    print(f"Student and teacher are {args.arch} with readout={args.readout} "
-          f"(encoding width {student_without_ddp.backbone.num_features}, "
-          f"{sum(p.numel() for p in student_without_ddp.backbone.parameters()) / 1e6:.2f}M backbone parameters).")
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
-    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student_without_ddp))
-    autocast, fp16_scaler = autocast_context(args)
+    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
+    return (Models(student, student, teacher, config, head_config),
+            Optimisation(dino_loss, optimizer, *autocast_context(args)))
 
-    # ============ optionally resume training ... ============
-    start_epoch, history = 0, []
+
+def build_schedules(args: argparse.Namespace, iters_per_epoch: int) -> Dict[str, np.ndarray]:
+    """DINO's per-iteration schedules: the learning rate (scaled linearly with the total batch,
+    warm-up then cosine), the weight decay and the teacher's momentum (cosines)."""
+    total_batch = args.batch_size_per_gpu * args.world_size
+    return dict(
+        lr=utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs,
+                                  iters_per_epoch, warmup_epochs=args.warmup_epochs),
+        wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch),
+        momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch))
+
+
+def resume_from_checkpoint(output_dir: Path, models: Models, optimisation: Optimisation,
+                           args: argparse.Namespace) -> Tuple[int, List[Dict[str, Any]]]:
+    """Load output_dir's newest checkpoint, if any, into the plain modules; returns the epoch
+    to start from and the log of the epochs it holds."""
     found = find_resume_checkpoint(output_dir)
-    if found is not None:
-        path, checkpoint = found
-        check_resume_compatible(checkpoint, config, head_config, path)
-        student_without_ddp.load_state_dict(checkpoint["student"])
-        teacher_without_ddp.load_state_dict(checkpoint["teacher"])
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError as error:  # e.g. a separate-values SPARO run saved with its key bias
-            raise utils.UserError(f"{path}: its optimizer state does not fit this model's "
-                                  f"parameters ({error}); was it written by an older version of this "
-                                  f"code? Resume it with that version, or use another --output_dir") from None
-        dino_loss.load_state_dict(checkpoint["dino_loss"])
-        if fp16_scaler is not None and checkpoint.get("fp16_scaler"):
-            fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])
-        start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("train_log", []))
-        print(f"Resuming from {path} at epoch {start_epoch}.")
-        note_changed_args(checkpoint.get("args"), args)
-    check_same_start_epoch(start_epoch, output_dir)
-
-    if args.distributed:
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
     if found is None:
-        teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())  # after the broadcast
-    if args.compile:
-        # After the DDP wrap, so that dynamo splits the student's graph at DDP's gradient
-        # buckets and the all-reduces still overlap the backward pass. Static shapes: one
-        # graph per crop layout instead of slower shape-generic kernels.
-        student, teacher = torch.compile(student, dynamic=False), torch.compile(teacher, dynamic=False)
-    return TrainingSetup(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
-                         optimizer, autocast, fp16_scaler, config, head_config, start_epoch, history)
+        return 0, []
+    path, checkpoint = found
+    check_resume_compatible(checkpoint, models.config, models.head_config, path)
+    models.student_without_ddp.load_state_dict(checkpoint["student"])
+    models.teacher.load_state_dict(checkpoint["teacher"])
+    try:
+        optimisation.optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:  # e.g. a separate-values SPARO run saved with its key bias
+        raise utils.UserError(f"{path}: its optimizer state does not fit this model's "
+                              f"parameters ({error}); was it written by an older version of this "
+                              f"code? Resume it with that version, or use another --output_dir") from None
+    optimisation.dino_loss.load_state_dict(checkpoint["dino_loss"])
+    if checkpoint.get("fp16_scaler"):
+        optimisation.fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])  # ignored when disabled
+    print(f"Resuming from {path} at epoch {checkpoint['epoch']}.")
+    note_changed_args(checkpoint.get("args"), args)
+    return int(checkpoint["epoch"]), list(checkpoint.get("train_log", []))
 
 
-def check_same_start_epoch(start_epoch: int, output_dir: Path) -> None:
-    """Every rank must resume from the same epoch; a node-local --output_dir would otherwise
-    train diverging models and hang at the end."""
-    if not utils.is_dist_avail_and_initialized():
-        return
-    low = torch.tensor([start_epoch, -start_epoch], device=utils.collective_device())
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    first, last = int(low[0]), -int(low[1])
+def set_up_training(args: argparse.Namespace, output_dir: Path) -> Tuple[Models, Optimisation, int, List[Dict[str, Any]]]:
+    """build_training, resumed from output_dir's checkpoint if any: (models, optimisation,
+    start epoch, log of the epochs done).
+
+    The checkpoint is loaded before the DDP wrap, and every rank must resume from the same
+    epoch (a node-local --output_dir would train diverging models and hang at the end). A fresh
+    teacher is copied from the student after the wrap (as in DINO): the wrap broadcasts rank
+    0's student, so every rank starts with the same student and teacher.
+    """
+    models, optimisation = build_training(args)
+    print(f"Student and teacher are {args.arch} with readout={args.readout} "
+          f"(encoding width {models.student.backbone.num_features}, "
+          f"{sum(p.numel() for p in models.student.backbone.parameters()) / 1e6:.2f}M backbone parameters).")
+    start_epoch, history = resume_from_checkpoint(output_dir, models, optimisation, args)
+    first, last = utils.min_max_over_ranks(start_epoch)
     if first != last:
         raise utils.UserError(
-            f"the processes found different checkpoints in {output_dir} (epochs {first} to {last}; "
-            f"this rank: {start_epoch}): --output_dir must be one folder shared by all nodes")
+            f"the processes found different checkpoints in {output_dir} (epochs {first:.0f} to "
+            f"{last:.0f}; this rank: {start_epoch}): --output_dir must be one folder shared by all nodes")
+    if args.distributed:
+        models = models._replace(student=nn.parallel.DistributedDataParallel(
+            models.student, device_ids=[args.gpu] if args.device.type == "cuda" else None))
+        if start_epoch == 0:  # checkpoints hold at least one epoch
+            models.teacher.load_state_dict(models.student_without_ddp.state_dict())
+    return models, optimisation, start_epoch, history
+
+
+def checkpoint_state(models: Models, optimisation: Optimisation, epoch: int, args: argparse.Namespace,
+                     history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """DINO's checkpoint layout, plus model_config, head_config and the epochs' log."""
+    scaler = optimisation.fp16_scaler
+    return dict(student=models.student_without_ddp.state_dict(), teacher=models.teacher.state_dict(),
+                optimizer=optimisation.optimizer.state_dict(), epoch=epoch + 1, args=utils.plain(args),
+                dino_loss=optimisation.dino_loss.state_dict(),
+                fp16_scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                model_config=models.config, head_config=models.head_config, train_log=history)
 
 
 def train_dino(args: argparse.Namespace) -> None:
     utils.init_distributed_mode(args)
     utils.enable_fast_fp32(args.device)
     check_args(args)
-    check_head_fits(args)
+    bf16_shortfall = fall_back_from_emulated_bf16(args)
+    check_model_fits(args)
     if args.augment_on_device is None:  # resolved here, so the checkpoint's args record it
         args.augment_on_device = augmentations.default_on_device(args.device)
     utils.fix_random_seeds(args.seed + args.rank)
@@ -524,19 +587,10 @@ def train_dino(args: argparse.Namespace) -> None:
     prepare_output_dir(output_dir)
 
     # ============ building networks, loss, optimizer; optionally resuming ... ============
-    setup = set_up_training(args, output_dir)
-    student, teacher = setup.student, setup.teacher
-    student_without_ddp, teacher_without_ddp = setup.student_without_ddp, setup.teacher_without_ddp
-    dino_loss, optimizer, fp16_scaler = setup.dino_loss, setup.optimizer, setup.fp16_scaler
-    autocast, config, head_config = setup.autocast, setup.config, setup.head_config
-    start_epoch, history = setup.start_epoch, setup.history
-    iters = len(data_loader)
-    total_batch = args.batch_size_per_gpu * args.world_size
-    schedules = dict(
-        lr=utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, iters,
-                                  warmup_epochs=args.warmup_epochs),
-        wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters),
-        momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters))
+    models, optimisation, start_epoch, history = set_up_training(args, output_dir)
+
+    # ============ init schedulers ... ============
+    schedules = build_schedules(args, len(data_loader))
     if utils.is_main_process():
         # log.txt always tells the story of the checkpoint training continues from, even after
         # a crash between writing the checkpoint and appending to the log.
@@ -548,12 +602,13 @@ def train_dino(args: argparse.Namespace) -> None:
 
     # Printed once the set-up checks passed, so that an error is the last line of a failed start.
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    train_step = TrainStep(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
-                           optimizer, autocast, fp16_scaler, args)
+    train_step = TrainStep(models, optimisation, args)
     train_step.first_epoch = start_epoch  # its first step explains a CUDA out-of-memory error
     start_time = time.time()
+    fallback = f", --cpu_bf16 ignored: {bf16_shortfall}" if bf16_shortfall else ""
     print(f"Starting DINO training! (augmentation: "
-          f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'})")
+          f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'}) "
+          f"(precision: {precision(args)}{fallback})")
     for epoch in range(start_epoch, args.epochs):
         # Seeding every epoch makes a resumed run draw the same crops as an uninterrupted one.
         utils.fix_random_seeds(args.seed + 7919 * epoch + args.rank)
@@ -567,11 +622,7 @@ def train_dino(args: argparse.Namespace) -> None:
         # epoch_seconds lets a run's training time be summed across resumes (the log is kept).
         history.append({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                         "epoch_seconds": round(time.time() - epoch_start, 2)})
-        save_dict = dict(student=student_without_ddp.state_dict(), teacher=teacher_without_ddp.state_dict(),
-                         optimizer=optimizer.state_dict(), epoch=epoch + 1, args=utils.plain(args),
-                         dino_loss=dino_loss.state_dict(),
-                         fp16_scaler=fp16_scaler.state_dict() if fp16_scaler is not None else None,
-                         model_config=config, head_config=head_config, train_log=history)
+        save_dict = checkpoint_state(models, optimisation, epoch, args, history)
         utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
         if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04}.pth")
@@ -584,53 +635,49 @@ def train_dino(args: argparse.Namespace) -> None:
 class TrainStep:
     """One DINO iteration: teacher and student forward, loss, backward, step, EMA."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, student_without_ddp: nn.Module,
-                 teacher_without_ddp: nn.Module, dino_loss: DINOLoss, optimizer: torch.optim.Optimizer,
-                 autocast: Any, fp16_scaler: Optional[torch.amp.GradScaler], args: argparse.Namespace) -> None:
-        self.student, self.teacher, self.dino_loss, self.optimizer = student, teacher, dino_loss, optimizer
-        self.student_without_ddp = student_without_ddp
-        self.autocast, self.fp16_scaler, self.args = autocast, fp16_scaler, args
+    def __init__(self, models: Models, optimisation: Optimisation, args: argparse.Namespace) -> None:
+        self.models, self.optimisation, self.args = models, optimisation, args
+        # --compile after the DDP wrap, so that dynamo splits the student's graph at DDP's
+        # gradient buckets and the all-reduces still overlap the backward pass. Static shapes:
+        # one graph per crop layout instead of slower shape-generic kernels.
+        compiled = (lambda model: torch.compile(model, dynamic=False)) if args.compile else (lambda model: model)
+        self.student, self.teacher = compiled(models.student), compiled(models.teacher)
         self.first_epoch = 0  # the epoch this process starts at (train_dino sets it on resume)
         # The EMA pairs each teacher parameter with the student parameter of the same name.
-        teacher_params = dict(teacher_without_ddp.named_parameters())
-        self.ema_pairs = [(teacher_params[name], param)
-                          for name, param in student_without_ddp.named_parameters()]
-        self.teacher_ema = [t for t, _ in self.ema_pairs]
-        self.student_ema = [s for _, s in self.ema_pairs]
+        teacher_params = dict(models.teacher.named_parameters())
+        ema_pairs = [(teacher_params[name], param)
+                     for name, param in models.student_without_ddp.named_parameters()]
+        self.teacher_ema = [t for t, _ in ema_pairs]
+        self.student_ema = [s for _, s in ema_pairs]
         self.augment = augmentations.PhotometricAugmentation(args.local_crops_number, args.global_crops_size) \
             if args.augment_on_device else None
 
     def __call__(self, images: List[torch.Tensor], epoch: int, lr: float, wd: float,
                  momentum: float) -> torch.Tensor:
         """Train on one batch of crops; returns the loss (a 0-d tensor, not synchronised)."""
+        optimizer, scaler, student = self.optimisation.optimizer, self.optimisation.fp16_scaler, \
+            self.models.student_without_ddp
         if self.augment is not None:  # uint8 crops from MultiCropGeometry
             images = self.augment(images)
-        for i, group in enumerate(self.optimizer.param_groups):
+        for i, group in enumerate(optimizer.param_groups):
             group["lr"] = lr
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = wd
-        with self.autocast():
+        with self.optimisation.autocast():
             with torch.no_grad():
                 teacher_output = self.teacher(images[:2])  # only the 2 global views
             student_output = self.student(images)
-            loss = self.dino_loss(student_output, teacher_output, epoch)
+            loss = self.optimisation.dino_loss(student_output, teacher_output, epoch)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.fp16_scaler is None:
-            loss.backward()
-        else:
-            self.fp16_scaler.scale(loss).backward()
-            self.fp16_scaler.unscale_(self.optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # the scaler passes everything through unless fp16
+        scaler.unscale_(optimizer)  # clipping sees the true gradients
         if self.args.clip_grad:
-            utils.clip_gradients(self.student_without_ddp, self.args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, self.student_without_ddp, self.args.freeze_last_layer)
-        warm_start.cancel_gradients_frozen_backbone(epoch, self.student_without_ddp,
-                                                    self.args.freeze_backbone_epochs)
-        if self.fp16_scaler is None:
-            self.optimizer.step()
-        else:
-            self.fp16_scaler.step(self.optimizer)
-            self.fp16_scaler.update()
+            utils.clip_gradients(student, self.args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, student, self.args.freeze_last_layer)
+        warm_start.cancel_gradients_frozen_backbone(epoch, student, self.args.freeze_backbone_epochs)
+        scaler.step(optimizer)
+        scaler.update()
 
         with torch.no_grad():  # teacher = m * teacher + (1 - m) * student
             torch._foreach_mul_(self.teacher_ema, momentum)
@@ -656,7 +703,7 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
         with explain_out_of_memory(args, first_step=it == 0 and epoch == train_step.first_epoch):
             loss = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
                               float(schedules["momentum"][step]))
-        tracker.add(loss, train_step.dino_loss.last_teacher_entropy)
+        tracker.add(loss, train_step.optimisation.dino_loss.last_teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
             window_loss, _ = tracker.flush(epoch, it + 1)
             metric_logger.meters["loss"].update(window_loss)

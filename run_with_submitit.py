@@ -68,16 +68,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="slurm: submit with sbatch (from a login node). local: run the same job "
                             "on this machine in background processes (one node). debug: run it in "
                             "this process, with pdb on an exception.")
-    group.add_argument("--ngpus", default=8, type=int,
+    group.add_argument("--ngpus", default=8, type=utils.non_negative_int,
                        help="GPUs per node; one task (process) per GPU. 0 runs CPU tasks "
                             "(gloo), --ntasks_per_node of them on each node.")
-    group.add_argument("--nodes", default=2, type=int, help="Number of nodes to request.")
-    group.add_argument("--ntasks_per_node", default=None, type=int,
+    group.add_argument("--nodes", default=2, type=utils.positive_int, help="Number of nodes to request.")
+    group.add_argument("--ntasks_per_node", default=None, type=utils.positive_int,
                        help="Tasks per node with --ngpus 0 (default 1). With GPUs it is --ngpus.")
-    group.add_argument("--timeout", default=2800, type=int,
+    group.add_argument("--timeout", default=2800, type=utils.positive_int,
                        help="Duration of one job allocation in minutes; the job requeues itself "
                             "when it runs out, so this is not the length of training.")
-    group.add_argument("--max_num_timeout", default=30, type=int,
+    group.add_argument("--max_num_timeout", default=30, type=utils.non_negative_int,
                        help="How many times a job may time out and requeue (pre-emptions do not count).")
     group.add_argument("--partition", default=None, type=str,
                        help="Slurm partition (default: the cluster's default partition).")
@@ -90,10 +90,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--use_volta32", action="store_true",
                        help="Request 32GB V100 GPUs (DINO's flag; the same as --constraint volta32gb). "
                             "The pinned torch build has no V100 kernels: see README, GPUs.")
-    group.add_argument("--mem_per_gpu", default=40, type=float,
+    group.add_argument("--mem_per_gpu", default=40, type=utils.positive_float,
                        help="Host memory in GB per GPU (per task with --ngpus 0); the node asks "
                             "for this times the tasks per node.")
-    group.add_argument("--cpus_per_task", default=10, type=int,
+    group.add_argument("--cpus_per_task", default=10, type=utils.positive_int,
                        help="CPU cores per task; keep it at least --num_workers.")
     group.add_argument("--shared_dir", default=None, type=str,
                        help="A folder every node can read and write. Submitit's logs go to "
@@ -157,16 +157,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
 
 # ======================================================================== checking flags
 def check_launcher_args(args: argparse.Namespace) -> None:
-    """Refuse resource requests that cannot run, with one clear line each."""
-    if args.ngpus < 0 or args.nodes < 1 or args.timeout < 1 or args.cpus_per_task < 1:
-        raise utils.UserError("--ngpus must be 0 or more, and --nodes, --timeout and "
-                              "--cpus_per_task at least 1")
-    if args.ntasks_per_node is not None:
-        if args.ntasks_per_node < 1:
-            raise utils.UserError("--ntasks_per_node must be at least 1")
-        if args.ngpus and args.ntasks_per_node != args.ngpus:
-            raise utils.UserError(f"with GPUs there is one task per GPU: --ntasks_per_node "
-                                  f"{args.ntasks_per_node} differs from --ngpus {args.ngpus}")
+    """Refuse resource requests that cannot run, with one clear line each. (The range of each
+    single flag is checked where it is parsed, by its argparse type.)"""
+    if args.ntasks_per_node is not None and args.ngpus and args.ntasks_per_node != args.ngpus:
+        raise utils.UserError(f"with GPUs there is one task per GPU: --ntasks_per_node "
+                              f"{args.ntasks_per_node} differs from --ngpus {args.ngpus}")
     if args.use_volta32 and args.constraint and args.constraint != "volta32gb":
         raise utils.UserError(f"--use_volta32 and --constraint {args.constraint} ask for different nodes")
     if args.cluster in ("local", "debug") and args.nodes != 1:

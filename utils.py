@@ -14,7 +14,7 @@ import sys
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -376,6 +376,30 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags (/proc/cpuinfo's `flags`, or `Features` on ARM); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512/AMX, ARM (FEAT_BF16)
+
+
+def cpu_bf16_shortfall() -> Optional[str]:
+    """None when the CPU computes in bf16 natively; else what it has instead, for a warning.
+    Without native bf16 torch emulates it, far slower than fp32 (BENCHMARKS.md)."""
+    flags = cpu_flags()
+    if any(flag in flags for flag in NATIVE_BF16_FLAGS):
+        return None
+    return (f"this CPU has no native bf16 (torch's CPU capability: "
+            f"{torch.backends.cpu.get_cpu_capability()}; none of the cpuinfo flags "
+            f"{', '.join(NATIVE_BF16_FLAGS)})")
+
+
 def enable_fast_fp32(device: torch.device) -> None:
     """DINO's CUDA speed settings for fp32 network passes: TF32 matrix products and
     convolutions, cudnn autotuning (fixed crop sizes). Not for exact fp32 k-NN similarities:
@@ -447,11 +471,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if is_dist_avail_and_initialized():
-        dist.barrier()
-
-
 def collective_device() -> torch.device:
     """Where tensors for collectives must live: the GPU with NCCL, the CPU with gloo."""
     if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
@@ -459,15 +478,21 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def min_max_over_ranks(value: float) -> Tuple[float, float]:
+    """The smallest and the largest `value` over all ranks (one all-reduce), for checks that
+    every rank must pass or fail together; (value, value) when not distributed."""
+    if not is_dist_avail_and_initialized():
+        return value, value
+    both = torch.tensor([value, -value], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(both, op=dist.ReduceOp.MIN)
+    return float(both[0]), -float(both[1])
+
+
 def stop_together(error: Optional[UserError]) -> None:
     """Raise `error` on the rank that met it and a UserError on every other rank, so that a
     check made by one rank (e.g. rank 0's output folder) stops the whole run, not only that
-    rank while the others wait for it. One all-reduce; nothing when not distributed."""
-    failed = error is not None
-    if is_dist_avail_and_initialized():
-        flag = torch.tensor([float(failed)], device=collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        failed = flag.item() > 0
+    rank while the others wait for it."""
+    _, failed = min_max_over_ranks(float(error is not None))
     if error is not None:
         raise error
     if failed:
@@ -515,36 +540,9 @@ def get_params_groups(model: nn.Module) -> List[Dict[str, Any]]:
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratio (LARS), skipping 1-D parameters like DINO."""
-
-    def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0,
-                 momentum: float = 0.9, eta: float = 0.001) -> None:
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None) -> None:  # type: ignore[override]
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                update = param.grad
-                if param.ndim != 1:
-                    update = update.add(param, alpha=group["weight_decay"])
-                    param_norm, update_norm = torch.norm(param), torch.norm(update)
-                    trust = torch.where((param_norm > 0) & (update_norm > 0),
-                                        group["eta"] * param_norm / update_norm,
-                                        torch.ones_like(param_norm))
-                    update = update.mul(trust)
-                state = self.state[param]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(param)
-                mu = state["mu"].mul_(group["momentum"]).add_(update)
-                param.add_(mu, alpha=-group["lr"])
-
-
 def build_optimizer(name: str, params_groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
-    """adamw (fused kernel, else foreach), sgd or lars; lr and wd are set per iteration."""
+    """adamw (fused kernel, else foreach) or sgd; lr and wd are set per iteration. (DINO's
+    third choice, LARS, is for convnets only: this repository trains ViTs.)"""
     if name == "adamw":
         try:  # one fused kernel for all parameters (CPU and CUDA since torch 2.4)
             return torch.optim.AdamW(params_groups, fused=True)
@@ -552,9 +550,7 @@ def build_optimizer(name: str, params_groups: List[Dict[str, Any]]) -> torch.opt
             return torch.optim.AdamW(params_groups, foreach=True)
     if name == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9, foreach=True)
-    if name == "lars":
-        return LARS(params_groups)
-    raise UserError(f"unknown optimizer {name!r}: choose adamw, sgd or lars")
+    raise UserError(f"unknown optimizer {name!r}: choose adamw or sgd")
 
 
 @torch.no_grad()

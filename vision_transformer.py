@@ -195,7 +195,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.pos_grid), embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()  # DINO's rule over depth
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # DINO's rule over depth
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                   proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[i],

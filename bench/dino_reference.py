@@ -46,19 +46,13 @@ class ReferenceStep:
     """Teacher and student forward, loss, backward, clipping, step and EMA, DINO-style."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        args = argparse.Namespace(**{**vars(args), "readout": "cls"})
-        self.student, self.teacher, _, _ = dino.build_student_teacher(args)
+        models, optimisation = dino.build_training(argparse.Namespace(**{**vars(args), "readout": "cls"}))
+        self.student, self.teacher, self.loss = models.student, models.teacher, optimisation.dino_loss
         for model in (self.student, self.teacher):
             vits.set_fused_attention(model, False)  # explicit softmax(q k^T) v, as in DINO
-            model.to(args.device)
-        self.teacher.load_state_dict(self.student.state_dict())
-        for param in self.teacher.parameters():
-            param.requires_grad = False
-        self.loss = dino.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                                  args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
         self.optimizer = torch.optim.AdamW(utils.get_params_groups(self.student))  # default implementation
-        self.cuda = args.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.cuda and args.use_fp16 else None
+        self.cuda_fp16 = args.device.type == "cuda" and args.use_fp16  # DINO's fp16 recipe
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda_fp16)
         self.clip, self.freeze_last_layer = args.clip_grad, args.freeze_last_layer
 
     def __call__(self, images: List[torch.Tensor], epoch: int, lr: float, wd: float,
@@ -67,7 +61,7 @@ class ReferenceStep:
             group["lr"] = lr
             if i == 0:
                 group["weight_decay"] = wd
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler is not None):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda_fp16):
             teacher_output = self.teacher(images[:2])
             student_output = self.student(images)
             loss = pairwise_dino_loss(student_output, teacher_output, self.loss.center, self.loss.ncrops,
@@ -76,21 +70,15 @@ class ReferenceStep:
         if not math.isfinite(loss.item()):
             raise RuntimeError("loss is not finite")
         self.optimizer.zero_grad()
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         self.clip_per_parameter()
         if epoch < self.freeze_last_layer:
             for name, param in self.student.named_parameters():
                 if "last_layer" in name:
                     param.grad = None
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         with torch.no_grad():
             for param_q, param_k in zip(self.student.parameters(), self.teacher.parameters()):
                 param_k.data.mul_(momentum).add_((1 - momentum) * param_q.detach().data)

@@ -1,7 +1,7 @@
 """Does SPARO beat the CLS read-out? A small, reproducible DINO experiment on Fashion-MNIST.
 
-    python bench/quality.py                        # the full table (2 h 10 min on 2 CPU cores)
-    python bench/quality.py --quick                # the same pipeline, small (about 5 min)
+    python bench/quality.py                        # the full table (hours on 2 CPU cores: RESULTS.md)
+    python bench/quality.py --quick                # the same pipeline, small (minutes)
     python bench/quality.py --eval_split heldout    # for tuning: never touches the test split
 
 Every variant is pre-trained by the real command-line script (main_dino_sparo.py, in a
@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("SPARO vs CLS quality benchmark", add_help=False)
     parser.add_argument("--quick", action="store_true",
                         help="The same pipeline at a small size (CLS and SPARO, one seed, fewer "
-                             "images): about 5 minutes on 2 CPU cores. Flags given explicitly win.")
+                             "images): minutes on 2 CPU cores (RESULTS.md). Flags given explicitly win.")
     parser.add_argument("--output_dir", default=str(REPO / "runs" / "quality"),
                         help="Where checkpoints, features, logs and the results go (rerun to resume).")
     parser.add_argument("--eval_split", default="test", choices=("test", "heldout"),
@@ -119,8 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --quick: two epochs over a third of the images (624 iterations), enough for both read-outs
-# to gain a few points over their untrained networks, in about 5 minutes on 2 CPU cores.
+# --quick: two epochs over a third of the images, enough for both read-outs to gain a few
+# points over their untrained networks in minutes on 2 CPU cores.
 QUICK_DEFAULTS = dict(variants=["cls", "sparo"], seeds=[0], bank_size=10000, test_size=2000,
                       select_slots=[4], pretrain_subset=20000, epochs=2)
 FULL_DEFAULTS = dict(variants=list(VARIANTS), seeds=[0, 1], bank_size=None, test_size=10000,

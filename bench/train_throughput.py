@@ -76,19 +76,8 @@ def build_step(variant: str, args: argparse.Namespace) -> Callable:
         return ReferenceStep(args)
     if variant == "dino":  # the original code, in the precision of this project's step
         return OriginalDinoStep(load_dino(args.dino_repo), args, dino.autocast_context(args)[0])
-    args = argparse.Namespace(**{**vars(args), "readout": variant})
-    student, teacher, _, _ = dino.build_student_teacher(args)
-    student, teacher = student.to(args.device), teacher.to(args.device)
-    teacher.load_state_dict(student.state_dict())
-    for param in teacher.parameters():
-        param.requires_grad = False
-    if args.compile:
-        student, teacher = torch.compile(student), torch.compile(teacher)
-    loss = dino.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
-    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
-    autocast, scaler = dino.autocast_context(args)
-    return dino.TrainStep(student, teacher, student, teacher, loss, optimizer, autocast, scaler, args)
+    models, optimisation = dino.build_training(argparse.Namespace(**{**vars(args), "readout": variant}))
+    return dino.TrainStep(models, optimisation, args)
 
 
 class PeakMemory:
@@ -231,16 +220,16 @@ def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
 
 def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     crops = make_crops(args)
-    precision = dino.autocast_context(args)[0]().__class__.__name__
+    precision = dino.precision(args)
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}")
     print(f"config: {args.arch}/{args.patch_size}, batch {args.batch_size_per_gpu}, 2x{args.global_crops_size}px + "
           f"{args.local_crops_number}x{args.local_crops_size}px crops, out_dim {args.out_dim}, "
-          f"{'mixed precision' if precision == 'autocast' else 'fp32'}, compile={args.compile}")
+          f"{precision}, compile={args.compile}")
     results, peak = {}, None
     if args.dino_repo:
         from bench.knn_speed import gemm_peak_gflops  # here: knn_speed imports this module
 
-        dtype = torch.bfloat16 if precision == "autocast" and (args.cpu_bf16 or args.device.type == "cuda") else torch.float32
+        dtype = dino.autocast_dtype(args) or torch.float32
         peak = gemm_peak_gflops(args.gemm_size, args.device, dtype)
         print(f"measured {str(dtype).split('.')[-1]} GEMM peak ({args.gemm_size}^3): {peak:.1f} GFLOP/s; "
               f"{args.rounds} interleaved rounds of {args.steps} steps, best round per variant")

@@ -17,9 +17,11 @@ def cpu_unless_marked_gpu(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_sparo_checkpoint(tmp_path_factory):
-    """One real SPARO-DINO epoch on digits; returns the checkpoint path (shared by tests)."""
+    """One real SPARO-DINO epoch on digits; returns the checkpoint path (shared by tests; the
+    run's output is kept beside it in stdout.txt)."""
     out = tmp_path_factory.mktemp("tiny_sparo")
-    run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "1", "--output_dir", out)
+    process = run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "1", "--output_dir", out)
+    (out / "stdout.txt").write_text(process.stdout)
     return out / "checkpoint.pth"
 
 

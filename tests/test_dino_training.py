@@ -91,12 +91,9 @@ def tiny_args(extra=()):
 def test_train_step_updates_teacher_by_ema_and_freezes_last_layer():
     torch.manual_seed(0)
     args = tiny_args(["--freeze_last_layer", "1"])
-    student, teacher, _, _ = dino.build_student_teacher(args)
-    teacher.load_state_dict(student.state_dict())
-    loss_fn = dino.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 2)
-    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student))
-    step = dino.TrainStep(student, teacher, student, teacher, loss_fn, optimizer,
-                          *dino.autocast_context(args), args)
+    models, optimisation = dino.build_training(args)  # DINOLoss(out_dim, 4 crops, 0.04, 0.04, 0, 2), AdamW
+    student, teacher = models.student, models.teacher
+    step = dino.TrainStep(models, optimisation, args)
     images = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     last_layer_before = student.head.last_layer.weight_v.clone()
@@ -182,6 +179,35 @@ def test_cpu_bf16_uses_explicit_attention_with_the_same_result():
     torch.testing.assert_close(student.backbone(images), reference.backbone(images), atol=1e-5, rtol=1e-4)
 
 
+def test_model_fits_check_counts_every_weight_of_the_real_model(monkeypatch):
+    """Student, gradients, teacher and AdamW's two moments of every parameter (counted here on
+    the real model) against the device's memory: refused one byte short, accepted at the limit."""
+    args = tiny_args()
+    needed = 5 * 4 * sum(p.numel() for p in dino.build_student_teacher(args)[0].parameters())
+    monkeypatch.setattr(utils, "device_memory_bytes", lambda device: needed)
+    dino.check_model_fits(args)
+    monkeypatch.setattr(utils, "device_memory_bytes", lambda device: needed - 1)
+    with pytest.raises(utils.UserError, match="the model does not fit: the DINO head has"):
+        dino.check_model_fits(args)
+
+
+@pytest.mark.parametrize("flags, native", [({"avx2", "fma"}, False), ({"avx2", "avx512_bf16"}, True),
+                                           ({"amx_bf16"}, True)])
+def test_cpu_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys, flags, native):
+    monkeypatch.setattr(utils, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    args = tiny_args(["--cpu_bf16", "true"])
+    reason = dino.fall_back_from_emulated_bf16(args)
+    warning = capsys.readouterr().err
+    assert args.cpu_bf16 is native and dino.precision(args) == ("bf16 autocast" if native else "fp32")
+    if native:
+        assert reason is None and warning == ""
+    else:
+        assert "torch's CPU capability: AVX2" in reason and "avx512_bf16, amx_bf16" in reason
+        assert warning.count("\n") == 1 and warning.startswith("Warning: --cpu_bf16 ignored: " + reason)
+    assert dino.fall_back_from_emulated_bf16(tiny_args()) is None  # not asked for: nothing to say
+
+
 class SlowLoader:
     """Four batches, each taking 50 ms to arrive (a data-loading bottleneck)."""
 
@@ -238,10 +264,11 @@ def test_compile_flag_compiles_student_and_teacher_with_the_eager_loss(tmp_path,
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 @pytest.mark.slow
-def test_one_epoch_then_resume(tmp_path):
-    out = tmp_path / "run"
-    first = run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "1", "--output_dir", out)
-    assert "Epoch: [0/1]" in first.stdout and "eta:" in first.stdout
+def test_one_epoch_then_resume(tmp_path, tiny_sparo_checkpoint):
+    out = tmp_path / "run"  # a copy of the shared run: TINY_TRAIN_ARGS, --epochs 1
+    shutil.copytree(tiny_sparo_checkpoint.parent, out)
+    first_stdout = (out / "stdout.txt").read_text()
+    assert "Epoch: [0/1]" in first_stdout and "eta:" in first_stdout
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert {"student", "teacher", "optimizer", "args", "dino_loss", "fp16_scaler", "model_config"} <= set(checkpoint)

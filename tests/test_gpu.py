@@ -34,14 +34,10 @@ def amp_train_step(dtype, steps=3):
     parser = argparse.ArgumentParser(parents=[main_dino_sparo.get_args_parser()])
     args = parser.parse_args([*TINY_TRAIN_ARGS, "--freeze_last_layer", "0"])
     args.device, args.distributed = torch.device("cuda", 0), False
-    student, teacher, _, _ = main_dino_sparo.build_student_teacher(args)
-    student, teacher = student.cuda(), teacher.cuda()
-    teacher.load_state_dict(student.state_dict())
-    loss_fn = main_dino_sparo.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 1).cuda()
-    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student))
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    step = main_dino_sparo.TrainStep(student, teacher, student, teacher, loss_fn, optimizer,
-                                     lambda: torch.autocast("cuda", dtype=dtype), scaler, args)
+    models, optimisation = main_dino_sparo.build_training(args)
+    student, scaler = models.student, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    step = main_dino_sparo.TrainStep(models, optimisation._replace(
+        autocast=lambda: torch.autocast("cuda", dtype=dtype), fp16_scaler=scaler), args)
     crops = [torch.randn(8, 3, 16, 16, device="cuda")] * 2 + [torch.randn(8, 3, 8, 8, device="cuda")] * 2
     before = student.backbone.patch_embed.proj.weight.detach().clone()
     losses = [float(step(crops, 0, 1e-4, 0.04, 0.996)) for _ in range(steps)]
@@ -57,7 +53,7 @@ def test_amp_choice_matches_this_gpu():
     assert utils.amp_dtype(torch.device("cuda", 0)) == expected
     args = argparse.Namespace(device=torch.device("cuda", 0), use_fp16=True, cpu_bf16=False)
     _, scaler = main_dino_sparo.autocast_context(args)
-    assert (scaler is not None) == (expected == torch.float16)
+    assert scaler.is_enabled() == (expected == torch.float16)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] < 8,

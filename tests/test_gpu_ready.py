@@ -52,17 +52,12 @@ def _set_up_rank(rank, port, output_dirs, results, save_to):
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed + args.rank)  # each rank draws its own random init
     try:
-        setup = main_dino_sparo.set_up_training(args, Path(output_dirs[rank]))
-        torch.save(dict(student=setup.student_without_ddp.state_dict(),
-                        teacher=setup.teacher_without_ddp.state_dict(),
-                        start_epoch=setup.start_epoch), Path(results) / f"rank{rank}.pth")
+        models, optimisation, start_epoch, _ = main_dino_sparo.set_up_training(args, Path(output_dirs[rank]))
+        torch.save(dict(student=models.student_without_ddp.state_dict(), teacher=models.teacher.state_dict(),
+                        start_epoch=start_epoch), Path(results) / f"rank{rank}.pth")
         if save_to and rank == 0:  # a checkpoint at epoch 1 for the resume case
-            torch.save(dict(student=setup.student_without_ddp.state_dict(),
-                            teacher=setup.teacher_without_ddp.state_dict(),
-                            optimizer=setup.optimizer.state_dict(), epoch=1,
-                            dino_loss=setup.dino_loss.state_dict(), fp16_scaler=None,
-                            model_config=setup.config, head_config=setup.head_config,
-                            train_log=[{"epoch": 0}]), Path(save_to) / "checkpoint.pth")
+            torch.save(main_dino_sparo.checkpoint_state(models, optimisation, 0, args, [{"epoch": 0}]),
+                       Path(save_to) / "checkpoint.pth")
     except utils.UserError as error:
         (Path(results) / f"rank{rank}.err").write_text(str(error))
     finally:
@@ -111,9 +106,10 @@ def test_bf16_only_from_compute_capability_8(monkeypatch, capability, dtype):
     # torch calls bf16 "supported" on V100/T4 (emulated): that must not decide
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # else GradScaler disables itself
     args = argparse.Namespace(device=torch.device("cuda", 0), use_fp16=True, cpu_bf16=False)
     _, scaler = main_dino_sparo.autocast_context(args)
-    assert (scaler is not None) == (dtype == torch.float16)  # loss scaling with fp16 only
+    assert scaler.is_enabled() == (dtype == torch.float16)  # loss scaling with fp16 only
     assert utils.amp_dtype(args.device) == dtype
     seen = {}
     monkeypatch.setattr(torch, "autocast", lambda device, dtype: seen.update(dtype=dtype))
@@ -127,13 +123,10 @@ def test_fp16_scaled_step_trains_and_skips_overflow():
     torch.manual_seed(0)
     args = training_args("--clip_grad", "3.0", "--freeze_last_layer", "0")
     args.device, args.distributed = torch.device("cpu"), False
-    student, teacher, _, _ = main_dino_sparo.build_student_teacher(args)
-    teacher.load_state_dict(student.state_dict())
-    loss_fn = main_dino_sparo.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 1)
-    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    step = main_dino_sparo.TrainStep(student, teacher, student, teacher, loss_fn, optimizer,
-                                     lambda: torch.autocast("cpu", dtype=torch.float16), scaler, args)
+    models, optimisation = main_dino_sparo.build_training(args)
+    student, scaler = models.student, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    step = main_dino_sparo.TrainStep(models, optimisation._replace(
+        autocast=lambda: torch.autocast("cpu", dtype=torch.float16), fp16_scaler=scaler), args)
     crops = [torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)] * 2
     before = student.backbone.patch_embed.proj.weight.detach().clone()
     loss = step(crops, 0, 1e-3, 0.04, 0.996)

@@ -24,6 +24,9 @@ from helpers import REPO, TINY_TRAIN_ARGS, read_log, run_script
 
 EPOCHS = 3
 RUN_ARGS = [*TINY_TRAIN_ARGS, "--subset", "128", "--batch_size_per_gpu", "16", "--seed", "5"]
+# The runs that train: vit_nano, as resuming, stopping and locking do not depend on the size.
+# (RUN_ARGS stays vit_tiny for the cases that resume the shared vit_tiny checkpoint.)
+TRAIN_ARGS = [*RUN_ARGS, "--arch", "vit_nano"]
 
 
 def folder_digest(folder, skip=()):
@@ -37,7 +40,7 @@ def folder_digest(folder, skip=()):
 
 
 def train(out, epochs, check=True):
-    return run_script("main_dino_sparo.py", *RUN_ARGS, "--epochs", epochs, "--output_dir", out, check=check)
+    return run_script("main_dino_sparo.py", *TRAIN_ARGS, "--epochs", epochs, "--output_dir", out, check=check)
 
 
 def assert_same_weights(path_a, path_b):
@@ -62,7 +65,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def start_training(out):
-    command = [sys.executable, str(REPO / "main_dino_sparo.py"), *RUN_ARGS, "--epochs", str(EPOCHS),
+    command = [sys.executable, str(REPO / "main_dino_sparo.py"), *TRAIN_ARGS, "--epochs", str(EPOCHS),
                "--output_dir", str(out)]
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -121,7 +124,7 @@ def test_kill_9_at_random_moments_loses_nothing(uninterrupted, tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
-    dino.main([*RUN_ARGS, "--epochs", "1", "--output_dir", str(tmp_path)])
+    dino.main([*TRAIN_ARGS, "--epochs", "1", "--output_dir", str(tmp_path)])
     saved = folder_digest(tmp_path, skip=["run_record.jsonl"])  # the failed start is recorded
     real_forward = dino.DINOLoss.forward
     calls = {"n": 0}
@@ -133,7 +136,7 @@ def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_last_checkpoint(tmp_p
 
     monkeypatch.setattr(dino.DINOLoss, "forward", poisoned_forward)
     with pytest.raises(SystemExit) as stop:
-        dino.main([*RUN_ARGS, "--epochs", "2", "--output_dir", str(tmp_path)])
+        dino.main([*TRAIN_ARGS, "--epochs", "2", "--output_dir", str(tmp_path)])
     assert stop.value.code == 3
     message = capsys.readouterr().err
     assert "loss is nan at epoch 1, iteration 3" in message
@@ -204,7 +207,7 @@ BAD_INPUT = [
      "invalid choice"),
     # flags that would train nonsense quietly, or died in a traceback (issue 24)
     ("negative learning rate", lambda d: ["--lr", "-1"], "--lr: must be a positive number, got -1"),
-    ("one prototype", lambda d: ["--out_dim", "1"], "--out_dim must be at least 2"),
+    ("one prototype", lambda d: ["--out_dim", "1"], "--out_dim: must be at least 2"),
     ("teacher momentum above 1", lambda d: ["--momentum_teacher", "2"], "--momentum_teacher: must lie between 0 and 1"),
     ("zero crop sizes", lambda d: ["--global_crops_size", "0", "--local_crops_size", "0"],
      "--global_crops_size: must be a positive integer"),
@@ -292,7 +295,7 @@ def test_unreadable_images_are_skipped_in_pretraining(tmp_path):
     data = tmp_path / "data"
     write_images(data / "a", count=40, bad=["broken.png"])
     out = tmp_path / "out"
-    process = run_script("main_dino_sparo.py", *RUN_ARGS, "--data_path", data, "--epochs", "1",
+    process = run_script("main_dino_sparo.py", *TRAIN_ARGS, "--data_path", data, "--epochs", "1",
                          "--output_dir", out, "--batch_size_per_gpu", "8")
     assert "skipping unreadable image" in process.stderr and "broken.png" in process.stderr
     assert (out / "checkpoint.pth").exists()
@@ -332,7 +335,7 @@ def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / utils.LOCK_NAME).write_text("a training run, pid 999999 on a-node-that-died\n")
-    first = run_in_process([*RUN_ARGS, "--epochs", "1", "--output_dir", out])
+    first = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out])
     assert first.returncode == 0, first.stderr
     assert not (out / utils.LOCK_NAME).exists()  # released and removed at the end
     assert [entry["epoch"] for entry in read_log(out / "log.txt")] == [0]
@@ -343,7 +346,7 @@ def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("a training run, pid 4242 on gpu-node-7\n")
         held.flush()
-        second, _, _ = run_bad(tmp_path)
+        second, _, _ = run_bad(tmp_path, "--arch", "vit_nano")
         assert second.returncode == 2
         assert second.stderr.strip() == (f"error: --output_dir {out} is in use by a training run, pid 4242 "
                                          f"on gpu-node-7 ({out / utils.LOCK_NAME}); wait for that run to "
@@ -353,7 +356,7 @@ def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
 
     data = tmp_path / "data"
     write_images(data / "a", count=16)
-    resumed = run_in_process([*RUN_ARGS, "--epochs", "1", "--output_dir", out, "--lr", "0.001",
+    resumed = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out, "--lr", "0.001",
                               "--data_path", data])
     assert resumed.returncode == 0, resumed.stderr
     notes = [line for line in resumed.stdout.splitlines() if "changed arguments" in line]
@@ -366,7 +369,7 @@ def test_nan_before_any_checkpoint_says_so_and_leaves_no_empty_log(tmp_path, mon
     monkeypatch.setattr(dino.DINOLoss, "forward",
                         lambda *a: real_forward(*a) * float("nan"))
     out = tmp_path / "out"
-    stopped = run_in_process([*RUN_ARGS, "--epochs", "1", "--output_dir", out])
+    stopped = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out])
     assert stopped.returncode == 3
     assert "no checkpoint was written yet" in stopped.stderr and "untouched" not in stopped.stderr
     # only the run record of the start (issue 20): no empty log.txt, no lock file

@@ -200,6 +200,20 @@ def test_bad_requests_are_refused_before_submitting(argv, message, tmp_path, mon
     assert not any(tmp_path.iterdir())  # nothing was submitted
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--nodes", "0", "must be a positive integer, got 0"), ("--ngpus", "-1", "must be 0 or more, got -1"),
+    ("--ntasks_per_node", "0", "must be a positive integer, got 0"), ("--timeout", "0", "must be a positive integer"),
+    ("--cpus_per_task", "0", "must be a positive integer"), ("--mem_per_gpu", "0", "must be a positive number")])
+def test_launcher_resource_flags_are_checked_when_parsed(flag, value, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_with_submitit.main(["--cluster", "local", "--output_dir", "x", flag, value])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: argument {flag}: {message}" + (
+        "" if message.endswith(value) else f", got {value}") + " (see --help)"
+    assert not any(tmp_path.iterdir())
+
+
 def test_flag_ranges_are_checked_by_the_launcher_too(tmp_path, monkeypatch, capsys):
     """The range rules live in the flags' argparse types, so the launcher gets them (zero crop
     sizes used to reach the job and come back as a garbled "did not finish" line)."""
