@@ -29,6 +29,7 @@ from torch import nn
 
 import augmentations
 import run_record
+import tensorboard_log
 import utils
 import vision_transformer as vits
 import warm_start
@@ -147,6 +148,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=utils.non_negative_int, help="Data-loading processes per GPU/process.")
     parser.add_argument("--print_freq", default=10, type=utils.positive_int, help="Print progress every this many iterations.")
+    parser.add_argument("--tensorboard", default=True, type=utils.bool_flag,
+                        help="Write TensorBoard curves to OUTPUT_DIR/tensorboard/ (rank 0): loss, "
+                             "lr, wd, momentum, teacher temperature and entropy per iteration; "
+                             "speed, memory and SPARO slot statistics per print interval. "
+                             "View with `tensorboard --logdir OUTPUT_DIR`.")
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL to set up distributed training (torchrun and Slurm set the environment).")
     parser.add_argument("--device", default="auto", choices=utils.DEVICE_CHOICES,
@@ -226,8 +232,9 @@ class StepStatsTracker:
     def add(self, loss: torch.Tensor, teacher_entropy: torch.Tensor) -> None:
         self.window.append(torch.stack([loss.detach().float(), teacher_entropy.float()]))
 
-    def flush(self, epoch: int, next_iteration: int) -> Tuple[float, float]:
-        """Check and clear the window; return its mean loss and mean teacher entropy."""
+    def flush(self, epoch: int, next_iteration: int) -> torch.Tensor:
+        """Check and clear the window; return its (iterations, 2) losses and teacher entropies
+        (float64, on the CPU), one row per iteration since the last flush."""
         values = torch.stack(self.window).cpu().double()
         losses = values[:, 0]
         bad = (~torch.isfinite(losses)).float().max().reshape(1)
@@ -243,8 +250,7 @@ class StepStatsTracker:
         self.totals += torch.tensor([losses.sum().item(), values[:, 1].sum().item(), len(values)],
                                     dtype=torch.float64)
         self.window, self.window_start = [], next_iteration
-        means = values.mean(0)
-        return float(means[0]), float(means[1])
+        return values
 
     def epoch_means(self) -> Tuple[float, float]:
         """Mean loss and mean teacher entropy over the epoch and all processes."""
@@ -577,6 +583,8 @@ def train_dino(args: argparse.Namespace) -> None:
     train_step = TrainStep(student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
                            optimizer, autocast, fp16_scaler, args)
     train_step.first_epoch = start_epoch  # its first step explains a CUDA out-of-memory error
+    board = tensorboard_log.TrainingBoard(output_dir, first_step=start_epoch * iters,
+                                          enabled=args.tensorboard and utils.is_main_process())
     start_time = time.time()
     print(f"Starting DINO training! (augmentation: "
           f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'})")
@@ -587,7 +595,8 @@ def train_dino(args: argparse.Namespace) -> None:
 
         # ============ training one epoch of DINO ... ============
         epoch_start = time.time()
-        train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args)
+        train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args, board)
+        board.flush()  # before the checkpoint: the curves on disk always reach it
 
         # ============ writing logs and checkpoints ... ============
         # epoch_seconds lets a run's training time be summed across resumes (the log is kept).
@@ -603,6 +612,7 @@ def train_dino(args: argparse.Namespace) -> None:
             utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04}.pth")
         if utils.is_main_process():
             utils.write_json_line(output_dir / "log.txt", history[-1])
+    board.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
 
@@ -618,6 +628,7 @@ class TrainStep:
         self.autocast, self.fp16_scaler, self.args = autocast, fp16_scaler, args
         self.first_epoch = 0  # the epoch this process starts at (train_dino sets it on resume)
         # The EMA pairs each teacher parameter with the student parameter of the same name.
+        self.teacher_backbone = teacher_without_ddp.backbone
         teacher_params = dict(teacher_without_ddp.named_parameters())
         self.ema_pairs = [(teacher_params[name], param)
                           for name, param in student_without_ddp.named_parameters()]
@@ -635,6 +646,7 @@ class TrainStep:
             group["lr"] = lr
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = wd
+        self.global_crops = images[:2]  # what the teacher saw (slot statistics read them)
         with self.autocast():
             with torch.no_grad():
                 teacher_output = self.teacher(images[:2])  # only the 2 global views
@@ -665,7 +677,8 @@ class TrainStep:
 
 
 def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoader,
-                    schedules: Dict[str, np.ndarray], epoch: int, args: argparse.Namespace) -> Dict[str, float]:
+                    schedules: Dict[str, np.ndarray], epoch: int, args: argparse.Namespace,
+                    board: tensorboard_log.TrainingBoard) -> Dict[str, float]:
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.meters["loss"] = utils.SmoothedValue(window_size=20, fmt="{value:.4f} ({global_avg:.4f})")
     metric_logger.meters["lr"] = utils.SmoothedValue(window_size=1, fmt="{value:.3e}")
@@ -675,8 +688,12 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
     iters = len(data_loader)
     images_per_iter = args.batch_size_per_gpu * args.world_size
     non_blocking = args.device.type == "cuda"
+    def log_speed(iteration: int, speed: Dict[str, float]) -> None:
+        board.add_scalars(speed, iters * epoch + iteration)
+
     for it, (images, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, header,
-                                                             samples_per_iter=images_per_iter)):
+                                                             samples_per_iter=images_per_iter,
+                                                             on_print=log_speed)):
         step = iters * epoch + it  # global training iteration
         images = [im.to(args.device, non_blocking=non_blocking) for im in images]
         with explain_out_of_memory(args, first_step=it == 0 and epoch == train_step.first_epoch):
@@ -684,8 +701,10 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
                               float(schedules["momentum"][step]))
         tracker.add(loss, train_step.dino_loss.last_teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
-            window_loss, _ = tracker.flush(epoch, it + 1)
-            metric_logger.meters["loss"].update(window_loss)
+            window_start = tracker.window_start
+            window = tracker.flush(epoch, it + 1)
+            metric_logger.meters["loss"].update(float(window[:, 0].mean()))
+            write_window(board, train_step, window, schedules, iters * epoch + window_start, epoch)
             metric_logger.update(lr=schedules["lr"][step], wd=schedules["wd"][step])
     epoch_steps = slice(iters * epoch, iters * (epoch + 1))
     loss, teacher_entropy = tracker.epoch_means()
@@ -695,6 +714,25 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
           f"teacher entropy: {teacher_entropy:.3f} (uniform: {math.log(args.out_dim):.3f})")
     warn_if_collapsed(teacher_entropy, args.out_dim, epoch)
     return stats
+
+
+def write_window(board: tensorboard_log.TrainingBoard, train_step: TrainStep, window: torch.Tensor,
+                 schedules: Dict[str, np.ndarray], first_step: int, epoch: int) -> None:
+    """TensorBoard: every iteration of a print window, and the teacher's slot statistics on the
+    window's last global crops (one extra teacher forward per window, SPARO only)."""
+    if not board.enabled:
+        return
+    steps = slice(first_step, first_step + len(window))
+    teacher_temp = float(train_step.dino_loss.teacher_temp_schedule[epoch])
+    board.add_series({"train/loss": window[:, 0].tolist(), "train/teacher_entropy": window[:, 1].tolist(),
+                      "train/lr": schedules["lr"][steps], "train/wd": schedules["wd"][steps],
+                      "train/momentum": schedules["momentum"][steps],
+                      "train/teacher_temp": [teacher_temp] * len(window)}, first_step)
+    backbone = train_step.teacher_backbone
+    if backbone.sparo is not None:
+        with torch.no_grad(), train_step.autocast():
+            attention = backbone.get_slot_attention(train_step.global_crops[0])
+        board.add_slot_statistics(tensorboard_log.slot_statistics(attention), steps.stop - 1)
 
 
 @contextlib.contextmanager
