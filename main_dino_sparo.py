@@ -29,7 +29,9 @@ from torch import nn
 
 import augmentations
 import datasets
+import knn_monitor
 import run_record
+import tensorboard_log
 import utils
 import vision_transformer as vits
 import warm_start
@@ -131,6 +133,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=utils.non_negative_int, help="Data-loading processes per GPU/process.")
     parser.add_argument("--print_freq", default=10, type=utils.positive_int, help="Print progress every this many iterations.")
+    parser.add_argument("--tensorboard", default=True, type=utils.bool_flag,
+                        help="Write TensorBoard curves to OUTPUT_DIR/tensorboard/ (rank 0): loss, "
+                             "lr, wd, momentum, teacher temperature and entropy per iteration; "
+                             "speed, memory and SPARO slot statistics per print interval. "
+                             "View with `tensorboard --logdir OUTPUT_DIR`.")
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL to set up distributed training (torchrun and Slurm set the environment).")
     parser.add_argument("--device", default="auto", choices=utils.DEVICE_CHOICES,
@@ -138,6 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "cannot use them. cuda: require a GPU. cpu: never use a GPU.")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="Ignored; torchrun sets LOCAL_RANK.")
+    knn_monitor.add_args(parser)  # --eval_every, --eval_data_path, ...
     warm_start.add_args(parser)  # --init_backbone, --init_checkpoint_key, --freeze_backbone_epochs
     return parser
 
@@ -219,8 +227,9 @@ class StepStatsTracker:
     def add(self, loss: torch.Tensor, teacher_entropy: torch.Tensor) -> None:
         self.window.append(torch.stack([loss.detach().float(), teacher_entropy.float()]))
 
-    def flush(self, epoch: int, next_iteration: int) -> Tuple[float, float]:
-        """Check and clear the window; return its mean loss and mean teacher entropy."""
+    def flush(self, epoch: int, next_iteration: int) -> torch.Tensor:
+        """Check and clear the window; return its (iterations, 2) losses and teacher entropies
+        (float64, on the CPU), one row per iteration since the last flush."""
         values = torch.stack(self.window).cpu().double()
         losses = values[:, 0]
         bad = (~torch.isfinite(losses)).float().max().reshape(1)
@@ -236,8 +245,7 @@ class StepStatsTracker:
         self.totals += torch.tensor([losses.sum().item(), values[:, 1].sum().item(), len(values)],
                                     dtype=torch.float64)
         self.window, self.window_start = [], next_iteration
-        means = values.mean(0)
-        return float(means[0]), float(means[1])
+        return values
 
     def epoch_means(self) -> Tuple[float, float]:
         """Mean loss and mean teacher entropy over the epoch and all processes."""
@@ -269,6 +277,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
+    knn_monitor.check_args(args)
     warn_suspicious_args(args)
 
 
@@ -583,6 +592,7 @@ def train_dino(args: argparse.Namespace) -> None:
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)  # before creating anything: bad data changes no files
+    monitor = knn_monitor.KnnMonitor(args, args.global_crops_size) if args.eval_every else None
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir)
 
@@ -604,8 +614,12 @@ def train_dino(args: argparse.Namespace) -> None:
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     train_step = TrainStep(models, optimisation, args)
     train_step.first_epoch = start_epoch  # its first step explains a CUDA out-of-memory error
+    board = tensorboard_log.TrainingBoard(output_dir, first_step=start_epoch * len(data_loader),
+                                          enabled=args.tensorboard and utils.is_main_process())
     start_time = time.time()
     fallback = f", --cpu_bf16 ignored: {bf16_shortfall}" if bf16_shortfall else ""
+    if monitor is not None and start_epoch == 0:  # reads every evaluation image before epoch 0
+        monitor.measure_baselines(models.teacher.backbone, args.eval_raw_pixels, output_dir)
     print(f"Starting DINO training! (augmentation: "
           f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'}) "
           f"(precision: {precision(args)}{fallback})")
@@ -616,20 +630,34 @@ def train_dino(args: argparse.Namespace) -> None:
 
         # ============ training one epoch of DINO ... ============
         epoch_start = time.time()
-        train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args)
+        train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args, board)
+        board.flush()  # before the checkpoint: the curves on disk always reach it
 
         # ============ writing logs and checkpoints ... ============
         # epoch_seconds lets a run's training time be summed across resumes (the log is kept).
         history.append({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                         "epoch_seconds": round(time.time() - epoch_start, 2)})
+
+        # ============ k-NN of the teacher (--eval_every) ... ============
+        if monitor is not None and monitor.due(epoch):
+            knn_stats = monitor.evaluate(models.teacher.backbone)
+            monitor.report(epoch, knn_stats)
+            history[-1].update(knn_stats)
+            # at the epoch's last iteration: a resumed run's purge starts at the next one
+            board.add_scalars({f"knn/{k[4:]}": v for k, v in knn_stats.items()},
+                              (epoch + 1) * len(data_loader) - 1)
+            board.flush()
         save_dict = checkpoint_state(models, optimisation, epoch, args, history)
         utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
         if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04}.pth")
         if utils.is_main_process():
             utils.write_json_line(output_dir / "log.txt", history[-1])
+    board.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
+    if monitor is not None:
+        print(knn_monitor.summary(output_dir, history))
 
 
 class TrainStep:
@@ -663,6 +691,7 @@ class TrainStep:
             group["lr"] = lr
             if i == 0:  # only the first group is regularised
                 group["weight_decay"] = wd
+        self.global_crops = images[:2]  # what the teacher saw (slot statistics read them)
         with self.optimisation.autocast():
             with torch.no_grad():
                 teacher_output = self.teacher(images[:2])  # only the 2 global views
@@ -686,7 +715,8 @@ class TrainStep:
 
 
 def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoader,
-                    schedules: Dict[str, np.ndarray], epoch: int, args: argparse.Namespace) -> Dict[str, float]:
+                    schedules: Dict[str, np.ndarray], epoch: int, args: argparse.Namespace,
+                    board: tensorboard_log.TrainingBoard) -> Dict[str, float]:
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.meters["loss"] = utils.SmoothedValue(window_size=20, fmt="{value:.4f} ({global_avg:.4f})")
     metric_logger.meters["lr"] = utils.SmoothedValue(window_size=1, fmt="{value:.3e}")
@@ -696,8 +726,12 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
     iters = len(data_loader)
     images_per_iter = args.batch_size_per_gpu * args.world_size
     non_blocking = args.device.type == "cuda"
+    def log_speed(iteration: int, speed: Dict[str, float]) -> None:
+        board.add_scalars(speed, iters * epoch + iteration)
+
     for it, (images, _) in enumerate(metric_logger.log_every(data_loader, args.print_freq, header,
-                                                             samples_per_iter=images_per_iter)):
+                                                             samples_per_iter=images_per_iter,
+                                                             on_print=log_speed)):
         step = iters * epoch + it  # global training iteration
         images = [im.to(args.device, non_blocking=non_blocking) for im in images]
         with explain_out_of_memory(args, first_step=it == 0 and epoch == train_step.first_epoch):
@@ -705,8 +739,10 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
                               float(schedules["momentum"][step]))
         tracker.add(loss, train_step.optimisation.dino_loss.last_teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
-            window_loss, _ = tracker.flush(epoch, it + 1)
-            metric_logger.meters["loss"].update(window_loss)
+            window_start = tracker.window_start
+            window = tracker.flush(epoch, it + 1)
+            metric_logger.meters["loss"].update(float(window[:, 0].mean()))
+            write_window(board, train_step, window, schedules, iters * epoch + window_start, epoch)
             metric_logger.update(lr=schedules["lr"][step], wd=schedules["wd"][step])
     epoch_steps = slice(iters * epoch, iters * (epoch + 1))
     loss, teacher_entropy = tracker.epoch_means()
@@ -716,6 +752,25 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
           f"teacher entropy: {teacher_entropy:.3f} (uniform: {math.log(args.out_dim):.3f})")
     warn_if_collapsed(teacher_entropy, args.out_dim, epoch)
     return stats
+
+
+def write_window(board: tensorboard_log.TrainingBoard, train_step: TrainStep, window: torch.Tensor,
+                 schedules: Dict[str, np.ndarray], first_step: int, epoch: int) -> None:
+    """TensorBoard: every iteration of a print window, and the teacher's slot statistics on the
+    window's last global crops (one extra teacher forward per window, SPARO only)."""
+    if not board.enabled:
+        return
+    steps = slice(first_step, first_step + len(window))
+    teacher_temp = float(train_step.optimisation.dino_loss.teacher_temp_schedule[epoch])
+    board.add_series({"train/loss": window[:, 0].tolist(), "train/teacher_entropy": window[:, 1].tolist(),
+                      "train/lr": schedules["lr"][steps], "train/wd": schedules["wd"][steps],
+                      "train/momentum": schedules["momentum"][steps],
+                      "train/teacher_temp": [teacher_temp] * len(window)}, first_step)
+    backbone = train_step.models.teacher.backbone
+    if backbone.sparo is not None:
+        with torch.no_grad(), train_step.optimisation.autocast():
+            attention = backbone.get_slot_attention(train_step.global_crops[0])
+        board.add_slot_statistics(tensorboard_log.slot_statistics(attention), steps.stop - 1)
 
 
 @contextlib.contextmanager

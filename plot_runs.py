@@ -3,7 +3,8 @@
     python plot_runs.py RUN_DIR [RUN_DIR ...] --output runs.png
 
 Panels against epoch: loss, teacher entropy, learning rate, and k-NN top-1 when a log has
-`knn_top1`. Each run is labelled by its read-out and the flags in which the runs differ, read
+`knn_top1` (--eval_every), starting at epoch -1 with the untrained network and with the raw
+pixels' accuracy as a dashed line where the run measured them (knn_baselines.json). Each run is labelled by its read-out and the flags in which the runs differ, read
 from RUN_DIR/config.yaml (run_record.py) or else from checkpoint.pth's saved args.
 """
 from __future__ import annotations
@@ -36,6 +37,18 @@ def read_log(run_dir: Path) -> List[Dict[str, Any]]:
     return entries
 
 
+def read_baselines(run_dir: Path) -> Dict[str, Any]:
+    """The run's k-NN before training (knn_monitor.py's knn_baselines.json), or {}."""
+    path = run_dir / "knn_baselines.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any]) -> List[Tuple[int, float]]:
+    """(epoch, k-NN top-1): the untrained network at epoch -1, then each evaluated epoch."""
+    start = [(-1, baselines["untrained"]["knn_top1"])] if "untrained" in baselines else []
+    return start + [(e["epoch"], e["knn_top1"]) for e in log if "knn_top1" in e and "epoch" in e]
+
+
 def read_flags(run_dir: Path) -> Dict[str, Any]:
     """The run's flags: config.yaml, else the args in checkpoint.pth; {} when neither exists."""
     import torch
@@ -60,27 +73,33 @@ def run_labels(run_dirs: Sequence[Path], flags: Sequence[Dict[str, Any]]) -> Lis
             for label, run_dir in zip(labels, run_dirs)]
 
 
-def plot(runs: Sequence[Tuple[str, List[Dict[str, Any]]]], output: Path) -> None:
+def plot(runs: Sequence[Tuple[str, List[Dict[str, Any]], Dict[str, Any]]], output: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     panels = [(key, title) for key, title in PANELS
-              if any(key in entry for _, log in runs for entry in log)]
+              if any(key in entry for _, log, _ in runs for entry in log)]
     columns = 2 if len(panels) == 4 else len(panels)
     rows = (len(panels) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False,
                                  sharex=True)  # one epoch axis, also for a sparse k-NN curve
     for axis, (key, title) in zip(axes.flat, panels):
-        for number, (label, log) in enumerate(runs):
-            points = [(e["epoch"], e[key]) for e in log if key in e and "epoch" in e]
-            if points:  # one colour per run in every panel, even where another run has no curve
+        for number, (label, log, baselines) in enumerate(runs):
+            colour = f"C{number % 10}"  # one colour per run in every panel
+            points = knn_points(log, baselines) if key == "knn_top1" else \
+                [(e["epoch"], e[key]) for e in log if key in e and "epoch" in e]
+            if points:
                 epochs, values = zip(*points)
-                axis.plot(epochs, values, marker="o", markersize=3, label=label, color=f"C{number % 10}")
+                axis.plot(epochs, values, marker="o", markersize=3, label=label, color=colour)
+            if key == "knn_top1" and "raw pixels" in baselines:
+                floor = axis.axhline(baselines["raw pixels"]["knn_top1"], color=colour,
+                                     linestyle="--", linewidth=1)
+                axis.legend(handles=[floor], labels=["raw pixels"], fontsize=8, loc="lower right")
         axis.set_title(title)
         if axis.get_subplotspec().is_last_row():
-            axis.set_xlabel("epoch")
+            axis.set_xlabel("epoch (-1: before training)" if key == "knn_top1" else "epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if key == "train_lr":
@@ -108,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.output.parent.is_dir():
         raise utils.UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
     labels = run_labels(args.run_dirs, [read_flags(run_dir) for run_dir in args.run_dirs])
-    plot(list(zip(labels, logs)), args.output)
+    plot(list(zip(labels, logs, [read_baselines(run_dir) for run_dir in args.run_dirs])), args.output)
     print(f"Wrote {args.output} ({len(logs)} run{'s' if len(logs) > 1 else ''})")
 
 

@@ -45,8 +45,10 @@ case "${1:-}" in
   demo)
     shift
     out=${DEMO_OUTPUT_DIR:-runs/demo}
+    # ends with what training bought: 20-NN top-1 of raw pixels, untrained and trained network
     "$PY" main_dino_sparo.py --config configs/cpu_demo.yaml --output_dir "$out" "$@"
-    # k-NN on the official 10k test images, with the first 10k training images as the bank
+    "$PY" plot_runs.py "$out" --output "$out/run.png"
+    # the checkpoint in the stand-alone evaluator: the same bank and queries, the same 20-NN figure
     "$PY" eval_knn.py --pretrained_weights "$out/checkpoint.pth" --data_path fashion_mnist \
       --nb_knn 10 20 --train_subset 10000 --num_workers 0
     ;;

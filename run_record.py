@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -90,11 +89,8 @@ def record_start(args: argparse.Namespace, output_dir: Path, parser: argparse.Ar
             first = yaml.safe_load(handle) or {}
     else:
         first = flags
-        temporary = config_path.with_name(config_path.name + ".tmp")
-        with open(temporary, "w") as handle:
-            handle.write("# Every flag of this run's first start; see run_record.jsonl for each start.\n")
-            yaml.safe_dump(flags, handle, sort_keys=True)
-        os.replace(temporary, config_path)
+        utils.atomic_write_text(config_path, "# Every flag of this run's first start; see "
+                                "run_record.jsonl for each start.\n" + yaml.safe_dump(flags, sort_keys=True))
     record = dict(start_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   start_epoch=int(start_epoch), world_size=int(getattr(args, "world_size", 1)),
                   **git_state(Path(__file__).resolve().parent), **environment(),

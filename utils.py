@@ -608,6 +608,14 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         pass
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename: never a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def remove_stale_temporary_files(folder: Path) -> None:
     """Delete temporary files that a process killed during atomic_save left behind."""
     for stale in Path(folder).glob(".*.tmp.*"):
@@ -718,11 +726,13 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def log_every(self, iterable: Sized, print_freq: int, header: str = "",
-                  samples_per_iter: int = 0) -> Iterator[Any]:
+                  samples_per_iter: int = 0,
+                  on_print: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Iterator[Any]:
         """Yield from iterable, printing DINO's progress line every print_freq steps: ETA, the
         meters, `time` (mean seconds per iteration), `data` (mean seconds of it spent waiting
         for the next batch: a data-loading bottleneck shows here), `max mem` (MiB, peak_memory_mib)
-        and, this project's addition, `img/s` over the last print window."""
+        and, this project's addition, `img/s` over the last print window. on_print(i, speed)
+        receives the printed figures (`speed/...` and `memory/...` names) after each line."""
         total = len(iterable)
         width = len(str(total))
         iter_time = SmoothedValue(fmt="{avg:.4f}")
@@ -735,12 +745,18 @@ class MetricLogger:
             if i % print_freq == 0 or i == total - 1:
                 now = time.time()
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                max_mem = peak_memory_mib()
                 parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}", f"max mem: {peak_memory_mib():.0f}"]
+                         f"time: {iter_time}", f"data: {data_time}", f"max mem: {max_mem:.0f}"]
+                speed = {"speed/iter_seconds": iter_time.avg, "speed/data_seconds": data_time.avg,
+                         "memory/max_mem_mib": max_mem}
                 if samples_per_iter and i > 0:
                     steps = i % print_freq or print_freq
-                    parts.append(f"img/s: {samples_per_iter * steps / max(now - last, 1e-9):.1f}")
+                    speed["speed/img_per_s"] = samples_per_iter * steps / max(now - last, 1e-9)
+                    parts.append(f"img/s: {speed['speed/img_per_s']:.1f}")
                 print(self.delimiter.join(p for p in parts if p), flush=True)
+                if on_print is not None:
+                    on_print(i, speed)
                 last = now
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - start))
