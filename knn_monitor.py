@@ -90,7 +90,8 @@ class KnnMonitor:
         top1, top5 = knn.knn_evaluate(bank, self.bank_labels[index], queries, self.query_labels,
                                       nb_knn=[NB_KNN], temperature=TEMPERATURE,
                                       sharded=utils.get_world_size() > 1)[NB_KNN]
-        return dict(knn_top1=top1, knn_top5=top5, knn_seconds=round(time.time() - start, 2))
+        return dict(knn_top1=round(top1, 4), knn_top5=None if top5 is None else round(top5, 4),
+                    knn_seconds=round(time.time() - start, 2))
 
     def evaluate(self, backbone: nn.Module) -> Dict[str, Optional[float]]:
         """The k-NN figures of a backbone (in eval mode for the measurement)."""
@@ -106,10 +107,10 @@ class KnnMonitor:
         """Before a new run's first epoch: the untrained network's figures (and raw pixels'),
         printed and kept in OUTPUT_DIR/knn_baselines.json for the summary and plot_runs.py."""
         baselines = {"untrained": self.evaluate(backbone)}
+        print(f"k-NN of the untrained teacher ({self.description}): {format_figures(baselines['untrained'])}")
         if raw_pixels:
             baselines["raw pixels"] = self.measure(lambda images: images.flatten(1))
-        for name, result in baselines.items():
-            print(f"k-NN of the {name} ({self.description}): {format_figures(result)}")
+            print(f"k-NN of the raw pixels ({self.description}): {format_figures(baselines['raw pixels'])}")
         if utils.is_main_process():
             utils.atomic_write_text(output_dir / BASELINES_FILE,
                                     json.dumps(dict(baselines, description=self.description), indent=1))

@@ -30,10 +30,11 @@ TRAIN_ARGS = [*RUN_ARGS, "--arch", "vit_nano"]
 
 
 def folder_digest(folder, skip=()):
-    """Hash of every file (name and bytes) under a folder but `skip`, to prove nothing was touched."""
+    """Hash of every file (name and bytes) under a folder but `skip` and the TensorBoard
+    curves (written by every start, like run_record.jsonl), to prove nothing was touched."""
     digest = hashlib.sha256()
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name not in skip:
+        if path.is_file() and path.name not in skip and "tensorboard" not in path.parts:
             digest.update(str(path.relative_to(folder)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -120,6 +121,18 @@ def test_kill_9_at_random_moments_loses_nothing(uninterrupted, tmp_path):
     assert not list(tmp_path.glob(".*.tmp.*"))
     assert_same_weights(uninterrupted / "checkpoint.pth", tmp_path / "checkpoint.pth")
     assert [entry["epoch"] for entry in read_log(tmp_path / "log.txt")] == list(range(EPOCHS))
+    # TensorBoard: every curve continues across the kills, each iteration once, with the
+    # uninterrupted run's values (an interrupted run's steps past its checkpoint are purged)
+    for tag in ("train/loss", "train/teacher_entropy", "train/lr"):
+        assert tensorboard_curve(tmp_path, tag) == tensorboard_curve(uninterrupted, tag)
+
+
+def tensorboard_curve(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reader = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    reader.Reload()
+    return [(event.step, event.value) for event in reader.Scalars(tag)]
 
 
 @pytest.mark.slow

@@ -1,0 +1,95 @@
+"""k-NN during pre-training (--eval_every): logged per epoch, equal to eval_knn.py, checked early."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import plot_runs
+from helpers import TINY_TRAIN_ARGS, read_log, run_script
+
+EVAL_ARGS = ["--eval_every", "1", "--eval_data_path", "digits", "--eval_train_subset", "600",
+             "--eval_test_subset", "200", "--eval_raw_pixels", "true"]
+RUN_ARGS = [*TINY_TRAIN_ARGS, "--arch", "vit_nano", "--subset", "64", "--batch_size_per_gpu", "16",
+            "--epochs", "2", *EVAL_ARGS]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("knn_run")
+    process = run_script("main_dino_sparo.py", *RUN_ARGS, "--output_dir", out)
+    return out, process.stdout
+
+
+@pytest.mark.slow
+def test_every_epoch_logs_knn_and_the_run_ends_with_the_comparison(evaluated_run):
+    out, stdout = evaluated_run
+    log = read_log(out / "log.txt")
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    for entry in log:
+        assert 0 <= entry["knn_top1"] <= 100 and 0 <= entry["knn_top5"] <= 100
+        assert entry["knn_top5"] >= entry["knn_top1"] and entry["knn_seconds"] > 0
+    baselines = json.loads((out / "knn_baselines.json").read_text())
+    assert set(baselines) == {"untrained", "raw pixels", "description"}
+    assert stdout.index("k-NN of the untrained teacher") < stdout.index("Starting DINO training")
+    assert "k-NN of the teacher after epoch 1" in stdout
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("k-NN top-1") and f"epoch 1 {log[1]['knn_top1']:.2f}" in last
+    assert f"untrained {baselines['untrained']['knn_top1']:.2f}" in last
+    # raw pixels of 8x8 digits (upsampled to 16 px) are a strong floor: about 95 %
+    assert baselines["raw pixels"]["knn_top1"] > 80
+
+
+@pytest.mark.slow
+def test_knn_during_training_equals_eval_knn_on_the_checkpoint(evaluated_run, tmp_path):
+    out, _ = evaluated_run
+    result = tmp_path / "knn.json"
+    run_script("eval_knn.py", "--pretrained_weights", out / "checkpoint.pth", "--data_path", "digits",
+               "--train_subset", "600", "--test_subset", "200", "--nb_knn", "20",
+               "--batch_size_per_gpu", "16", "--num_workers", "0", "--output_json", result)
+    figures = json.loads(result.read_text())["knn"]["20"]
+    last = read_log(out / "log.txt")[-1]
+    assert last["knn_top1"] == pytest.approx(figures["top1"], abs=1e-3)
+    assert last["knn_top5"] == pytest.approx(figures["top5"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_tensorboard_has_every_iteration_and_the_knn_points(evaluated_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = evaluated_run
+    reader = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    reader.Reload()
+    iterations = 2 * (64 // 16)
+    assert [e.step for e in reader.Scalars("train/loss")] == list(range(iterations))
+    assert [e.step for e in reader.Scalars("knn/top1")] == [iterations // 2 - 1, iterations - 1]
+    log = read_log(out / "log.txt")
+    assert [e.value for e in reader.Scalars("knn/top1")] == pytest.approx([entry["knn_top1"] for entry in log])
+    assert {"slots/attention_entropy", "slots/cls_weight"} <= set(reader.Tags()["histograms"])
+    assert {"speed/data_seconds", "speed/iter_seconds", "memory/max_mem_mib", "train/lr",
+            "train/teacher_temp"} <= set(reader.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_plot_starts_the_knn_curve_before_training(evaluated_run, tmp_path):
+    out, _ = evaluated_run
+    points = plot_runs.knn_points(read_log(out / "log.txt"), plot_runs.read_baselines(out))
+    assert [epoch for epoch, _ in points] == [-1, 0, 1]
+    run_script("plot_runs.py", out, "--output", tmp_path / "run.png")
+    image = np.asarray(Image.open(tmp_path / "run.png").convert("L"))
+    assert (image < 128).mean() > 0.005
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_every", "1"], "--eval_every needs --eval_data_path"),
+    (["--eval_every", "1", "--eval_data_path", "/nonexistent/eval"], "/nonexistent/eval"),
+])
+def test_bad_evaluation_data_stops_before_training(tmp_path, flags, message):
+    process = run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--epochs", "1", *flags,
+                         "--output_dir", tmp_path / "out", check=False)
+    assert process.returncode != 0
+    assert message in process.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+    assert "Starting DINO training" not in process.stdout
