@@ -33,8 +33,8 @@ class TrainingBoard:
             # Imported here: tensorboard is only needed by the process that writes.
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"),
-                                        purge_step=first_step if first_step > 0 else None)
+            # purge_step also at 0: a run killed in its first epoch restarts there
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=first_step)
 
     @property
     def enabled(self) -> bool:

@@ -385,8 +385,8 @@ def test_nan_before_any_checkpoint_says_so_and_leaves_no_empty_log(tmp_path, mon
     stopped = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out])
     assert stopped.returncode == 3
     assert "no checkpoint was written yet" in stopped.stderr and "untouched" not in stopped.stderr
-    # only the run record of the start (issue 20): no empty log.txt, no lock file
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run_record.jsonl"]
+    # only the run record of the start and its curves (issue 20): no empty log.txt, no lock file
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run_record.jsonl", "tensorboard"]
 
 
 def test_symlink_loops_and_fifos_in_a_data_folder(tmp_path):

@@ -49,6 +49,16 @@ def test_resumed_writer_hides_steps_past_the_checkpoint(tmp_path):
     assert [value for _, value in curve] == [10.0 + i for i in range(5)] + [100.0 + i for i in range(5, 10)]
 
 
+def test_a_run_killed_in_its_first_epoch_restarts_its_curves(tmp_path):
+    first = TrainingBoard(tmp_path, first_step=0)
+    first.add_series({"train/loss": [1.0, 2.0, 3.0]}, first_step=0)
+    first.close()
+    again = TrainingBoard(tmp_path, first_step=0)
+    again.add_series({"train/loss": [4.0, 5.0]}, first_step=0)
+    again.close()
+    assert scalar_steps(read_curves(tmp_path / "tensorboard"), "train/loss") == [(0, 4.0), (1, 5.0)]
+
+
 def test_disabled_board_writes_nothing(tmp_path):
     board = TrainingBoard(tmp_path, first_step=0, enabled=False)
     board.add_series({"train/loss": [1.0]}, first_step=0)
