@@ -18,6 +18,8 @@ without duplicated or missing steps.
 """
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -33,8 +35,10 @@ class TrainingBoard:
             # Imported here: tensorboard is only needed by the process that writes.
             from torch.utils.tensorboard import SummaryWriter
 
+            folder = Path(output_dir) / "tensorboard"
+            wait_for_a_new_second(folder)
             # purge_step also at 0: a run killed in its first epoch restarts there
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=first_step)
+            self.writer = SummaryWriter(str(folder), purge_step=first_step)
 
     @property
     def enabled(self) -> bool:
@@ -72,6 +76,17 @@ class TrainingBoard:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def wait_for_a_new_second(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order. A name holds the second it was
+    created in, then host, pid and a per-process counter compared as text (".10" before ".9"),
+    so a file opened in the same second as an earlier one could be read first and its purge
+    would not hide the earlier steps. Opening in a later second keeps the order (a wait of at
+    most a second, only when a writer restarts within one, e.g. in-process)."""
+    now = time.time()
+    if any(f".{int(now):010d}." in path.name for path in folder.glob("events.out.tfevents.*")):
+        time.sleep(math.ceil(now) - now + 0.01)
 
 
 @torch.no_grad()

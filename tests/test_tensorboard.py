@@ -59,6 +59,21 @@ def test_a_run_killed_in_its_first_epoch_restarts_its_curves(tmp_path):
     assert scalar_steps(read_curves(tmp_path / "tensorboard"), "train/loss") == [(0, 4.0), (1, 5.0)]
 
 
+def test_a_restart_in_the_same_second_is_read_after_the_first_run(tmp_path, monkeypatch):
+    """Event file names end with a per-process counter compared as text: a writer numbered 10
+    opened in the same second as one numbered 9 would be read first, undoing the purge."""
+    import tensorboard.summary.writer.event_file_writer as event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    first = TrainingBoard(tmp_path, first_step=0)
+    first.add_series({"train/loss": [1.0, 2.0, 3.0]}, first_step=0)
+    first.close()
+    again = TrainingBoard(tmp_path, first_step=0)
+    again.add_series({"train/loss": [4.0, 5.0]}, first_step=0)
+    again.close()
+    assert scalar_steps(read_curves(tmp_path / "tensorboard"), "train/loss") == [(0, 4.0), (1, 5.0)]
+
+
 def test_disabled_board_writes_nothing(tmp_path):
     board = TrainingBoard(tmp_path, first_step=0, enabled=False)
     board.add_series({"train/loss": [1.0]}, first_step=0)
