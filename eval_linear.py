@@ -1,18 +1,26 @@
-"""Linear probe of a frozen backbone (DINO's recipe).
+"""Linear probe of a frozen backbone: a learning-rate grid (the default) or DINO's single head.
 
     python eval_linear.py --pretrained_weights OUT/checkpoint.pth --data_path /path/to/imagenet
     torchrun --nproc_per_node=8 eval_linear.py --pretrained_weights OUT/checkpoint.pth ...
     python eval_linear.py --pretrained_weights OUT/checkpoint.pth --data_path digits \
         --train_augmentation none --cache_features true --epochs 100      # fast on CPU
+    python eval_linear.py --pretrained_weights OUT/checkpoint.pth --lr 0.001   # DINO's one head
     python eval_linear.py --pretrained_weights OUT/checkpoint.pth --evaluate   # your saved head
 
-A linear layer (no BatchNorm) is trained on frozen features with SGD (momentum 0.9, no weight
-decay, lr scaled by the total batch / 256, cosine decay to 0), with RandomResizedCrop + flip on
-the training images and resize + centre crop on the test images. Features: the SPARO encoding
-(optionally a subset of slots, --slots), or for the CLS read-out DINO's concatenated CLS
-tokens of the last --n_last_blocks blocks (plus the mean patch token with
---avgpool_patchtokens). The head is saved in OUTPUT_DIR/linear_checkpoint.pth every epoch
-and a rerun resumes from it.
+Default: one linear head per learning rate of --lr_grid and, for the CLS read-out, per DINO
+feature variant (CLS tokens of the last 1 or 4 blocks, with or without the mean patch token),
+all trained in one pass on the same batches (DINOv2's protocol). A seeded --holdout_fraction of
+the training images is kept out of training; the head with the best accuracy on it (never on
+the test set) is chosen, and its test accuracy is the result. The whole grid is printed.
+With --lr: DINO's single head at that rate (CLS: --n_last_blocks 4, no pooled token, unless
+given) trained on every training image, as DINO's eval_linear.py.
+
+Every head is a linear layer (no BatchNorm) trained with SGD (momentum 0.9, no weight decay, lr
+scaled by the total batch / 256, cosine decay to 0), on RandomResizedCrop + flip of the
+training images (or cached features without augmentation) and tested on resize + centre crop.
+Features: the encoding (SPARO's optionally a subset of slots, --slots; unit-norm encodings
+rescaled to unit coordinates), or for the CLS read-out DINO's concatenated CLS tokens. The
+heads are saved in OUTPUT_DIR/linear_checkpoint.pth every epoch and a rerun resumes from it.
 """
 from __future__ import annotations
 
@@ -20,40 +28,58 @@ import argparse
 import hashlib
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import datasets
 import features as feats
 import utils
 from sparo_head import select_slots
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
 LOG_NAME = "linear_log.txt"
+# DINOv2's 13 learning rates (1e-5 .. 0.1, for a batch of 256) extended up to 10: issue 19
+# measured SPARO's best probe at lr 1-10 on Fashion-MNIST features, beyond DINOv2's top.
+LR_GRID = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
+           0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+DEFAULT_HOLDOUT = 0.1  # of the training images, for choosing the grid's head
+UNIT_NORM_READOUTS = ("sparo", "cls_proj")  # encodings rescaled by sqrt(width) (--scale_sparo_features)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Evaluation with linear classification", add_help=False)
     feats.add_eval_args(parser, batch_size=128)
-    parser.add_argument("--n_last_blocks", default=4, type=utils.positive_int,
+    parser.add_argument("--n_last_blocks", default=None, type=utils.positive_int,
                         help="CLS read-out: concatenate the CLS tokens of this many last blocks "
-                             "(DINO: 4 for ViT-S, 1 for ViT-B). Ignored for SPARO, whose "
-                             "feature is its encoding.")
-    parser.add_argument("--avgpool_patchtokens", default=False, type=utils.bool_flag,
+                             "(DINO: 4 for ViT-S, 1 for ViT-B). Default: the grid tries 1 and 4; "
+                             "with --lr, 4. Ignored by the other read-outs, whose feature is "
+                             "their encoding.")
+    parser.add_argument("--avgpool_patchtokens", default=None, type=utils.bool_flag,
                         help="CLS read-out: also concatenate the mean patch token of the last "
-                             "block (DINO: False for ViT-S, True for ViT-B).")
+                             "block (DINO: False for ViT-S, True for ViT-B). Default: the grid "
+                             "tries both; with --lr, False.")
     parser.add_argument("--scale_sparo_features", default=True, type=utils.bool_flag,
-                        help="SPARO: multiply the unit-norm encoding (width D) by sqrt(D) so its "
+                        help="SPARO and cls_proj: multiply the unit-norm encoding (width D) by sqrt(D) so its "
                              "coordinates have the unit scale of LayerNorm'd CLS features that "
                              "DINO's learning rates assume (a constant factor, like a larger lr).")
     parser.add_argument("--epochs", default=100, type=utils.positive_int, help="Number of training epochs.")
-    parser.add_argument("--lr", default=0.001, type=utils.positive_float,
-                        help="Learning rate for a total batch of 256, scaled linearly with the "
-                             "total batch size (batch_size_per_gpu * processes).")
+    parser.add_argument("--lr", default=None, type=utils.positive_float,
+                        help="Train DINO's single head at this learning rate (for a total batch "
+                             "of 256, scaled linearly with batch_size_per_gpu * processes; DINO's "
+                             "default 0.001) on every training image. Default: the grid.")
+    parser.add_argument("--lr_grid", default=None, nargs="+", type=utils.positive_float,
+                        help="Learning rates (for a batch of 256) of the heads trained together; "
+                             "default: DINOv2's 13 from 1e-5 to 0.1, extended up to 10.")
+    parser.add_argument("--holdout_fraction", default=None, type=utils.unit_interval,
+                        help="Fraction of the training images (seeded by --seed) kept out of "
+                             "training to choose the grid's head; never the test set. Default: "
+                             "0.1 for the grid, 0 with --lr (DINO trains on every image).")
     parser.add_argument("--num_labels", default=None, type=utils.positive_int,
                         help="Number of classes of the linear layer (default: inferred from the "
                              "training labels, max label + 1).")
@@ -92,22 +118,93 @@ class LinearClassifier(nn.Module):
         return self.linear(x.flatten(1))
 
 
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One head of the grid: its learning rate (for a batch of 256) and the columns of the
+    extracted feature it reads, which for CLS are one of DINO's variants."""
+    lr: float
+    start: int
+    stop: int
+    n_last_blocks: Optional[int] = None  # CLS variants only
+    avgpool: Optional[bool] = None
+
+    def describe(self) -> str:
+        if self.n_last_blocks is None:
+            return "encoding"
+        return f"CLS of the last {self.n_last_blocks} block(s)" + (" + mean patch" if self.avgpool else "")
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """What frozen_features extracts once for every head: the CLS tokens of the last n_last_blocks
+    blocks, then the mean patch token if with_avgpool (for CLS); the encoding otherwise."""
+    n_last_blocks: int
+    with_avgpool: bool
+    width: int
+
+
+def probe_grid(args: argparse.Namespace, config: Dict[str, Any], num_blocks: int,
+               slots: Optional[List[int]]) -> Tuple[FeatureLayout, List[ProbeSpec]]:
+    """The extracted feature's layout and one spec per (feature variant, learning rate).
+
+    CLS: a variant fixed by a flag stays fixed; an unset one is searched by the grid ({1, 4}
+    last blocks, with and without the mean patch token) and takes DINO's value with --lr. Each
+    variant is a contiguous column range of one extraction: [CLS_{n_max-n+1} .. CLS_{n_max}, mean]."""
+    learning_rates = [args.lr] if args.lr is not None else list(args.lr_grid or LR_GRID)
+    if config["readout"] != "cls":
+        width = feature_dim(config, 0, False, slots)
+        return FeatureLayout(0, False, width), [ProbeSpec(lr, 0, width) for lr in learning_rates]
+    single = args.lr is not None
+    blocks = ([args.n_last_blocks] if args.n_last_blocks else
+              [4] if single else sorted({1, min(4, num_blocks)}))
+    pools = ([args.avgpool_patchtokens] if args.avgpool_patchtokens is not None else
+             [False] if single else [False, True])
+    layout = FeatureLayout(max(blocks), any(pools), feature_dim(config, max(blocks), any(pools), None))
+    token = layout.width // (layout.n_last_blocks + int(layout.with_avgpool))
+    specs = [ProbeSpec(lr, (layout.n_last_blocks - n) * token, (layout.n_last_blocks + int(pool)) * token,
+                       n, pool)
+             for n in blocks for pool in pools for lr in learning_rates]
+    return layout, specs
+
+
+class LinearProbes(nn.Module):
+    """One LinearClassifier per spec, trained together on the same batches: each head reads
+    its own feature columns and has its own loss, so that summing the losses gives every head
+    exactly the gradient it would get alone. Every head starts from the same seeded weights,
+    as a single head trained with the same --seed."""
+
+    def __init__(self, specs: Sequence[ProbeSpec], num_labels: int, seed: int) -> None:
+        super().__init__()
+        self.specs = list(specs)
+        heads = []
+        for spec in self.specs:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                heads.append(LinearClassifier(spec.stop - spec.start, num_labels))
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, features: torch.Tensor) -> List[torch.Tensor]:
+        return [head(features[:, spec.start:spec.stop].contiguous())
+                for head, spec in zip(self.heads, self.specs)]
+
+
 def frozen_features(model: nn.Module, images: torch.Tensor, config: Dict[str, Any],
                     n_last_blocks: int, avgpool: bool, slots: Optional[List[int]],
                     scale_sparo: bool = True) -> torch.Tensor:
-    """The linear probe's input: the SPARO encoding (slot subset rescaled to unit norm), or
+    """The linear probe's input: the encoding (a SPARO slot subset rescaled to unit norm), or
     DINO's CLS feature: CLS tokens of the last n blocks (+ the mean patch token), concatenated.
 
-    scale_sparo multiplies the unit-norm SPARO vector of width D by sqrt(D), giving its
-    coordinates the unit scale of LayerNorm'd CLS tokens, for which DINO's learning rates
-    were tuned. (A constant factor, equivalent to a D-times larger learning rate; without it
-    DINO's default lr barely moves the head in a short run.)
+    scale_sparo multiplies a unit-norm encoding (SPARO, cls_proj) of width D by sqrt(D),
+    giving its coordinates the unit scale of LayerNorm'd CLS tokens, for which DINO's learning
+    rates were tuned. (A constant factor, equivalent to a D-times larger learning rate; without
+    it DINO's default lr barely moves the head in a short run.)
     """
-    if config["readout"] == "sparo":
+    if config["readout"] != "cls":
         encoding = model(images).float()
         if slots is not None:
             encoding = F.normalize(select_slots(encoding, int(config["sparo_slots"]), slots), dim=1)
-        return encoding * math.sqrt(encoding.shape[1]) if scale_sparo else encoding
+        unit_norm = config["readout"] in UNIT_NORM_READOUTS
+        return encoding * math.sqrt(encoding.shape[1]) if scale_sparo and unit_norm else encoding
     blocks = model.get_intermediate_layers(images, n_last_blocks)
     parts = [tokens[:, 0] for tokens in blocks]
     if avgpool:
@@ -119,9 +216,11 @@ def feature_dim(config: Dict[str, Any], n_last_blocks: int, avgpool: bool,
                 slots: Optional[List[int]]) -> int:
     import vision_transformer as vits
 
-    if config["readout"] == "sparo":
-        return int(config["sparo_dim"]) * (len(slots) if slots else int(config["sparo_slots"]))
-    return vits.ARCHS[config["arch"]][0] * (n_last_blocks + int(avgpool))
+    if config["readout"] == "cls":
+        return vits.ARCHS[config["arch"]][0] * (n_last_blocks + int(avgpool))
+    if slots:
+        return int(config["sparo_dim"]) * len(slots)
+    return vits.BackboneConfig.from_dict(config).num_features
 
 
 # ================================================================================= data
@@ -136,13 +235,25 @@ def build_transforms(args: argparse.Namespace, crop_size: int) -> Tuple[Callable
     return train_transform, val_transform
 
 
-class CachedBatches:
-    """Mini-batches of cached features: this process's shuffled share each epoch."""
+def holdout_split(count: int, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, held-out rows), each sorted: a seeded random `fraction` of the `count`
+    training images is held out (the same on every rank: a CPU generator)."""
+    held = round(fraction * count)
+    if fraction > 0 and not 1 <= held < count:
+        raise utils.UserError(f"--holdout_fraction {fraction} of {count} training images leaves "
+                              f"{held} held out and {count - held} to train on: both need one")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[held:].sort().values, order[:held].sort().values
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.features, self.labels, self.batch_size = features, labels, batch_size
+
+class CachedBatches:
+    """Mini-batches of cached features: this process's shuffled share of `rows` each epoch."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
+                 batch_size: int, seed: int) -> None:
+        self.features, self.labels, self.rows, self.batch_size = features, labels, rows, batch_size
         self.sampler = torch.utils.data.DistributedSampler(
-            range(len(labels)), num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+            range(len(rows)), num_replicas=utils.get_world_size(), rank=utils.get_rank(),
             shuffle=True, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
@@ -152,16 +263,16 @@ class CachedBatches:
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        order = self.rows[torch.tensor(list(self.sampler), dtype=torch.long)]
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size].to(self.features.device)
             yield self.features[index], self.labels[index]
 
 
 # ============================================================================= training
-def train_one_epoch(linear: nn.Module, optimizer: torch.optim.Optimizer, batches: Any,
+def train_one_epoch(probes: nn.Module, optimizer: torch.optim.Optimizer, batches: Any,
                     to_features: Callable, epoch: int, args: argparse.Namespace) -> Dict[str, float]:
-    linear.train()
+    probes.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.meters["lr"] = utils.SmoothedValue(window_size=1, fmt="{value:.6f}")
     header = f"Epoch: [{epoch}]"
@@ -170,28 +281,54 @@ def train_one_epoch(linear: nn.Module, optimizer: torch.optim.Optimizer, batches
         target = target.to(args.device, non_blocking=True)
         with torch.no_grad(), feats.feature_autocast(args.device, args.use_fp16):
             features = to_features(inputs)
-        loss = F.cross_entropy(linear(features), target)
-        if not finite_everywhere(loss):  # stop before the step: no NaN head is ever saved
-            raise utils.UserError(nonfinite_loss_message(loss.item(), features, epoch))
-        loss_value = loss.item()
+        losses = torch.stack([F.cross_entropy(logits, target) for logits in probes(features)])
+        finite = finite_per_entry(losses)
+        if not finite.all() and len(losses) == 1:  # stop before the step: no NaN head is saved
+            raise utils.UserError(nonfinite_loss_message(losses.item(), features, epoch))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.sum().backward()  # d(sum)/d(loss_i) = 1: each head gets its own gradient
+        for index in torch.nonzero(~finite).flatten().tolist():
+            retire_head(optimizer, index)
         optimizer.step()
-        metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+        alive = [loss for loss, group in zip(losses.tolist(), optimizer.param_groups)
+                 if not group.get("diverged")]
+        if not alive:
+            raise utils.UserError("every head of the learning-rate grid diverged: try lower --lr_grid values")
+        metric_logger.update(loss=min(alive), lr=max(group["lr"] for group in optimizer.param_groups))
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
 
 
-def finite_everywhere(value: torch.Tensor) -> bool:
-    """Whether `value` is finite on every process: one all-reduce of the sum, in which a NaN or
-    an infinity of any rank survives, so that all ranks stop together (a rank that stopped
+def retire_head(optimizer: torch.optim.Optimizer, index: int) -> None:
+    """A grid head whose loss left the finite numbers: zero its weights, gradient and momentum
+    and its learning rate for good (recorded in the optimizer state, so a resume keeps it), so
+    that it stays finite and out of the choice while the other heads train on."""
+    group = optimizer.param_groups[index]
+    if not group.get("diverged"):
+        print(f"Head {index} (lr {group['lr']:.3g}) diverged: its loss is not finite; it is retired.")
+    group["diverged"], group["lr"] = True, 0.0
+    for param in group["params"]:
+        param.data.zero_()
+        if param.grad is not None:
+            param.grad.zero_()
+        optimizer.state.pop(param, None)
+
+
+def finite_per_entry(values: torch.Tensor) -> torch.Tensor:
+    """Which entries are finite on every process: one all-reduce of the values, in which a NaN
+    or an infinity of any rank survives, so that all ranks decide alike (a rank that stopped
     alone would leave the others waiting in DDP's next gradient all-reduce)."""
-    total = value.detach().float().reshape(1)
+    total = values.detach().float().reshape(-1)
     if utils.is_dist_avail_and_initialized():
         total = total.to(utils.collective_device())
         dist.all_reduce(total)
-    return bool(torch.isfinite(total).all())
+    return torch.isfinite(total).cpu()
+
+
+def finite_everywhere(value: torch.Tensor) -> bool:
+    """Whether every entry of `value` is finite on every process (finite_per_entry)."""
+    return bool(finite_per_entry(value).all())
 
 
 def nonfinite_loss_message(loss: float, features: torch.Tensor, epoch: int) -> str:
@@ -206,6 +343,13 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
+def set_epoch_lr(optimizer: torch.optim.Optimizer, specs: Sequence[ProbeSpec], scale: float,
+                 epoch: int, epochs: int) -> None:
+    for group, spec in zip(optimizer.param_groups, specs):
+        group["lr"] = 0.0 if group.get("diverged") else cosine_lr(spec.lr * scale, epoch, epochs)
+
+
+# =========================================================================== evaluation
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[float]]:
     """Top-1 and top-5 (%), top-5 only with at least 5 classes."""
     labels = labels.to(logits.device)
@@ -217,33 +361,76 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optiona
 
 
 @torch.no_grad()
-def validate(linear: nn.Module, test_data: Any, test_labels: torch.Tensor,
-             to_features: Callable, args: argparse.Namespace) -> Dict[str, Any]:
-    """Loss and accuracy on every test image, counted exactly once across processes."""
-    linear.eval()
-    if isinstance(test_data, torch.Tensor):  # cached features
-        logits = torch.cat([linear(chunk.to(args.device)) for chunk in test_data.split(4096)])
-    else:  # every test image once, in data set order, without progress lines
-        logits = feats.extract_features(
-            lambda images: linear(to_features(images)), test_data, batch_size=args.batch_size_per_gpu,
-            num_workers=args.num_workers, device=args.device, use_amp=args.use_fp16, header=None)
+def head_logits(probes: LinearProbes, data: Any, to_features: Callable,
+                args: argparse.Namespace) -> List[torch.Tensor]:
+    """Every head's logits on every image of `data` (cached features or a data set), each
+    image counted exactly once across processes."""
+    probes.eval()
+    if isinstance(data, torch.Tensor):  # cached features
+        chunks = [probes(chunk.to(args.device)) for chunk in data.split(4096)]
+        return [torch.cat(per_head) for per_head in zip(*chunks)]
+    outputs = feats.extract_features(  # in data set order, without progress lines
+        lambda images: tuple(probes(to_features(images))), data, batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers, device=args.device, use_amp=args.use_fp16, header=None)
+    return list(outputs) if isinstance(outputs, tuple) else [outputs]
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+    """Loss and accuracy of one head's logits."""
     if not torch.isfinite(logits).all():  # an accuracy from NaN logits would look like a result
         raise utils.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
-    labels = test_labels.to(logits.device)
+    labels = labels.to(logits.device)
     top1, top5 = accuracy(logits.float(), labels)
     return dict(loss=F.cross_entropy(logits.float(), labels).item(), acc1=top1, acc5=top5)
 
 
+def choose_head(heldout_top1: Sequence[Optional[float]]) -> int:
+    """The head with the best held-out accuracy (the first in grid order on a tie); a retired
+    head has None. Only held-out figures come in: the test set cannot influence the choice."""
+    candidates = [(top1, -index) for index, top1 in enumerate(heldout_top1) if top1 is not None]
+    if not candidates:
+        raise utils.UserError("every head of the learning-rate grid diverged: try lower --lr_grid values")
+    return -max(candidates)[1]
+
+
+@dataclass
+class ProbeData:
+    """Where the heads train and how they are scored: batches of the training rows, the
+    held-out rows (features or images, None without a hold-out), the test set."""
+    batches: Any
+    to_features: Callable  # images -> features (unused when the data are cached features)
+    heldout: Any
+    heldout_labels: Optional[torch.Tensor]
+    test: Any
+    test_labels: torch.Tensor
+
+
+def evaluate_heads(probes: LinearProbes, optimizer: Optional[torch.optim.Optimizer], data: ProbeData,
+                   args: argparse.Namespace) -> Dict[str, Any]:
+    """The held-out accuracy of every head, the chosen head, and its test figures."""
+    retired = [bool(group.get("diverged")) for group in optimizer.param_groups] if optimizer else \
+        [False] * len(probes.specs)
+    heldout: List[Optional[float]] = [None if gone else 0.0 for gone in retired]
+    if data.heldout is not None:
+        for index, logits in enumerate(head_logits(probes, data.heldout, data.to_features, args)):
+            if not retired[index]:
+                heldout[index] = accuracy(logits.float(), data.heldout_labels)[0]
+    chosen = choose_head(heldout)
+    test_logits = head_logits(probes, data.test, data.to_features, args)[chosen]
+    return dict(chosen=chosen, heldout_top1=heldout, test=score(test_logits, data.test_labels))
+
+
 # ========================================================================== checkpoints
 def head_config(args: argparse.Namespace, config: Dict[str, Any], slots: Optional[List[int]],
-                dim: int, num_labels: int, backbone: nn.Module) -> Dict[str, Any]:
-    """What a saved head was trained on; a resume or --evaluate must match it."""
-    cls = config["readout"] == "cls"
+                layout: FeatureLayout, specs: Sequence[ProbeSpec], num_labels: int,
+                backbone: nn.Module) -> Dict[str, Any]:
+    """What saved heads were trained on; a resume or --evaluate must match it."""
     return dict(readout=config["readout"], arch=config["arch"], patch_size=config["patch_size"],
-                n_last_blocks=args.n_last_blocks if cls else None,
-                avgpool_patchtokens=args.avgpool_patchtokens if cls else None,
-                slots=slots, feature_dim=dim, num_labels=num_labels,
-                scale_sparo_features=args.scale_sparo_features if not cls else None,
+                layout=asdict(layout), heads=[asdict(spec) for spec in specs], slots=slots,
+                num_labels=num_labels, holdout_fraction=args.holdout_fraction,
+                split_seed=args.seed if args.holdout_fraction else None,
+                scale_sparo_features=(args.scale_sparo_features if config["readout"] in UNIT_NORM_READOUTS
+                                      else None),
                 backbone_sha256=backbone_sha256(backbone),
                 backbone_source=f"{args.pretrained_weights} ({args.checkpoint_key})")
 
@@ -259,7 +446,7 @@ def backbone_sha256(model: nn.Module) -> str:
 
 
 def check_head_config(saved: Dict[str, Any], wanted: Dict[str, Any], path: Path) -> None:
-    """Refuse a head trained on another backbone or other features (where the backbone was
+    """Refuse heads trained on another backbone or other features (where the backbone was
     read from, backbone_source, only names it: the weights' hash decides)."""
     if saved.get("backbone_sha256") != wanted["backbone_sha256"]:
         raise utils.UserError(f"{path} holds a linear head trained on another backbone "
@@ -268,16 +455,16 @@ def check_head_config(saved: Dict[str, Any], wanted: Dict[str, Any], path: Path)
     differing = [f"{key} ({saved.get(key)!r} saved, {value!r} now)" for key, value in wanted.items()
                  if key != "backbone_source" and saved.get(key) != value]
     if differing:
-        raise utils.UserError(f"{path} was trained on other features: {'; '.join(differing)}. "
-                              f"Use another --output_dir or the same flags.")
+        raise utils.UserError(f"{path} was trained on other features or another grid: "
+                              f"{'; '.join(differing)}. Use another --output_dir or the same flags.")
 
 
-def load_head(path: Path, linear: LinearClassifier, wanted: Dict[str, Any]) -> Dict[str, Any]:
+def load_heads(path: Path, probes: LinearProbes, wanted: Dict[str, Any]) -> Dict[str, Any]:
     checkpoint = utils.load_checkpoint(path)
     if "state_dict" not in checkpoint or "head_config" not in checkpoint:
         raise utils.UserError(f"{path} is not a linear head saved by eval_linear.py")
     check_head_config(checkpoint["head_config"], wanted, path)
-    linear.load_state_dict(checkpoint["state_dict"])
+    probes.load_state_dict(checkpoint["state_dict"])
     return checkpoint
 
 
@@ -286,7 +473,17 @@ def check_args(args: argparse.Namespace) -> None:
     if args.cache_features and args.train_augmentation != "none":
         raise utils.UserError("--cache_features needs --train_augmentation none: cached features "
                               "cannot be re-augmented each epoch")
-    if not args.evaluate and utils.is_main_process():  # training writes its head and log there
+    if args.lr is not None and args.lr_grid:
+        raise utils.UserError("--lr trains one head and --lr_grid a grid of them: give one of the two")
+    if args.holdout_fraction is None:
+        args.holdout_fraction = 0.0 if args.lr is not None else DEFAULT_HOLDOUT
+    grid = args.lr is None
+    if grid and args.holdout_fraction == 0 and len(args.lr_grid or LR_GRID) > 1:
+        raise utils.UserError("the learning-rate grid chooses its head on held-out training images: "
+                              "--holdout_fraction must be above 0 (or train one head with --lr)")
+    if args.holdout_fraction == 1:
+        raise utils.UserError("--holdout_fraction 1 leaves no training image")
+    if not args.evaluate and utils.is_main_process():  # training writes its heads and log there
         utils.ensure_output_dir(args.output_dir, "--output_dir")
     if args.output_json:
         utils.ensure_output_file(args.output_json, "--output_json")
@@ -294,7 +491,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_model(args: argparse.Namespace, model: nn.Module, config: Dict[str, Any]) -> None:
     feats.parse_slots(args.slots, config)
-    if config["readout"] == "cls" and args.n_last_blocks > len(model.blocks):
+    if config["readout"] == "cls" and (args.n_last_blocks or 0) > len(model.blocks):
         raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
                               f"{len(model.blocks)} blocks of the model")
 
@@ -309,6 +506,59 @@ def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> in
     return args.num_labels
 
 
+def prepare_data(args: argparse.Namespace, evaluation: feats.Evaluation, to_features: Callable) -> ProbeData:
+    """Cached features (extracted once) or image loaders, split into training and held-out rows."""
+    train_rows, heldout_rows = holdout_split(len(evaluation.train), args.holdout_fraction, args.seed)
+    if heldout_rows.numel():
+        print(f"Holding out {len(heldout_rows)} of the {len(evaluation.train)} training images "
+              f"(seed {args.seed}) to choose the head; training on {len(train_rows)}.")
+    heldout_labels = evaluation.train_labels[heldout_rows] if heldout_rows.numel() else None
+    if args.cache_features:
+        print("Caching the frozen features of the train and val sets...")
+        kwargs = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                      device=args.device, use_amp=args.use_fp16)
+        train = feats.extract_features(to_features, evaluation.train, **kwargs)
+        test = feats.extract_features(to_features, evaluation.test, **kwargs)
+        labels = evaluation.train_labels.to(train.device)
+        batches: Any = CachedBatches(train, labels, train_rows, args.batch_size_per_gpu, args.seed)
+        heldout = train[heldout_rows.to(train.device)] if heldout_rows.numel() else None
+        return ProbeData(batches, to_features, heldout, heldout_labels, test, evaluation.test_labels)
+    train_set = torch.utils.data.Subset(evaluation.train, train_rows.tolist())
+    sampler = torch.utils.data.DistributedSampler(train_set, utils.get_world_size(), utils.get_rank(),
+                                                  shuffle=True, seed=args.seed)
+    batches = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                                          num_workers=args.num_workers,
+                                          pin_memory=args.device.type == "cuda")
+    heldout = None
+    if heldout_rows.numel():  # held-out images are scored like test images: no augmentation
+        plain = datasets.build_dataset(args.data_path, "train",
+                                       feats.eval_transform(evaluation.crop_size, args.resize_size),
+                                       subset=args.train_subset)
+        heldout = torch.utils.data.Subset(plain, heldout_rows.tolist())
+    return ProbeData(batches, to_features, heldout, heldout_labels, evaluation.test, evaluation.test_labels)
+
+
+def print_grid(probes: LinearProbes, evaluation: Dict[str, Any], scale: float) -> List[Dict[str, Any]]:
+    """The whole grid, one line per head, and its rows for the results."""
+    rows = []
+    print(f"{'head':>4}  {'lr/256':>8}  {'lr':>9}  {'held-out top-1':>14}  features")
+    for index, (spec, top1) in enumerate(zip(probes.specs, evaluation["heldout_top1"])):
+        mark = "  <- chosen" if index == evaluation["chosen"] else ""
+        shown = "diverged" if top1 is None else f"{top1:.2f}"
+        print(f"{index:>4}  {spec.lr:>8.3g}  {spec.lr * scale:>9.3g}  {shown:>14}  {spec.describe()}{mark}")
+        rows.append(dict(asdict(spec), heldout_top1=top1))
+    return rows
+
+
+def grid_edge_warning(specs: Sequence[ProbeSpec], chosen: int) -> Optional[str]:
+    """A warning when the chosen learning rate is the grid's smallest or largest."""
+    rates = sorted({spec.lr for spec in specs})
+    if len(rates) > 1 and specs[chosen].lr in (rates[0], rates[-1]):
+        return (f"warning: the chosen learning rate {specs[chosen].lr:g} is at the edge of the grid "
+                f"({rates[0]:g} .. {rates[-1]:g}): a better one may lie beyond; extend --lr_grid")
+    return None
+
+
 def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     feats.start(args, check_args)
     utils.enable_fast_fp32(args.device)  # TF32 for the default fp32 backbone passes, as DINO
@@ -317,97 +567,100 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     evaluation = feats.setup_evaluation(args, lambda model, config: check_model(args, model, config),
                                         train_transform=lambda crop: build_transforms(args, crop)[0])
     model, config = evaluation.model, evaluation.config
-    dataset_train, dataset_val = evaluation.train, evaluation.test
-    train_labels, test_labels = evaluation.train_labels, evaluation.test_labels
     slots = feats.parse_slots(args.slots, config)
+    layout, specs = probe_grid(args, config, len(model.blocks), slots)
     to_features = lambda images: frozen_features(  # noqa: E731
-        model, images, config, args.n_last_blocks, args.avgpool_patchtokens, slots,
+        model, images, config, layout.n_last_blocks, layout.with_avgpool, slots,
         args.scale_sparo_features)
-    dim = feature_dim(config, args.n_last_blocks, args.avgpool_patchtokens, slots)
-    num_labels = infer_num_labels(args, train_labels)
-    print(f"{num_labels} classes; features of width {dim}.")
+    num_labels = infer_num_labels(args, evaluation.train_labels)
+    print(f"{num_labels} classes; features of width {layout.width}; {len(specs)} linear head(s).")
 
-    linear = LinearClassifier(dim, num_labels).to(args.device)
-    wanted = head_config(args, config, slots, dim, num_labels, model)
+    probes = LinearProbes(specs, num_labels, args.seed).to(args.device)
+    wanted = head_config(args, config, slots, layout, specs, num_labels, model)
     results: Dict[str, Any] = dict(pretrained_weights=args.pretrained_weights, data_path=args.data_path,
                                    head=wanted)
+    scale = args.batch_size_per_gpu * utils.get_world_size() / 256.0  # lr scaling, as DINO
 
     if args.evaluate:
         path = Path(args.linear_weights) if args.linear_weights else output_dir / CHECKPOINT_NAME
-        load_head(path, linear, wanted)
-        stats = validate(linear, dataset_val, test_labels, to_features, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {stats['acc1']:.1f}%")
+        chosen = int(load_heads(path, probes, wanted).get("chosen", 0))
+        logits = head_logits(probes, evaluation.test, to_features, args)[chosen]
+        stats = score(logits, evaluation.test_labels)
+        print(f"Accuracy of the network on the {len(evaluation.test)} test images: {stats['acc1']:.1f}%")
         print(f"Top-1 test accuracy: {stats['acc1']:.1f}")
-        results.update(evaluate=stats, top1=stats["acc1"])
+        results.update(evaluate=stats, top1=stats["acc1"], chosen=asdict(specs[chosen]))
         feats.write_json(args.output_json, results)
         return results
 
-    # ============ features (cached) or images ... ============
-    feature_kwargs = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                          device=args.device, use_amp=args.use_fp16)
-    if args.cache_features:
-        print("Caching the frozen features of the train and val sets...")
-        cached_train = feats.extract_features(to_features, dataset_train, **feature_kwargs)
-        test_data: Any = feats.extract_features(to_features, dataset_val, **feature_kwargs)
-        batches: Any = CachedBatches(cached_train, train_labels.to(cached_train.device),
-                                     args.batch_size_per_gpu, args.seed)
-        train_features: Callable = lambda x: x  # noqa: E731
-    else:
-        sampler = torch.utils.data.DistributedSampler(dataset_train, utils.get_world_size(),
-                                                      utils.get_rank(), shuffle=True, seed=args.seed)
-        batches = torch.utils.data.DataLoader(dataset_train, sampler=sampler,
-                                              batch_size=args.batch_size_per_gpu,
-                                              num_workers=args.num_workers,
-                                              pin_memory=args.device.type == "cuda")
-        test_data, train_features = dataset_val, to_features
-
-    # ============ optimizer and schedule (DINO) ... ============
-    linear_ddp: nn.Module = linear
+    data = prepare_data(args, evaluation, to_features)
+    probes_ddp: nn.Module = probes
     if args.distributed:
-        linear_ddp = nn.parallel.DistributedDataParallel(
-            linear, device_ids=[args.gpu] if args.device.type == "cuda" else None)
-    base_lr = args.lr * (args.batch_size_per_gpu * utils.get_world_size()) / 256.0
-    optimizer = torch.optim.SGD(linear.parameters(), base_lr, momentum=0.9, weight_decay=0)
+        probes_ddp = nn.parallel.DistributedDataParallel(
+            probes, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    optimizer = torch.optim.SGD([dict(params=head.parameters(), lr=spec.lr * scale)
+                                 for head, spec in zip(probes.heads, specs)],
+                                momentum=0.9, weight_decay=0)
 
     # ============ optionally resume ... ============
     start_epoch, best_acc = 0, 0.0
     last: Dict[str, Any] = {}
     checkpoint_path = output_dir / CHECKPOINT_NAME
     if checkpoint_path.exists():
-        checkpoint = load_head(checkpoint_path, linear, wanted)
+        checkpoint = load_heads(checkpoint_path, probes, wanted)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, best_acc = int(checkpoint["epoch"]), float(checkpoint["best_acc"])
         last = dict(checkpoint.get("last_stats") or {})
         print(f"Resuming from {checkpoint_path} at epoch {start_epoch} (best so far {best_acc:.2f}%).")
 
+    # ============ training the heads ... ============
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
-        (batches if isinstance(batches, CachedBatches) else batches.sampler).set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(base_lr, epoch, args.epochs)
-        train_stats = train_one_epoch(linear_ddp, optimizer, batches, train_features, epoch, args)
+        set_epoch_lr(optimizer, specs, scale, epoch, args.epochs)
+        (data.batches if isinstance(data.batches, CachedBatches) else data.batches.sampler).set_epoch(epoch)
+        train_stats = train_one_epoch(probes_ddp, optimizer, data.batches,
+                                      (lambda x: x) if args.cache_features else to_features, epoch, args)
         log_stats: Dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            last = validate(linear, test_data, test_labels,
-                            train_features if args.cache_features else to_features, args)
-            last["epoch"] = epoch
-            print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} test images: "
-                  f"{last['acc1']:.1f}%")
-            best_acc = max(best_acc, last["acc1"])
+            last = evaluate_heads(probes, optimizer, data, args)
+            test = last["test"]
+            print(f"Accuracy at epoch {epoch} of the network on the {len(evaluation.test)} test images: "
+                  f"{test['acc1']:.1f}%" + (f" (head {last['chosen']}, chosen on the held-out images)"
+                                           if len(specs) > 1 else ""))
+            best_acc = max(best_acc, test["acc1"])
             print(f"Max accuracy so far: {best_acc:.2f}%")
-            log_stats.update({f"test_{k}": v for k, v in last.items() if k != "epoch"})
-        save = dict(epoch=epoch + 1, state_dict=linear.state_dict(), optimizer=optimizer.state_dict(),
-                    best_acc=best_acc, head_config=wanted,
-                    last_stats=last, args=utils.plain(args))
+            last.update(epoch=epoch, acc1=test["acc1"], acc5=test["acc5"], loss=test["loss"])
+            log_stats.update({f"test_{k}": v for k, v in test.items()}, chosen_head=last["chosen"])
+        save = dict(epoch=epoch + 1, state_dict=probes.state_dict(), optimizer=optimizer.state_dict(),
+                    best_acc=best_acc, head_config=wanted, last_stats=last,
+                    chosen=last.get("chosen", 0), args=utils.plain(args))
         utils.save_on_master(save, checkpoint_path)
         if utils.is_main_process():
             utils.write_json_line(output_dir / LOG_NAME, log_stats)
-    print(f"Training of the supervised linear classifier on frozen features completed in "
+    print(f"Training of the supervised linear classifier(s) on frozen features completed in "
           f"{time.time() - start:.1f} s.")
-    print(f"Top-1 test accuracy: {best_acc:.1f}")
-    if last:
-        print(f"Top-1 test accuracy after the last epoch: {last['acc1']:.1f}")
-    results.update(top1=best_acc, last=last, epochs=args.epochs)
+    return finish(args, probes, specs, last, best_acc, scale, results)
+
+
+def finish(args: argparse.Namespace, probes: LinearProbes, specs: Sequence[ProbeSpec],
+           last: Dict[str, Any], best_acc: float, scale: float, results: Dict[str, Any]) -> Dict[str, Any]:
+    """The closing lines and results: DINO's best-over-epochs for one head; for a grid the
+    whole grid and the chosen head's test accuracy after the last epoch."""
+    if len(specs) > 1 and last:
+        results["grid"] = print_grid(probes, last, scale)
+        chosen = specs[last["chosen"]]
+        print(f"Chosen head: lr {chosen.lr:g} (x{scale:g} for this batch), {chosen.describe()}, "
+              f"held-out top-1 {last['heldout_top1'][last['chosen']]:.2f}%.")
+        warning = grid_edge_warning(specs, last["chosen"])
+        if warning:
+            print(warning)
+        print(f"Top-1 test accuracy: {last['acc1']:.1f}")
+        results.update(top1=last["acc1"], chosen=asdict(chosen))
+    else:
+        print(f"Top-1 test accuracy: {best_acc:.1f}")
+        if last:
+            print(f"Top-1 test accuracy after the last epoch: {last['acc1']:.1f}")
+        results.update(top1=best_acc)
+    results.update(last={k: v for k, v in last.items() if k != "test"}, epochs=args.epochs)
     feats.write_json(args.output_json, results)
     return results
 

@@ -177,3 +177,128 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
     assert not eval_linear.finite_everywhere(torch.tensor(float("inf")))
     run_two_gloo_ranks(_loss_check_on_a_rank, str(tmp_path))
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+# ------------------------------------------------------------------ learning-rate grid
+GRID = ["--data_path", "digits", "--train_augmentation", "none", "--cache_features", "true",
+        "--epochs", "6", "--val_freq", "6", "--batch_size_per_gpu", "64"]
+
+
+@pytest.fixture(scope="module")
+def untrained_cls_weights(tmp_path_factory):
+    """A randomly initialised CLS backbone saved like a training checkpoint (its features
+    are fixed random projections: enough for a linear probe to learn digits)."""
+    config = vits.BackboneConfig("vit_tiny", 4, 16, readout="cls")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cls") / "untrained.pth"
+    utils.atomic_save(dict(teacher=config.build().state_dict(), model_config=config.to_dict()), path)
+    return path
+
+
+def grid_result(weights, out, *flags):
+    stdout = run_linear("--pretrained_weights", weights, *GRID, "--output_dir", out,
+                        "--output_json", out / "result.json", *flags)
+    return stdout, json.loads((out / "result.json").read_text())
+
+
+def test_grid_chooses_on_heldout_training_images_and_equals_a_single_head(untrained_cls_weights, tmp_path):
+    """The grid trains 3 lrs x DINO's 4 CLS variants in one pass; its chosen head's test
+    accuracy and weights equal a single head trained alone at that lr on the same variant
+    and the same training rows."""
+    stdout, grid = grid_result(untrained_cls_weights, tmp_path / "grid", "--lr_grid", "0.01", "0.3", "3")
+    assert len(grid["grid"]) == 12 and stdout.count("<- chosen") == 1
+    variants = {(row["n_last_blocks"], row["avgpool"]) for row in grid["grid"]}
+    assert variants == {(1, False), (1, True), (4, False), (4, True)}
+    heldout = [row["heldout_top1"] for row in grid["grid"]]
+    chosen = grid["chosen"]
+    assert chosen["lr"] in (0.01, 0.3, 3) and max(heldout) == grid["grid"][heldout.index(max(heldout))]["heldout_top1"]
+    assert grid["grid"][heldout.index(max(heldout))]["lr"] == chosen["lr"]  # first of the best
+    assert "Holding out 144 of the 1437 training images" in stdout
+
+    _, single = grid_result(untrained_cls_weights, tmp_path / "single", "--lr", str(chosen["lr"]),
+                            "--n_last_blocks", str(chosen["n_last_blocks"]),
+                            "--avgpool_patchtokens", str(chosen["avgpool"]), "--holdout_fraction", "0.1")
+    assert single["last"]["acc1"] == grid["last"]["acc1"] == grid["top1"]
+    saved_grid = torch.load(tmp_path / "grid" / "linear_checkpoint.pth", weights_only=True)
+    saved_single = torch.load(tmp_path / "single" / "linear_checkpoint.pth", weights_only=True)
+    index = saved_grid["chosen"]
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(saved_grid["state_dict"][f"heads.{index}.linear.{name}"],
+                                   saved_single["state_dict"][f"heads.0.linear.{name}"])
+
+
+def test_the_choice_never_sees_the_test_labels(untrained_cls_weights, tmp_path, monkeypatch):
+    """Scrambling the test labels changes the test accuracy, never the held-out figures or
+    the head chosen from them."""
+    flags = ["--lr_grid", "0.01", "1", "--n_last_blocks", "1", "--avgpool_patchtokens", "false"]
+    _, honest = grid_result(untrained_cls_weights, tmp_path / "honest", *flags)
+    import features
+
+    setup = features.setup_evaluation
+
+    def scrambled(*args, **kwargs):
+        evaluation = setup(*args, **kwargs)
+        evaluation.test_labels = (evaluation.test_labels + 3) % 10
+        return evaluation
+    monkeypatch.setattr(features, "setup_evaluation", scrambled)
+    _, blind = grid_result(untrained_cls_weights, tmp_path / "blind", *flags)
+    assert [r["heldout_top1"] for r in blind["grid"]] == [r["heldout_top1"] for r in honest["grid"]]
+    assert blind["chosen"] == honest["chosen"]
+    assert blind["top1"] < honest["top1"] - 20  # the test accuracy did read the scrambled labels
+
+
+def test_heldout_rows_are_seeded_and_never_trained_on():
+    train, held = eval_linear.holdout_split(1000, 0.1, seed=3)
+    assert len(held) == 100 and len(train) == 900
+    assert set(train.tolist()).isdisjoint(held.tolist()) and set(train.tolist()) | set(held.tolist()) == set(range(1000))
+    assert torch.equal(held, eval_linear.holdout_split(1000, 0.1, seed=3)[1])
+    assert not torch.equal(held, eval_linear.holdout_split(1000, 0.1, seed=4)[1])
+    features, labels = torch.arange(1000.0)[:, None], torch.arange(1000)
+    seen = torch.cat([x[:, 0] for x, _ in eval_linear.CachedBatches(features, labels, train, 64, seed=0)])
+    assert sorted(seen.long().tolist()) == train.tolist()
+
+
+def test_choose_head_takes_the_best_heldout_and_skips_retired_heads():
+    assert eval_linear.choose_head([50.0, 70.0, 70.0, 60.0]) == 1
+    assert eval_linear.choose_head([None, 10.0, None]) == 1
+    with pytest.raises(utils.UserError, match="every head of the learning-rate grid diverged"):
+        eval_linear.choose_head([None, None])
+
+
+def test_a_diverging_head_is_retired_and_the_grid_goes_on(untrained_cls_weights, tmp_path):
+    stdout, result = grid_result(untrained_cls_weights, tmp_path, "--lr_grid", "0.1", "3e38",
+                                 "--n_last_blocks", "1", "--avgpool_patchtokens", "false")
+    assert "diverged: its loss is not finite; it is retired" in stdout
+    assert [row["heldout_top1"] is None for row in result["grid"]] == [False, True]
+    assert result["chosen"]["lr"] == 0.1 and result["top1"] > 4 * CHANCE
+    warning = eval_linear.grid_edge_warning(eval_linear.probe_grid(
+        argparse.Namespace(lr=None, lr_grid=[0.1, 1.0], n_last_blocks=None, avgpool_patchtokens=None),
+        dict(readout="cls", arch="vit_tiny"), 12, None)[1], 0)
+    assert warning and "edge of the grid" in warning
+
+
+def test_grid_resumes_and_evaluates_its_chosen_head(tiny_sparo_checkpoint, tmp_path):
+    """A SPARO grid (one feature variant, the encoding): two epochs, then a third on resume,
+    then --evaluate scores the chosen head exactly as the run did."""
+    common = ["--pretrained_weights", tiny_sparo_checkpoint, *GRID[:6], "--lr_grid", "0.1", "10",
+              "--output_dir", tmp_path, "--val_freq", "1"]
+    run_linear(*common, "--epochs", "2")
+    second = run_linear(*common, "--epochs", "3", "--output_json", tmp_path / "r.json")
+    assert "Resuming from" in second and "at epoch 2" in second
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert {row["n_last_blocks"] for row in result["grid"]} == {None}
+    evaluated = run_linear(*common, "--evaluate")
+    assert f"Accuracy of the network on the 360 test images: {result['top1']:.1f}%" in evaluated
+    with pytest.raises(utils.UserError, match="another grid"):
+        run_linear(*common, "--evaluate", "--lr_grid", "0.1", "1")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0.1", "--lr_grid", "0.1", "1"], "give one of the two"),
+    (["--holdout_fraction", "0"], "--holdout_fraction must be above 0"),
+    (["--holdout_fraction", "1"], "leaves no training image"),
+])
+def test_grid_refusals(tiny_sparo_checkpoint, tmp_path, flags, message):
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
+                   "--output_dir", tmp_path, *flags)
