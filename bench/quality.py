@@ -1,17 +1,20 @@
 """Does SPARO beat the CLS read-out? A small, reproducible DINO experiment on Fashion-MNIST.
 
-    python bench/quality.py                        # the full table (hours on 2 CPU cores: RESULTS.md)
+    python bench/quality.py                        # the full table (about an hour on 2 CPU cores: RESULTS.md)
     python bench/quality.py --quick                # the same pipeline, small (minutes)
     python bench/quality.py --eval_split heldout    # for tuning: never touches the test split
 
-Every variant is pre-trained by the real command-line script (main_dino_sparo.py, in a
+Four read-outs, each pre-trained by the real command-line script (main_dino_sparo.py, in a
 subprocess) with the same small-data recipe (configs/quality/recipe_cpu.yaml) and the same budget
-(images, epochs, crops, batch), then evaluated by the real eval_knn.py (weighted 20-NN,
-T=0.07, cosine) and eval_linear.py (a linear probe on frozen features). Next to them: the
-raw-pixel k-NN floor (computed with knn.py's k-NN code on the raw 28x28 pixels) and
-each variant's network untrained (randomly initialised), to tell what the architecture gives
-from what pre-training adds. For SPARO, greedy slot selection (eval_knn.py --select_slots,
-scored on a held-out part of the training bank) is reported next to all slots.
+(images, epochs, crops, batch): CLS (DINO's baseline) and SPARO with every seed, and two
+controls with the first two: gap (mean patch token: pooling without slots) and cls_proj (the
+CLS token projected to SPARO's width L*V: width without slots). Each network is evaluated by
+the real eval_knn.py (weighted 20-NN, T=0.07, cosine) and eval_linear.py (its learning-rate
+grid on frozen features, the head chosen on held-out training images). Next to them: the
+raw-pixel k-NN floor (computed with knn.py's k-NN code on the raw 28x28 pixels) and each
+variant's network untrained (randomly initialised), to tell what the architecture gives from
+what pre-training adds. Optionally (--select_slots K ...), greedy SPARO slot selection
+(eval_knn.py --select_slots, scored on a held-out part of the training bank).
 
 Evaluation data. --eval_split test: the k-NN bank and the linear probe's training set are
 the first --bank_size images of Fashion-MNIST's official training split (default: all 60k),
@@ -56,13 +59,17 @@ HELDOUT_START = 50000  # training images from here on are never pre-trained on (
 # name -> (what it is, extra pre-training flags on top of the recipe)
 VARIANTS: Dict[str, tuple] = {
     "cls": ("CLS read-out (DINO's baseline)", ["--readout", "cls"]),
+    "gap": ("control: mean patch token (gap)", ["--readout", "gap"]),
+    "cls_proj": ("control: CLS projected to 4,096 (cls_proj)", ["--readout", "cls_proj"]),
     "sparo": ("SPARO, L=64, V=64 (default)", ["--readout", "sparo"]),
     "sparo_global": ("SPARO, --sparo_norm global", ["--readout", "sparo", "--sparo_norm", "global"]),
     "sparo_keep_all": ("SPARO, every block kept (none replaced)", ["--readout", "sparo", "--sparo_keep_all_blocks", "true"]),
     "sparo_L16_V256": ("SPARO, L=16, V=256", ["--readout", "sparo", "--sparo_slots", "16", "--sparo_dim", "256"]),
     "sparo_L128_V32": ("SPARO, L=128, V=32", ["--readout", "sparo", "--sparo_slots", "128", "--sparo_dim", "32"]),
 }
-SEEDED = ("cls", "sparo")  # the head-to-head pair, run with every seed; the ablations use the first
+SEEDED = ("cls", "sparo")  # the head-to-head pair, run with every seed
+CONTROLS = ("gap", "cls_proj")  # run with the first --control_seeds seeds; the ablations with the first
+TABLE = ("cls", "gap", "cls_proj", "sparo")  # the default variants
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,16 +83,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="test: the official test split; heldout: training images 50000 on "
                              "(for tuning the recipe without looking at the test split).")
     parser.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS),
-                        help="Variants to run (default: all; --quick: cls sparo).")
+                        help="Variants to run (default: cls gap cls_proj sparo; the SPARO "
+                             "ablations sparo_global, sparo_keep_all, sparo_L16_V256 and "
+                             "sparo_L128_V32 on request).")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
-                        help="Seeds of the CLS-vs-SPARO pair (default 0 1; --quick: 0). The "
-                             "other variants run with the first seed only.")
+                        help="Seeds of the CLS-vs-SPARO pair (default 0 1 2; --quick: 0). The "
+                             "controls run with the first --control_seeds of them, the ablations "
+                             "with the first.")
+    parser.add_argument("--control_seeds", type=int, default=2,
+                        help="How many of --seeds the controls gap and cls_proj run with.")
     parser.add_argument("--recipe", default=str(RECIPE),
                         help="Pre-training config (main_dino_sparo.py --config) shared by all variants.")
     parser.add_argument("--linear_config", default=str(LINEAR),
                         help="Linear-probe config (eval_linear.py --config), the same for every "
-                             "variant (eval_linear scales SPARO encodings to the unit coordinates "
-                             "of CLS features, so one learning rate serves both).")
+                             "variant: its learning-rate grid picks each network's rate (and "
+                             "CLS feature variant) on held-out training images.")
     parser.add_argument("--pretrain_subset", type=int, default=None,
                         help="Pre-train on the first N training images (default: the recipe's subset).")
     parser.add_argument("--epochs", type=int, default=None,
@@ -99,10 +111,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_size", type=int, default=None,
                         help="Test images: the first N of the official test split, or of the "
                              "held-out images (default 10000, all; --quick 2000).")
-    parser.add_argument("--select_slots", nargs="+", type=int, default=None,
-                        help="Slot counts K reported with greedy selection (default 1 4 16; "
-                             "--quick 4). Greedy selection runs once for the largest K; smaller K "
-                             "are its first K picks, the same slots --select_slots K would give.")
+    parser.add_argument("--select_slots", nargs="*", type=int, default=[],
+                        help="Slot counts K reported with greedy SPARO slot selection (none by "
+                             "default; RESULTS.md's earlier table used 1 4 16). Greedy selection "
+                             "runs once for the largest K; smaller K are its first K picks, the "
+                             "same slots --select_slots K would give.")
     parser.add_argument("--untrained", default=True, type=utils.bool_flag,
                         help="Also evaluate every variant's network untrained (randomly "
                              "initialised): k-NN, and the linear probe unless --linear false.")
@@ -111,20 +124,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for the subprocesses (default: the number of cores).")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="Pre-training runs at once, sharing the threads (default: one per "
-                             "core on a CPU-only machine, one on a GPU). On a small CPU, two "
-                             "1-thread runs train more images per second together than one "
-                             "2-thread run: each spends part of its time on single-threaded "
-                             "data augmentation.")
+                        help="Jobs (pre-training runs, evaluations) at once, sharing the threads "
+                             "(default: one per core on a CPU-only machine, one on a GPU). On a "
+                             "small CPU, two 1-thread jobs do more together than one 2-thread "
+                             "job: pre-training spends part of its time on single-threaded data "
+                             "augmentation, and small matrix products scale poorly over threads.")
     return parser
 
 
-# --quick: two epochs over a third of the images, enough for both read-outs to gain a few
-# points over their untrained networks in minutes on 2 CPU cores.
-QUICK_DEFAULTS = dict(variants=["cls", "sparo"], seeds=[0], bank_size=10000, test_size=2000,
-                      select_slots=[4], pretrain_subset=20000, epochs=2)
-FULL_DEFAULTS = dict(variants=list(VARIANTS), seeds=[0, 1], bank_size=None, test_size=10000,
-                     select_slots=[1, 4, 16], pretrain_subset=None, epochs=None)
+# The full table: 10 networks (3 seeds of CLS and SPARO, 2 of each control) pre-trained on the
+# first 20,000 training images for 2 epochs (625 iterations, the README demo's budget), plus
+# 4 untrained ones, all evaluated on the whole 60k bank and 10k test split: about an hour on
+# 2 CPU cores (RESULTS.md). --quick: the same four read-outs, one seed, 10,000 images for two
+# epochs, a 10k bank and 2k test images: about 15 minutes.
+QUICK_DEFAULTS = dict(variants=list(TABLE), seeds=[0], bank_size=10000, test_size=2000,
+                      pretrain_subset=10000, epochs=2)
+FULL_DEFAULTS = dict(variants=list(TABLE), seeds=[0, 1, 2], bank_size=None, test_size=10000,
+                     pretrain_subset=20000, epochs=2)
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -156,6 +172,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise utils.UserError(f"--bank_size {args.bank_size} is out of range")
     if not 1 <= args.test_size <= 10000:
         raise utils.UserError(f"--test_size must lie between 1 and 10000, got {args.test_size}")
+    if args.select_slots and "sparo" not in args.variants:
+        raise utils.UserError("--select_slots selects SPARO slots: add sparo to --variants")
+    if args.control_seeds < 1:
+        raise utils.UserError("--control_seeds must be at least 1")
     if any(k < 1 for k in args.select_slots):
         raise utils.UserError("--select_slots values must be positive")
     if args.epochs < 1:
@@ -294,16 +314,12 @@ def cached_step(path: Path, compute) -> Dict[str, Any]:
     return result
 
 
-def pretrain_all(args: argparse.Namespace, out: Path) -> Dict[tuple, Dict[str, Any]]:
-    """Every (variant, seed) pre-training run, --jobs at a time; results by (name, seed)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    runs = [(name, seed) for name in args.variants
-            for seed in (args.seeds if name in SEEDED else args.seeds[:1])]
-    threads = max(1, args.threads // args.jobs)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {run: pool.submit(pretrain, args, *run, out, threads) for run in runs}
-        return {run: future.result() for run, future in futures.items()}
+def seeds_of(args: argparse.Namespace, name: str) -> List[int]:
+    """The seeds variant `name` runs with: all for CLS and SPARO, --control_seeds for the
+    controls, the first for the ablations."""
+    if name in SEEDED:
+        return list(args.seeds)
+    return list(args.seeds[:args.control_seeds] if name in CONTROLS else args.seeds[:1])
 
 
 def pretrain(args: argparse.Namespace, name: str, seed: int, out: Path, threads: int) -> Dict[str, Any]:
@@ -325,7 +341,7 @@ def pretrain(args: argparse.Namespace, name: str, seed: int, out: Path, threads:
 
 
 def knn_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path,
-             extra: Sequence[str] = ()) -> Dict[str, Any]:
+             extra: Sequence[str] = (), threads: Optional[int] = None) -> Dict[str, Any]:
     """eval_knn.py on the evaluation data (extra: e.g. --dump_features, --load_features)."""
     command = ["eval_knn.py", "--pretrained_weights", weights, *data.args(),
                "--resize_size", str(args.resize_size), "--nb_knn",
@@ -333,20 +349,21 @@ def knn_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path,
                "--num_workers", "0", "--output_json", str(tag / "knn.json"), *extra]
 
     def compute() -> Dict[str, Any]:
-        seconds = run_logged(command, tag / "knn.log", args.threads)
+        seconds = run_logged(command, tag / "knn.log", threads or args.threads)
         result = json.loads((tag / "knn.json").read_text())
         return dict(command=" ".join(["python", *command]), seconds=seconds, result=result)
     return cached_step(tag / "knn_step.json", compute)
 
 
-def linear_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path) -> Dict[str, Any]:
+def linear_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path,
+                threads: Optional[int] = None) -> Dict[str, Any]:
     command = ["eval_linear.py", "--config", args.linear_config, "--pretrained_weights", weights,
                *data.args(), "--resize_size", str(args.resize_size),
                "--num_workers", "0", "--output_dir", str(tag / "linear"),
                "--output_json", str(tag / "linear.json")]
 
     def compute() -> Dict[str, Any]:
-        seconds = run_logged(command, tag / "linear.log", args.threads)
+        seconds = run_logged(command, tag / "linear.log", threads or args.threads)
         result = json.loads((tag / "linear.json").read_text())
         return dict(command=" ".join(["python", *command]), seconds=seconds, result=result)
     return cached_step(tag / "linear_step.json", compute)
@@ -376,8 +393,33 @@ def top1_of(step: Dict[str, Any], k: int = 20) -> float:
 
 
 def linear_top1(step: Dict[str, Any]) -> float:
-    """The last epoch's test accuracy (not DINO's best-over-epochs, which peeks at the test set)."""
+    """The chosen head's test accuracy after the last epoch (not DINO's best-over-epochs, which
+    peeks at the test set)."""
     return float(step["result"]["last"]["acc1"])
+
+
+def chosen_probe(step: Dict[str, Any]) -> str:
+    """The grid's chosen head in a few characters: its lr (for a batch of 256) and, for CLS,
+    its DINO feature variant (last n blocks, +p: with the mean patch token)."""
+    chosen = step["result"].get("chosen")
+    if chosen is None:  # a single-head probe (--lr)
+        return "-"
+    variant = "" if chosen["n_last_blocks"] is None else \
+        f" {chosen['n_last_blocks']}b{'+p' if chosen['avgpool'] else ''}"
+    return f"{chosen['lr']:g}{variant}"
+
+
+def evaluate_network(args: argparse.Namespace, weights: str, data: EvalData, tag: Path,
+                     threads: int, dump_features: bool = False) -> Dict[str, Any]:
+    """k-NN and (with --linear) the linear probe of one network, in one job lane."""
+    knn_step = knn_eval(args, weights, data, tag,
+                        ["--dump_features", str(tag / "features")] if dump_features else [], threads)
+    result = dict(knn=knn_step, knn20=top1_of(knn_step))
+    if args.linear:
+        result["linear"] = linear_eval(args, weights, data, tag, threads)
+        result["linear_top1"] = linear_top1(result["linear"])
+        result["probe"] = chosen_probe(result["linear"])
+    return result
 
 
 # ============================================================================ table
@@ -394,26 +436,50 @@ def fmt(summary: Dict[str, Any]) -> str:
     return f"{summary['mean']:.2f} ± {summary['spread'] / 2:.2f} ({', '.join(f'{v:.2f}' for v in summary['values'])})"
 
 
+def gains(values: List[float], untrained: Optional[float]) -> Optional[Dict[str, Any]]:
+    """Each seed's figure minus its variant's untrained network's (same architecture, seed 0)."""
+    return None if untrained is None or not values else mean_spread([v - untrained for v in values])
+
+
+def signed(summary: Optional[Dict[str, Any]]) -> str:
+    if summary is None:
+        return "-"
+    spread = "" if summary["spread"] is None else f" ± {summary['spread'] / 2:.2f}"
+    return f"{summary['mean']:+.2f}{spread}"
+
+
+COLUMNS = ("read-out", "seeds", "k-NN top-1 (k=20)", "untrained k-NN", "k-NN gain",
+           "linear top-1 (lr grid)", "untrained linear", "linear gain", "chosen probe",
+           "pre-training")
+
+
 def write_tables(out: Path, results: Dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [f"Evaluation: {results['setup']['evaluation']}", "",
-             "| variant | seeds | k-NN top-1 (k=20) | linear top-1 | untrained: k-NN | untrained: linear "
-             "| pre-training time |", "|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     floor = results["raw_pixels"]
     banks = [("same", floor["same_bank"]), ("whole", floor["full_bank"])]
     if floor["same_bank"]["bank_size"] == floor["full_bank"]["bank_size"]:
         banks = banks[1:]  # the bank is the whole training split: one floor, not two equal rows
     for which, bank in banks:
         lines.append(f"| raw pixels, {which} {bank['bank_size']}-image bank | - | "
-                     f"{bank['top1']:.2f} | - | - | - | - |")
+                     f"{bank['top1']:.2f} |" + " - |" * (len(COLUMNS) - 3))
     for name, row in results["variants"].items():
-        minutes = np.mean(row["pretrain_seconds"]) / 60
         untrained = results.get("untrained", {}).get(name, {})
-        untrained_cells = " | ".join(f"{untrained[key]:.2f}" if key in untrained else "-"
-                                     for key in ("knn20", "linear"))
-        lines.append(f"| {row['description']} | {','.join(map(str, row['seeds']))} | "
-                     f"{fmt(row['knn20'])} | {fmt(row.get('linear'))} | {untrained_cells} | "
-                     f"{minutes:.1f} min/run |")
+        cell = lambda key: f"{untrained[key]:.2f}" if key in untrained else "-"  # noqa: E731
+        minutes = np.mean(row["pretrain_seconds"]) / 60
+        lines.append(" | ".join([
+            f"| {row['description']}", ",".join(map(str, row["seeds"])),
+            fmt(row["knn20"]), cell("knn20"), signed(row.get("knn20_gain")),
+            fmt(row.get("linear")), cell("linear"), signed(row.get("linear_gain")),
+            ", ".join(row.get("probes", [])) or "-", f"{minutes:.1f} min/run |"]))
+    differences = results.get("difference_to_cls", {})
+    if differences:
+        lines += ["", "Difference to CLS (mean over seeds minus CLS's mean):", "",
+                  "| read-out | k-NN | linear |", "|---|---|---|"]
+        for name, diff in differences.items():
+            lines.append(f"| {results['variants'][name]['description']} | {diff['knn20']:+.2f} | "
+                         + (f"{diff['linear']:+.2f} |" if diff.get("linear") is not None else "- |"))
     if results.get("slot_selection"):
         lines += ["", "SPARO slot selection (k-NN top-1, k=20, test; slots chosen greedily by "
                   "held-out 20-NN on the training bank):", "",
@@ -424,6 +490,32 @@ def write_tables(out: Path, results: Dict[str, Any]) -> None:
                              f"{selection['all_slots']:.2f} |")
     lines += ["", f"Total wall time: {results['seconds'] / 60:.1f} min."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def summarise(name: str, seeds: List[int], runs: Dict[int, Dict[str, Any]],
+              untrained: Dict[str, Any]) -> Dict[str, Any]:
+    """A variant's table row from its runs (by seed): means, spreads, gains over untrained."""
+    knn = [runs[seed]["knn20"] for seed in seeds]
+    linear = [runs[seed]["linear_top1"] for seed in seeds if "linear_top1" in runs[seed]]
+    return dict(description=VARIANTS[name][0], seeds=seeds,
+                pretrain_seconds=[runs[s]["pretrain"].get("training_seconds", runs[s]["pretrain"]["seconds"])
+                                  for s in seeds],
+                knn20=mean_spread(knn), linear=mean_spread(linear) if linear else None,
+                knn20_gain=gains(knn, untrained.get("knn20")),
+                linear_gain=gains(linear, untrained.get("linear")),
+                probes=[runs[s]["probe"] for s in seeds if "probe" in runs[s]],
+                runs={str(seed): runs[seed] for seed in seeds})
+
+
+def difference_to_cls(variants: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
+    if "cls" not in variants:
+        return {}
+    base = variants["cls"]
+    mean = lambda row, key: row[key]["mean"] if row.get(key) else None  # noqa: E731
+    return {name: dict(knn20=mean(row, "knn20") - mean(base, "knn20"),
+                       linear=(mean(row, "linear") - mean(base, "linear")
+                               if mean(row, "linear") is not None and mean(base, "linear") is not None else None))
+            for name, row in variants.items() if name != "cls"}
 
 
 # ============================================================================= main
@@ -446,8 +538,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         pretrain_subset=args.pretrain_subset, epochs=args.epochs, train_args=args.train_args,
         linear_config=load_yaml(args.linear_config),
         machine=f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.jobs} "
-                f"pre-training job(s) at once, torch {torch.__version__}, "
-                f"{'bf16 autocast' if recipe.get('cpu_bf16') else 'fp32'} on CPU",
+                f"jobs at once, torch {torch.__version__}, "
+                f"{'bf16 autocast' if recipe.get('cpu_bf16') and not utils.cpu_bf16_shortfall() else 'fp32'} on CPU",
         quick=args.quick), variants={}, untrained={})
 
     # ============ preparing data ... ============
@@ -458,58 +550,59 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
           f"{results['raw_pixels']['full_bank']['top1']:.2f} (whole bank)", flush=True)
     eval_root = out / "eval" / data.name
 
-    # ============ untrained networks ... ============
-    # Each variant's own architecture, randomly initialised: how much of its figures the
-    # architecture gives before any training.
-    if args.untrained:
+    # ============ untrained networks and pre-training, --jobs at a time ... ============
+    # Untrained: each variant's own architecture, randomly initialised (seed of the first run):
+    # how much of its figures the architecture gives before any training.
+    from concurrent.futures import ThreadPoolExecutor
+
+    lane = max(1, args.threads // args.jobs)  # threads per job
+    runs = [(name, seed) for name in args.variants for seed in seeds_of(args, name)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        untrained = {name: pool.submit(evaluate_untrained, args, name, data, eval_root, out, lane)
+                     for name in (args.variants if args.untrained else [])}
+        pretrained = {run: pool.submit(pretrain, args, *run, out, lane) for run in runs}
+        results["untrained"] = {name: future.result() for name, future in untrained.items()}
+        trained_runs = {run: future.result() for run, future in pretrained.items()}
+
+    # ============ evaluating every pre-trained network ... ============
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        evaluated = {run: pool.submit(evaluate_network, args, trained_runs[run]["checkpoint"], data,
+                                      eval_root / f"{run[0]}_seed{run[1]}", lane,
+                                      dump_features=run[0] == "sparo" and bool(args.select_slots))
+                     for run in runs}
         for name in args.variants:
-            weights = out / "untrained" / f"{name}_seed{args.seeds[0]}.pth"
-            config = variant_model_config(name, args.recipe, args.train_args)
-            save_untrained(weights, config, args.seeds[0])
-            tag = eval_root / f"untrained_{name}"
-            row = dict(seed=args.seeds[0], knn20=top1_of(knn_eval(args, str(weights), data, tag)))
-            if args.linear:
-                row["linear"] = linear_top1(linear_eval(args, str(weights), data, tag))
-            results["untrained"][name] = row
+            seeds = seeds_of(args, name)
+            by_seed = {seed: dict(evaluated[(name, seed)].result(), pretrain=trained_runs[(name, seed)])
+                       for seed in seeds}
+            results["variants"][name] = summarise(name, seeds, by_seed, results["untrained"].get(name, {}))
+            results["seconds"] = time.time() - start
+            write_tables(out, results)  # after every variant, so a long run shows progress
+    results["difference_to_cls"] = difference_to_cls(results["variants"])
 
-    # ============ pre-training every variant and seed ... ============
-    trained_runs = pretrain_all(args, out)
-
-    # ============ evaluating each variant ... ============
-    slot_selection_results = {}
-    for name in args.variants:
-        seeds = args.seeds if name in SEEDED else args.seeds[:1]
-        row: Dict[str, Any] = dict(description=VARIANTS[name][0], seeds=seeds, pretrain_seconds=[],
-                                   runs={})
-        knn, linear = [], []
-        for seed in seeds:
-            trained = trained_runs[(name, seed)]
-            tag = eval_root / f"{name}_seed{seed}"
-            select = name == "sparo" and bool(args.select_slots)
-            # only slot selection reads the features again (60k x 4096 floats are 1 GB)
-            knn_step = knn_eval(args, trained["checkpoint"], data, tag,
-                                ["--dump_features", str(tag / "features")] if select else [])
-            run_result = dict(pretrain=trained, knn=knn_step)
-            knn.append(top1_of(knn_step))
-            if args.linear:
-                run_result["linear"] = linear_eval(args, trained["checkpoint"], data, tag)
-                linear.append(linear_top1(run_result["linear"]))
-            if select:
-                selection = slot_selection(args, tag / "features", tag / "slots")
-                selection["all_slots"] = top1_of(knn_step)
-                slot_selection_results[str(seed)] = selection
-            row["pretrain_seconds"].append(trained.get("training_seconds", trained["seconds"]))
-            row["runs"][str(seed)] = run_result
-        row["knn20"] = mean_spread(knn)
-        row["linear"] = mean_spread(linear) if linear else None
-        results["variants"][name] = row
-        results["slot_selection"] = slot_selection_results
-        results["seconds"] = time.time() - start
-        write_tables(out, results)  # after every variant, so a long run shows progress
+    # ============ SPARO slot selection (on request) ... ============
+    if args.select_slots:
+        results["slot_selection"] = {}
+        for seed in seeds_of(args, "sparo"):
+            tag = eval_root / f"sparo_seed{seed}"
+            selection = slot_selection(args, tag / "features", tag / "slots")
+            selection["all_slots"] = results["variants"]["sparo"]["runs"][str(seed)]["knn20"]
+            results["slot_selection"][str(seed)] = selection
     results["seconds"] = time.time() - start
     write_tables(out, results)
     print((out / "results.md").read_text())
     return results
+
+
+def evaluate_untrained(args: argparse.Namespace, name: str, data: EvalData, eval_root: Path,
+                       out: Path, threads: int) -> Dict[str, Any]:
+    seed = args.seeds[0]
+    weights = out / "untrained" / f"{name}_seed{seed}.pth"
+    save_untrained(weights, variant_model_config(name, args.recipe, args.train_args), seed)
+    result = evaluate_network(args, str(weights), data, eval_root / f"untrained_{name}", threads)
+    row = dict(seed=seed, knn20=result["knn20"])
+    if args.linear:
+        row.update(linear=result["linear_top1"], probe=result["probe"])
+    return row
 
 
 def main(argv: Optional[List[str]] = None) -> None:

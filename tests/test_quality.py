@@ -40,7 +40,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
     linear = out / "linear.yaml"
     linear.write_text("epochs: 3\nbatch_size_per_gpu: 32\ncache_features: true\n"
-                      "train_augmentation: none\nval_freq: 3\nlr: 0.1\n")
+                      "train_augmentation: none\nval_freq: 3\nlr_grid: [0.1, 1.0]\n")
     args = ["bench/quality.py", *TINY, "--output_dir", out, "--linear_config", linear, *TINY_TRAIN]
     run_script(*args, timeout=600)
     return out, json.loads((out / "results.json").read_text()), args
@@ -48,13 +48,23 @@ def quick_run(tmp_path_factory):
 
 def test_table_has_every_variant_on_the_official_test_split(quick_run):
     out, results, _ = quick_run
-    assert list(results["variants"]) == ["cls", "sparo"]
+    assert list(results["variants"]) == ["cls", "gap", "cls_proj", "sparo"]
     for row in results["variants"].values():
         assert 0 <= row["knn20"]["mean"] <= 100 and 0 <= row["linear"]["mean"] <= 100
-        assert row["seeds"] == [0]
+        assert row["seeds"] == [0] and len(row["probes"]) == 1
+    # each network's probe came from eval_linear's grid, chosen on held-out training images
+    for name, row in results["variants"].items():
+        linear = row["runs"]["0"]["linear"]["result"]
+        assert [r["lr"] for r in linear["grid"]][:2] == [0.1, 1.0]
+        assert linear["head"]["holdout_fraction"] == 0.1
+        assert row["linear"]["values"] == [linear["last"]["acc1"]]
+        assert row["probes"][0].startswith(f"{linear['chosen']['lr']:g}")
+    assert set(results["difference_to_cls"]) == {"gap", "cls_proj", "sparo"}
+    assert results["difference_to_cls"]["sparo"]["knn20"] == pytest.approx(
+        results["variants"]["sparo"]["knn20"]["mean"] - results["variants"]["cls"]["knn20"]["mean"])
     assert "official test split, images 0..59" in results["setup"]["evaluation"]
     table = (out / "results.md").read_text()
-    assert "CLS read-out" in table and "SPARO, L=64, V=64" in table
+    assert "CLS read-out" in table and "SPARO, L=64, V=64" in table and "(gap)" in table
     # pre-training time is the epochs' time from the run's log (it survives a resume)
     run = results["variants"]["sparo"]["runs"]["0"]["pretrain"]
     assert run["training_seconds"] == pytest.approx(sum(e["epoch_seconds"] for e in run["train_log"]))
@@ -181,6 +191,27 @@ def test_table_shows_one_floor_row_when_the_bank_is_the_whole_split(tmp_path):
         return [line for line in (tmp_path / "results.md").read_text().splitlines()
                 if line.startswith("| raw pixels")]
 
-    assert table(60000) == ["| raw pixels, whole 60000-image bank | - | 84.59 | - | - | - | - |"]
-    assert table(2000) == ["| raw pixels, same 2000-image bank | - | 80.00 | - | - | - | - |",
-                           "| raw pixels, whole 60000-image bank | - | 84.59 | - | - | - | - |"]
+    dashes = " - |" * 7
+    assert table(60000) == ["| raw pixels, whole 60000-image bank | - | 84.59 |" + dashes]
+    assert table(2000) == ["| raw pixels, same 2000-image bank | - | 80.00 |" + dashes,
+                           "| raw pixels, whole 60000-image bank | - | 84.59 |" + dashes]
+
+
+def test_seeds_per_variant_and_gains_over_the_untrained_network():
+    from bench import quality
+    import argparse
+
+    args = argparse.Namespace(seeds=[0, 1, 2], control_seeds=2)
+    assert quality.seeds_of(args, "cls") == quality.seeds_of(args, "sparo") == [0, 1, 2]
+    assert quality.seeds_of(args, "gap") == quality.seeds_of(args, "cls_proj") == [0, 1]
+    assert quality.seeds_of(args, "sparo_global") == [0]
+    runs = {seed: dict(knn20=knn, linear_top1=lin, probe="1 4b", pretrain=dict(seconds=60.0))
+            for seed, knn, lin in ((0, 70.0, 80.0), (1, 72.0, 83.0), (2, 71.0, 81.0))}
+    row = quality.summarise("cls", [0, 1, 2], runs, dict(knn20=60.0, linear=75.0))
+    assert row["knn20"]["mean"] == pytest.approx(71.0) and row["knn20"]["spread"] == pytest.approx(2.0)
+    assert row["knn20_gain"]["values"] == [10.0, 12.0, 11.0]
+    assert row["linear_gain"]["mean"] == pytest.approx(6.0) and row["linear_gain"]["spread"] == pytest.approx(3.0)
+    assert quality.signed(row["linear_gain"]) == "+6.00 ± 1.50"
+    step = dict(result=dict(chosen=dict(lr=0.5, n_last_blocks=1, avgpool=True)))
+    assert quality.chosen_probe(step) == "0.5 1b+p"
+    assert quality.chosen_probe(dict(result=dict(chosen=dict(lr=2.0, n_last_blocks=None, avgpool=None)))) == "2"
