@@ -246,14 +246,15 @@ def test_controls_default_width_is_sparos():
 
 @pytest.mark.parametrize("slots,dim,expected", [(8, 16, (64, 2)), (3, 8, (1, 24)), (64, 64, (64, 64))])
 def test_cls_proj_is_recovered_from_its_weights_and_gap_reads_as_cls(slots, dim, expected):
-    config = vits.BackboneConfig("vit_tiny", patch_size=8, img_size=16, readout="cls_proj",
+    config = vits.BackboneConfig("vit_nano", patch_size=8, img_size=16, readout="cls_proj",
                                  sparo_slots=slots, sparo_dim=dim)
-    inferred = vits.BackboneConfig.from_state_dict(config.build().state_dict())
+    state = config.build().state_dict()
+    inferred = vits.BackboneConfig.from_state_dict(state)
     assert inferred.readout == "cls_proj" and inferred.num_features == slots * dim
     # only the product L*V is in the weights: L = 64 when it divides, else 1
     assert (inferred.sparo_slots, inferred.sparo_dim) == expected
-    inferred.build().load_state_dict(config.build().state_dict(), strict=True)
-    gap = vits.BackboneConfig("vit_tiny", patch_size=8, img_size=16, readout="gap").build()
+    inferred.build().load_state_dict(state, strict=True)
+    gap = vits.BackboneConfig("vit_nano", patch_size=8, img_size=16, readout="gap").build()
     assert vits.BackboneConfig.from_state_dict(gap.state_dict()).readout == "cls"  # documented
 
 
