@@ -39,8 +39,8 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> Non
     parser.add_argument("--patch_size", default=None, type=utils.positive_int,
                         help="Expected patch size; read from the checkpoint (a mismatch is an error).")
     parser.add_argument("--readout", default=None, type=str, choices=vits.READOUTS,
-                        help="Expected read-out (sparo or cls); read from the checkpoint (a "
-                             "mismatch is an error).")
+                        help="Expected read-out (sparo, cls, or the controls gap and cls_proj); "
+                             "read from the checkpoint (a mismatch is an error).")
     add_image_size_args(parser)
     parser.add_argument("--data_path", default="fashion_mnist", type=str,
                         help="A folder with train/ and val/ ImageFolders (DINO's layout), or a "

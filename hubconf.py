@@ -11,7 +11,8 @@
     model = torch.hub.load("/path/to/sparo-dino", "sparo_vit_tiny", patch_size=4,
                            sparo_slots=16, source="local")
 
-Entry points: sparo_vit_tiny/small/base and dino_vit_tiny/small/base (CLS read-out), plus DINO's
+Entry points: sparo_vit_tiny/small/base and dino_vit_tiny/small/base (CLS read-out), the
+controls gap_vit_tiny/small/base and cls_proj_vit_tiny/small/base, plus DINO's
 names dino_vits16, dino_vits8, dino_vitb16, dino_vitb8 (CLS read-out, patch size fixed by the
 name). Nothing is ever downloaded: without `pretrained_weights` the model is randomly
 initialised (DINO's names warn about it unless pretrained=False is given, and pretrained=True
@@ -19,7 +20,7 @@ without a file is an error saying what to pass). With weights, the architecture 
 arguments given here (patch_size, sparo_slots, img_size, ...) are checked against it, and an
 architecture other than the entry point's is an error. Other keyword arguments
 (drop_path_rate, ...) are passed to the model. The model returns the backbone encoding (the
-unit-norm SPARO vector or the CLS token); see vision_transformer.py for get_slot_attention,
+unit-norm SPARO or cls_proj vector, the CLS token or gap's mean patch token); see vision_transformer.py for get_slot_attention,
 get_last_selfattention and get_intermediate_layers.
 """
 import contextlib
@@ -84,9 +85,11 @@ def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> C
                 model = rebuilt
             return model
 
-    prefix = "sparo" if readout == "sparo" else "dino"
+    prefix = "dino" if readout == "cls" else readout
     build.__name__ = f"{prefix}_{arch}" if patch_size is None else f"dino_vit{arch[4]}{patch_size}"
-    kind = "SPARO read-out" if readout == "sparo" else "CLS read-out (DINO)"
+    kind = {"sparo": "SPARO read-out", "cls": "CLS read-out (DINO)",
+            "gap": "gap read-out (mean patch token; a control for SPARO)",
+            "cls_proj": "cls_proj read-out (CLS -> Linear(D, L*V) -> L2 norm; a control for SPARO)"}[readout]
     fixed = f", patch size {patch_size}" if patch_size else ""
     build.__doc__ = (f"{arch} with the {kind}{fixed}. pretrained_weights: a local checkpoint "
                      f"(this project's, a bare state dict or an official DINO file; key "
@@ -116,6 +119,13 @@ sparo_vit_base = _entry_point("vit_base", "sparo")
 dino_vit_tiny = _entry_point("vit_tiny", "cls")
 dino_vit_small = _entry_point("vit_small", "cls")
 dino_vit_base = _entry_point("vit_base", "cls")
+# The controls of issue 19 (README, "Read-outs"): pooling (gap) and width (cls_proj) without slots.
+gap_vit_tiny = _entry_point("vit_tiny", "gap")
+gap_vit_small = _entry_point("vit_small", "gap")
+gap_vit_base = _entry_point("vit_base", "gap")
+cls_proj_vit_tiny = _entry_point("vit_tiny", "cls_proj")
+cls_proj_vit_small = _entry_point("vit_small", "cls_proj")
+cls_proj_vit_base = _entry_point("vit_base", "cls_proj")
 # DINO's own hub names (facebookresearch/dino), here from a local file only.
 dino_vits16 = _entry_point("vit_small", "cls", patch_size=16)
 dino_vits8 = _entry_point("vit_small", "cls", patch_size=8)

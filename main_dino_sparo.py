@@ -313,7 +313,7 @@ def check_model_fits(args: argparse.Namespace) -> None:
     needed, available = total * 4 * WEIGHT_COPIES, utils.device_memory_bytes(args.device)
     if needed > available:
         width = f"{student.backbone.num_features}"
-        if args.readout == "sparo":
+        if args.readout in vits.WIDE_READOUTS:
             width = f"--sparo_slots {args.sparo_slots} x --sparo_dim {args.sparo_dim} = {width}"
         raise utils.UserError(
             f"the model does not fit: the DINO head has {head / 1e6:.0f}M of its {total / 1e6:.0f}M "

@@ -48,6 +48,8 @@ def export_config(config: BackboneConfig, source: Optional[Dict[str, Any]] = Non
         readout.update(L=config.sparo_slots, V=config.sparo_dim, a=config.attn_dim,
                        share_kv=config.sparo_share_kv, norm=config.sparo_norm,
                        keep_all_blocks=config.sparo_keep_all_blocks)
+    elif config.readout == "cls_proj":  # CLS -> Linear(D, L*V) -> L2 norm: only the width matters
+        readout.update(width=config.num_features)
     model_config = config.to_dict()
     return {
         "architecture": timm_name(config),

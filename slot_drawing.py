@@ -137,6 +137,7 @@ def header_height(lines: int) -> int:
 
 
 def describe_model(config: dict) -> str:
-    readout = (f"SPARO L={config['sparo_slots']} V={config['sparo_dim']}"
-               if config["readout"] == "sparo" else "CLS read-out")
+    readout = {"sparo": f"SPARO L={config['sparo_slots']} V={config['sparo_dim']}",
+               "cls_proj": f"cls_proj read-out (width {config['sparo_slots'] * config['sparo_dim']})",
+               "gap": "gap read-out (mean patch token)"}.get(config["readout"], "CLS read-out")
     return f"{config['arch']}/{config['patch_size']} {readout}"

@@ -7,7 +7,7 @@
     encoding = model.forward_head(tokens, pre_logits=True)   # the backbone encoding
     classifier = timm.create_model(..., num_classes=10)      # a fresh Linear on the encoding
 
-Names: vit_{nano,tiny,small,base}_patch{8,16}_224_{sparo,cls} and the CPU recipes' shapes
+Names: vit_{nano,tiny,small,base}_patch{8,16}_224_{sparo,cls,gap,cls_proj} and the CPU recipes' shapes
 vit_nano_patch7_28_* and vit_tiny_patch4_28_*. The name fixes the architecture, patch size and
 read-out; with pretrained=True the file (`pretrained_cfg_overlay=dict(file=...)`: export.py's
 model.safetensors or backbone.pth, a training checkpoint's teacher, or an official DINO file)

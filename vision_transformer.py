@@ -1,4 +1,4 @@
-"""Vision Transformer with a CLS or SPARO read-out, and the DINO projection head.
+"""Vision Transformer with a CLS, SPARO or control read-out, and the DINO projection head.
 
 Built from timm's blocks (fused scaled-dot-product attention, stochastic depth) with the
 parameter names of DINO's vision_transformer.py, so an official
@@ -7,6 +7,12 @@ DINO backbone state dict loads strictly into `readout="cls"`.
     readout="cls":    patches -> blocks[0..depth-1] -> norm -> token 0
     readout="sparo":  patches -> blocks[0..depth-2] -> norm -> SPARO(all tokens)   (default)
                       (with sparo_keep_all_blocks, every block stays before the read-out)
+    readout="gap":    patches -> blocks[0..depth-1] -> norm -> mean of tokens 1..N (patches)
+    readout="cls_proj": patches -> blocks[0..depth-1] -> norm -> token 0 -> Linear(D, L*V) -> L2 norm
+
+gap and cls_proj are controls for SPARO (issue 19): gap pools every patch token without
+learned queries (does pooling many tokens explain SPARO's lead?); cls_proj has SPARO's width
+L*V and a unit norm without per-slot attention (does the wider vector explain it?).
 """
 from __future__ import annotations
 
@@ -25,8 +31,12 @@ from timm.models.vision_transformer import Attention, Block
 
 from sparo_head import SLOT_NORMS, SlotNorm, SparoReadout
 
-Readout = Literal["sparo", "cls"]
+Readout = Literal["sparo", "cls", "gap", "cls_proj"]
 READOUTS: Tuple[str, ...] = get_args(Readout)
+# Read-outs whose encoding is L*V wide (sparo_slots x sparo_dim); the others are D wide.
+WIDE_READOUTS: Tuple[str, ...] = ("sparo", "cls_proj")
+# State-dict prefixes of the learned read-out modules (warm starts leave them fresh).
+READOUT_MODULES: Tuple[str, ...] = ("sparo.", "cls_proj.")
 
 # DINO's architectures: (embed_dim, depth, num_heads); all use mlp_ratio 4 and qkv bias.
 # vit_nano is not DINO's: a CPU-sized ViT (half the width and depth of vit_tiny, and under half
@@ -58,10 +68,16 @@ class BackboneConfig:
                                   "tokens: better features, quadratically more attention cost.")
     img_size: int = 224  # the training resolution (--global_crops_size): sizes the position table
     readout: Readout = _option("sparo", "sparo: L slots of single-head attention with learned queries "
-                                        "(this project); cls: DINO's CLS token (the baseline).",
+                                        "(this project); cls: DINO's CLS token (the baseline). "
+                                        "Controls for SPARO (issue 19), all blocks kept: gap, the mean "
+                                        "of the patch tokens (does pooling many tokens explain "
+                                        "SPARO's lead?); cls_proj, the CLS token through one "
+                                        "Linear(D, L*V) and L2-normalised (does SPARO's wider "
+                                        "vector explain it?).",
                                choices=READOUTS)
-    sparo_slots: int = _option(64, "L, the number of SPARO slots.")
-    sparo_dim: int = _option(64, "V, the output width of each slot; the encoding has L*V dimensions.")
+    sparo_slots: int = _option(64, "L, the number of SPARO slots (cls_proj: its width is L*V).")
+    sparo_dim: int = _option(64, "V, the output width of each slot; the encoding has L*V dimensions "
+                                 "(also cls_proj's).")
     sparo_attn_dim: Optional[int] = _option(None, "a, the width of each slot's query and keys "
                                                   "(default: embed_dim / num_heads).")
     sparo_share_kv: bool = _option(True, "Use each slot's keys as its values (SPARO's default).")
@@ -100,8 +116,9 @@ class BackboneConfig:
 
     @property
     def num_features(self) -> int:
-        """Width of the backbone encoding: L*V for SPARO, the token width for CLS."""
-        return self.sparo_slots * self.sparo_dim if self.readout == "sparo" else ARCHS[self.arch][0]
+        """Width of the backbone encoding: L*V for SPARO and cls_proj, the token width D for
+        CLS and gap."""
+        return self.sparo_slots * self.sparo_dim if self.readout in WIDE_READOUTS else ARCHS[self.arch][0]
 
     # ------------------------------------------------------------ conversions
     def to_dict(self) -> Dict[str, Any]:
@@ -140,7 +157,10 @@ class BackboneConfig:
     @classmethod
     def from_state_dict(cls, state: Dict[str, torch.Tensor]) -> "BackboneConfig":
         """The configuration a backbone state dict's shapes imply (official DINO files carry
-        none). SPARO's norm leaves no trace in the shapes: the default is assumed."""
+        none). SPARO's norm leaves no trace in the shapes: the default is assumed. gap has no
+        weights of its own, so a bare gap weight file reads as cls (checkpoints and export.py's
+        files carry model_config and load as gap); cls_proj's weights give only the product
+        L*V, read as L = 64 slots of V when 64 divides it (any split builds the same model)."""
         import utils
 
         if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
@@ -151,6 +171,8 @@ class BackboneConfig:
             raise utils.UserError(f"no known architecture has width {embed_dim} ({sorted(ARCHS)})")
         grid = math.isqrt(state["pos_embed"].shape[1] - 1)
         shape = dict(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size))
+        if "cls_proj.weight" in state:
+            return cls(**shape, readout="cls_proj", **_split_width(state["cls_proj.weight"].shape[0]))
         if "sparo.queries" not in state:
             return cls(**shape, readout="cls")
         slots, attn_dim = state["sparo.queries"].shape
@@ -171,6 +193,12 @@ class BackboneConfig:
     def build(self, **overrides: Any) -> "VisionTransformer":
         """The backbone (overrides: drop_path_rate, in_chans, ...)."""
         return VisionTransformer(self, **overrides)
+
+
+def _split_width(width: int) -> Dict[str, int]:
+    """sparo_slots and sparo_dim whose product is a cls_proj width (L = 64 when it divides)."""
+    slots = BackboneConfig.sparo_slots if width % BackboneConfig.sparo_slots == 0 else 1
+    return dict(sparo_slots=slots, sparo_dim=width // slots)
 
 
 class VisionTransformer(nn.Module):
@@ -211,6 +239,10 @@ class VisionTransformer(nn.Module):
         if config.readout == "sparo":  # built after DINO's init so that it keeps SPARO's own
             self.sparo = SparoReadout(embed_dim, config.sparo_slots, config.sparo_dim,
                                       config.attn_dim, config.sparo_share_kv, config.sparo_norm)
+        self.cls_proj: Optional[nn.Linear] = None
+        if config.readout == "cls_proj":  # a Linear like DINO's others: trunc-normal(.02), zero bias
+            self.cls_proj = nn.Linear(embed_dim, config.num_features)
+            _init_dino_weights(self.cls_proj)
 
     # ------------------------------------------------------------------------------ tokens
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,12 +267,17 @@ class VisionTransformer(nn.Module):
 
     # ---------------------------------------------------------------------------- read-out
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone encoding: (B, L*V) unit-norm SPARO vector, or the (B, D) CLS token."""
+        """The backbone encoding: (B, L*V) unit-norm SPARO or cls_proj vector, or the (B, D)
+        CLS token or mean patch token (gap)."""
         return self.read_out(self.forward_tokens(x))
 
     def read_out(self, tokens: torch.Tensor) -> torch.Tensor:
         """The encoding of the output tokens (B, 1 + h*w, D)."""
-        return self.sparo(tokens) if self.sparo is not None else tokens[:, 0]
+        if self.sparo is not None:
+            return self.sparo(tokens)
+        if self.cls_proj is not None:
+            return F.normalize(self.cls_proj(tokens[:, 0]), dim=-1)
+        return tokens[:, 1:].mean(dim=1) if self.readout == "gap" else tokens[:, 0]
 
     def get_slot_attention(self, x: torch.Tensor) -> torch.Tensor:
         """SPARO attention weights (B, L, N) over the tokens, N = 1 + h*w (token 0 is CLS)."""

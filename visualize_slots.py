@@ -9,7 +9,8 @@ grid, upsampled to the image and drawn as a heat map over it, titled with the sl
 weight the slot puts on the CLS token and the entropy of its attention over the patches (low =
 concentrated). For a CLS read-out checkpoint (official DINO weights, or --readout cls runs) the
 panels are the per-head attention of the CLS token in the last block, as in DINO's
-visualize_attention.py. Method: ../shared/SPARO.md ("Visualisation").
+visualize_attention.py; so are they for the controls gap and cls_proj, which keep every block
+(they have no slots: --slots and --top_k need SPARO). Method: ../shared/SPARO.md ("Visualisation").
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 `main_dino_sparo.py --init_backbone FILE` copies into the student backbone, before the teacher
 is made from it: the patch and position embeddings, the CLS token, the blocks the model keeps
 (SPARO replaces the last block by default, so DINO's last block is dropped) and the final
-norm. SPARO's read-out and the DINO head start fresh. FILE is an official DINO checkpoint
+norm. A learned read-out (SPARO's, or cls_proj's linear layer) and the DINO head start fresh;
+gap has no weights of its own, so a DINO CLS checkpoint fills a gap backbone completely. FILE is an official DINO checkpoint
 (student/teacher keys), a backbone-only file (dino_deitsmall16_pretrain.pth, export.py's
 files) or this project's checkpoint. `--freeze_backbone_epochs N` then trains only the
 read-out and the head for the first N epochs.
@@ -54,13 +55,15 @@ def backbone_weights(path: str, checkpoint_key: str) -> tuple:
 def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher") -> Dict[str, List[str]]:
     """Load the DINO backbone parts of `path` into `backbone`; returns the names loaded,
     dropped and freshly initialised. Any other mismatch is a one-line UserError."""
+    import vision_transformer as vits
+
     state, dropped_head = backbone_weights(path, checkpoint_key)
     own = backbone.state_dict()
     replaced = _replaced_block(backbone)
     load: Dict[str, torch.Tensor] = {}
     dropped_blocks, dropped_readout, unexpected, wrong_shape, notes = [], [], [], [], []
     for key, value in state.items():
-        if key.startswith("sparo."):  # the read-out always starts fresh
+        if key.startswith(vits.READOUT_MODULES):  # the read-out always starts fresh
             dropped_readout.append(key)
         elif key not in own:
             # only the block SPARO replaces may be left out: any other is a depth mismatch
@@ -73,7 +76,7 @@ def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher
             wrong_shape.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
         else:
             load[key] = value
-    fresh = [k for k in own if k.startswith("sparo.")]
+    fresh = [k for k in own if k.startswith(vits.READOUT_MODULES)]
     missing = [k for k in own if k not in load and k not in fresh]
     problems = [f"{what}: {utils._short_list(keys)}" for what, keys in
                 (("shape mismatch (file vs model)", wrong_shape), ("missing keys", missing),
@@ -124,11 +127,11 @@ def _summary(path: str, report: Dict[str, List[str]], dropped_blocks: List[str],
         lines.append(f"  dropped {len(dropped_blocks)} tensors of {_block_numbers(dropped_blocks)} "
                      f"(the SPARO read-out takes the last block's place)")
     if dropped_readout:
-        lines.append(f"  dropped {len(dropped_readout)} SPARO read-out tensors (the read-out starts fresh)")
+        lines.append(f"  dropped {len(dropped_readout)} read-out tensors of the file (the read-out starts fresh)")
     if dropped_head:
         lines.append(f"  dropped {len(dropped_head)} projection-head tensors (the DINO head starts fresh)")
     if report["fresh"]:
-        lines.append(f"  initialised fresh: {len(report['fresh'])} SPARO read-out tensors and the DINO head")
+        lines.append(f"  initialised fresh: {len(report['fresh'])} read-out tensors and the DINO head")
     else:
         lines.append("  initialised fresh: the DINO head")
     return "\n".join(lines)
@@ -146,9 +149,12 @@ def apply(args: argparse.Namespace, backbone: nn.Module) -> Optional[Dict[str, L
 
 
 def is_frozen(name: str) -> bool:
-    """Backbone parameters other than the SPARO read-out (names as in MultiCropWrapper)."""
+    """Backbone parameters other than a learned read-out (SPARO, cls_proj; names as in
+    MultiCropWrapper)."""
+    import vision_transformer as vits
+
     parts = name.split(".")
-    return "backbone" in parts and "sparo" not in parts
+    return "backbone" in parts and not any(module.rstrip(".") in parts for module in vits.READOUT_MODULES)
 
 
 def cancel_gradients_frozen_backbone(epoch: int, model: nn.Module, freeze_epochs: int) -> None:

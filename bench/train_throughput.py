@@ -33,16 +33,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
+import vision_transformer as vits  # noqa: E402
 from bench.dino_original import OriginalDinoStep, load_dino  # noqa: E402
 from bench.dino_reference import ReferenceStep  # noqa: E402
 
-VARIANTS = ("sparo", "cls", "reference", "dino")
+VARIANTS = (*vits.READOUTS, "reference", "dino")  # every read-out, and two reference steps
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("train_throughput", parents=[dino.get_args_parser()])
     parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
-                        help="sparo / cls: this project's step with that read-out; reference: a "
+                        help="sparo / cls / gap / cls_proj: this project's step with that read-out; reference: a "
                              "plain DINO-style step (bench/dino_reference.py, CLS read-out); dino: "
                              "the original DINO step (needs --dino_repo). Default: sparo cls "
                              "reference, or sparo cls dino with --dino_repo.")

@@ -25,6 +25,17 @@ def tiny_sparo_checkpoint(tmp_path_factory):
     return out / "checkpoint.pth"
 
 
+@pytest.fixture(scope="session", params=["gap", "cls_proj"])
+def tiny_control_checkpoint(request, tmp_path_factory):
+    """One real DINO epoch of each control read-out of issue 19 on 64 digits (two steps: the
+    point is the checkpoint's layout, not its quality); returns the checkpoint path."""
+    out = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    process = run_script("main_dino_sparo.py", *TINY_TRAIN_ARGS, "--subset", "64", "--epochs", "1",
+                         "--readout", request.param, "--output_dir", out)
+    (out / "stdout.txt").write_text(process.stdout)
+    return out / "checkpoint.pth"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

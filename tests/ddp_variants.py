@@ -23,6 +23,8 @@ VARIANTS = {
     "sparo_separate_kv": ["--readout", "sparo", "--sparo_share_kv", "false"],
     "sparo_global_norm": ["--readout", "sparo", "--sparo_norm", "global"],
     "sparo_keep_all_blocks": ["--readout", "sparo", "--sparo_keep_all_blocks", "true"],
+    "gap": ["--readout", "gap"],
+    "cls_proj": ["--readout", "cls_proj"],
 }
 # 64 images / (2 processes x 16) = 2 iterations per epoch; vit_nano: DDP does not depend on the size.
 SHORT_RUN = ["--device", "cpu", "--arch", "vit_nano", "--subset", "64", "--batch_size_per_gpu", "16", "--epochs", "1", "--print_freq", "1"]

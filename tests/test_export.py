@@ -93,6 +93,28 @@ def test_student_export_and_cpu_recipe_shapes(tmp_path):
                                features(student, images))
 
 
+@pytest.mark.parametrize("readout, width", [("gap", 96), ("cls_proj", 64)])
+def test_control_exports_load_back_with_their_readout(tmp_path, readout, width):
+    """gap's weights alone read as cls: model_config in both files keeps it gap everywhere."""
+    path, _, teacher = cpu_recipe_checkpoint(tmp_path, readout)
+    out = export_to(tmp_path, path)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["architecture"] == f"vit_nano_patch7_28_{readout}" and meta["num_features"] == width
+    assert meta["readout"] == ({"type": readout, "width": 64} if readout == "cls_proj" else {"type": readout})
+    images = torch.randn(2, 3, 28, 28)
+    expected = features(teacher, images)
+    assert expected.shape == (2, width)
+    for name in ("model.safetensors", "backbone.pth"):
+        loaded, config = utils.load_backbone(str(out / name))
+        assert config["readout"] == loaded.readout == readout
+        torch.testing.assert_close(features(loaded, images), expected, rtol=0, atol=0)
+    model = timm.create_model(meta["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    torch.testing.assert_close(features(model, images), expected, rtol=0, atol=0)
+    torch.testing.assert_close(features(timm.create_model(f"local-dir:{out}", pretrained=True), images),
+                               expected, rtol=0, atol=0)
+
+
 def test_timm_refuses_a_file_of_another_architecture_and_never_downloads(tmp_path):
     path, _, _ = cpu_recipe_checkpoint(tmp_path)
     out = export_to(tmp_path, path)

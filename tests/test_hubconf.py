@@ -47,7 +47,8 @@ def test_entry_points_are_listed_with_their_documentation():
     assert set(hubconf.dependencies) <= {"torch", "timm", "numpy"}
     for name in ("sparo_vit_tiny", "sparo_vit_small", "sparo_vit_base", "dino_vit_tiny",
                  "dino_vit_small", "dino_vit_base", "dino_vits16", "dino_vits8", "dino_vitb16",
-                 "dino_vitb8"):
+                 "dino_vitb8", "gap_vit_tiny", "gap_vit_small", "gap_vit_base", "cls_proj_vit_tiny",
+                 "cls_proj_vit_small", "cls_proj_vit_base"):
         entry = getattr(hubconf, name)
         assert callable(entry) and entry.__name__ == name and "pretrained_weights" in entry.__doc__
 
@@ -97,6 +98,23 @@ def test_sparo_entry_loads_a_training_checkpoint(tiny_sparo_checkpoint):
     assert with_drop_path.blocks[-1].drop_path1.drop_prob > 0
     with torch.no_grad():
         torch.testing.assert_close(with_drop_path(x), reference(x))
+
+
+def test_control_entries_load_their_training_checkpoints(tiny_control_checkpoint):
+    checkpoint = torch.load(tiny_control_checkpoint, map_location="cpu", weights_only=True)
+    readout = checkpoint["model_config"]["readout"]
+    reference = vits.BackboneConfig.from_dict(checkpoint["model_config"]).build().eval()
+    reference.load_state_dict({k[len("backbone."):]: v for k, v in checkpoint["teacher"].items()
+                               if k.startswith("backbone.")}, strict=True)
+    model = hub_load(f"{readout}_vit_tiny", pretrained_weights=str(tiny_control_checkpoint)).eval()
+    x = digit_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert model.readout == readout
+    with pytest.raises(utils.UserError, match=f"with readout='{readout}', but readout='cls'"):
+        hub_load("dino_vit_tiny", pretrained_weights=str(tiny_control_checkpoint))
+    random = hub_load(f"{readout}_vit_small")
+    assert len(random.blocks) == 12 and random.num_features == (4096 if readout == "cls_proj" else 384)
 
 
 @pytest.mark.parametrize("layout", ["bare", "full"])

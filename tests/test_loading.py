@@ -1,6 +1,7 @@
 """Strict weight loading (utils.load_backbone) as the evaluation scripts use it: official DINO
 layouts for the CLS read-out, this project's SPARO checkpoints, and clear errors otherwise."""
 import argparse
+import json
 import re
 
 import pytest
@@ -105,6 +106,25 @@ def test_wrong_architecture_or_key_is_a_clear_error(tiny_sparo_checkpoint, tmp_p
     with pytest.raises(utils.UserError, match=re.escape(message)):
         script.main(["--pretrained_weights", str(tiny_sparo_checkpoint), "--data_path", "digits",
                      *output, *flags])
+
+
+def test_control_checkpoint_reloads_as_itself_and_eval_knn_evaluates_it(tiny_control_checkpoint, tmp_path):
+    """gap's weights alone would read as cls: the checkpoint's model_config keeps it gap."""
+    checkpoint = torch.load(tiny_control_checkpoint, map_location="cpu", weights_only=True)
+    readout = checkpoint["model_config"]["readout"]
+    model, config = utils.load_backbone(str(tiny_control_checkpoint))
+    assert model.readout == config["readout"] == readout and len(model.blocks) == 12
+    assert model.num_features == (256 if readout == "cls_proj" else 192)
+    teacher = {k[len("backbone."):]: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")}
+    own = model.state_dict()
+    assert own.keys() == teacher.keys() and all(torch.equal(own[k], v) for k, v in teacher.items())
+    result = tmp_path / "knn.json"
+    out = run_script("eval_knn.py", "--pretrained_weights", tiny_control_checkpoint, "--data_path", "digits",
+                     "--train_subset", "300", "--test_subset", "100", "--nb_knn", "20",
+                     "--readout", readout, "--output_json", result)
+    assert f"readout={readout}" in out.stdout
+    top1 = json.loads(result.read_text())["knn"]["20"]["top1"]
+    assert 10 < top1 <= 100  # above chance (10 classes): the features carry the digits
 
 
 def test_wrong_arch_for_an_inferred_configuration(tmp_path):

@@ -55,7 +55,7 @@ def test_sparo_replaces_last_block_and_matches_parameter_budget():
     assert sparo.num_features == 64 * 64 and cls.num_features == 384
 
 
-@pytest.mark.parametrize("readout,width", [("sparo", 16 * 8), ("cls", 192)])
+@pytest.mark.parametrize("readout,width", [("sparo", 16 * 8), ("cls", 192), ("gap", 192), ("cls_proj", 16 * 8)])
 def test_shapes_for_global_local_and_non_square_inputs(readout, width):
     model = vits.vit_tiny(patch_size=4, img_size=28, readout=readout, sparo_slots=16, sparo_dim=8)
     for shape in [(2, 3, 28, 28), (3, 3, 12, 12), (1, 3, 28, 16), (2, 3, 64, 64)]:
@@ -198,6 +198,64 @@ def test_every_arch_is_recovered_from_its_weights(arch, keep_all):
     assert (inferred["sparo_slots"], inferred["sparo_dim"], inferred["patch_size"]) == (4, 8, 8)
     widths = [width for width, _, _ in vits.ARCHS.values()]
     assert len(set(widths)) == len(widths)
+
+
+# ------------------------------------------------------------ the controls of issue 19
+def test_gap_is_the_mean_patch_token_after_the_final_norm_with_every_block():
+    torch.manual_seed(0)
+    model = vits.BackboneConfig("vit_nano", patch_size=4, img_size=16, readout="gap").build().eval()
+    x = torch.randn(3, 3, 16, 20)
+    tokens = model.forward_tokens(x)
+    assert len(model.blocks) == 6 and model.num_features == 96 and tokens.shape == (3, 1 + 4 * 5, 96)
+    # independently: every block, the final LayerNorm by hand, then the mean over tokens 1..N
+    h = model.prepare_tokens(x)
+    for block in model.blocks:
+        h = block(h)
+    h = F.layer_norm(h, (96,), model.norm.weight, model.norm.bias, eps=1e-6)
+    expected = h[:, 1:].sum(dim=1) / h[:, 1:].shape[1]
+    torch.testing.assert_close(model(x), expected)
+    assert not torch.allclose(model(x), tokens[:, 0])  # not the CLS token
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(model) == count(vits.BackboneConfig("vit_nano", 4, 16, readout="cls").build())
+
+
+def test_cls_proj_is_the_normalised_linear_map_of_the_cls_token():
+    torch.manual_seed(0)
+    config = vits.BackboneConfig("vit_nano", patch_size=4, img_size=16, readout="cls_proj",
+                                 sparo_slots=8, sparo_dim=16)
+    model = config.build().eval()
+    x = torch.randn(2, 3, 16, 16)
+    encoding = model(x)
+    assert encoding.shape == (2, 128) and model.num_features == 128 and len(model.blocks) == 6
+    torch.testing.assert_close(encoding.norm(dim=-1), torch.ones(2))
+    cls_token = model.forward_tokens(x)[:, 0]
+    projected = cls_token @ model.cls_proj.weight.T + model.cls_proj.bias
+    torch.testing.assert_close(encoding, projected / projected.norm(dim=-1, keepdim=True))
+    # DINO's init of a Linear: trunc-normal std 0.02, zero bias
+    assert torch.all(model.cls_proj.bias == 0) and 0.015 < model.cls_proj.weight.std() < 0.025
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    cls = vits.BackboneConfig("vit_nano", 4, 16, readout="cls").build()
+    assert count(model) - count(cls) == 96 * 128 + 128  # D*L*V weights + L*V biases
+    assert set(model.state_dict()) - set(cls.state_dict()) == {"cls_proj.weight", "cls_proj.bias"}
+
+
+def test_controls_default_width_is_sparos():
+    assert vits.vit_small(readout="cls_proj").num_features == vits.vit_small().num_features == 4096
+    assert vits.vit_small(readout="gap").num_features == 384
+
+
+@pytest.mark.parametrize("slots,dim,expected", [(8, 16, (64, 2)), (3, 8, (1, 24)), (64, 64, (64, 64))])
+def test_cls_proj_is_recovered_from_its_weights_and_gap_reads_as_cls(slots, dim, expected):
+    config = vits.BackboneConfig("vit_nano", patch_size=8, img_size=16, readout="cls_proj",
+                                 sparo_slots=slots, sparo_dim=dim)
+    state = config.build().state_dict()
+    inferred = vits.BackboneConfig.from_state_dict(state)
+    assert inferred.readout == "cls_proj" and inferred.num_features == slots * dim
+    # only the product L*V is in the weights: L = 64 when it divides, else 1
+    assert (inferred.sparo_slots, inferred.sparo_dim) == expected
+    inferred.build().load_state_dict(state, strict=True)
+    gap = vits.BackboneConfig("vit_nano", patch_size=8, img_size=16, readout="gap").build()
+    assert vits.BackboneConfig.from_state_dict(gap.state_dict()).readout == "cls"  # documented
 
 
 def test_dino_head_matches_dino_definition():

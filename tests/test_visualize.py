@@ -300,6 +300,34 @@ def test_slot_gallery_refuses_a_cls_checkpoint(cls_checkpoint, tmp_path):
                            "--output_dir", str(tmp_path), "--num_workers", "0"])
 
 
+def test_control_checkpoints_draw_the_last_blocks_heads_and_refuse_slot_options(
+        tiny_control_checkpoint, digit_images, tmp_path):
+    """gap and cls_proj keep every block: DINO's CLS-query maps of the last block are drawn (the
+    same computation as for CLS, tested above); they have no slots to pick or rank."""
+    import slot_gallery
+
+    _, paths = digit_images
+    model, config = utils.load_backbone(str(tiny_control_checkpoint))
+    maps = vis.attention_maps(model.eval(), network_input(paths[0], (16, 16)))
+    with torch.no_grad():
+        expected = model.get_last_selfattention(network_input(paths[0], (16, 16)))[0, :, 0]
+    np.testing.assert_allclose(maps.cls_weight, expected[:, 0].numpy(), atol=1e-6)
+    assert maps.labels == ["head 0", "head 1", "head 2"] and len(model.blocks) == 12
+    out = tmp_path / "vis"
+    vis.main(["--pretrained_weights", str(tiny_control_checkpoint), "--image_path", str(paths[0]),
+              "--output_dir", str(out), "--image_size", "32", "--display_size", "160"])
+    assert Image.open(out / "square_heads.png").size == expected_grid_size(1 + 3, 4, 160, 160, header_lines=2)
+    assert f"{config['readout']} read-out" in drawing.describe_model(config)
+    base = ["--pretrained_weights", str(tiny_control_checkpoint), "--image_path", str(paths[0])]
+    for flag, value in (("--top_k", "2"), ("--slots", "0")):
+        with pytest.raises(utils.UserError, match=f"{flag} needs a SPARO checkpoint; this one has "
+                                                  f"readout='{config['readout']}'"):
+            vis.main(base + ["--output_dir", str(tmp_path / "o"), flag, value])
+    with pytest.raises(utils.UserError, match="slot_gallery.py needs a SPARO checkpoint"):
+        slot_gallery.main(["--pretrained_weights", str(tiny_control_checkpoint), "--data_path", "digits",
+                           "--output_dir", str(tmp_path / "g"), "--num_workers", "0"])
+
+
 def test_a_second_run_into_the_image_folder_skips_the_first_runs_grids(tmp_path):
     for name in ("a.png", "a_slots.png", "b_heads.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)

@@ -76,6 +76,27 @@ def test_cls_run_starts_with_dinos_features(tmp_path):
         torch.testing.assert_close(model.eval()(images), dino(images))
 
 
+@pytest.mark.parametrize("readout", ["gap", "cls_proj"])
+def test_controls_get_every_dino_block_and_only_cls_proj_starts_a_layer_fresh(tmp_path, readout):
+    dino = dino_vit_tiny()
+    torch.save(dino.state_dict(), tmp_path / "dino.pth")
+    torch.manual_seed(1)
+    model = vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=16, readout=readout,
+                                sparo_slots=16, sparo_dim=16).build()
+    report = warm_start.init_backbone(model, str(tmp_path / "dino.pth"))
+    assert report["loaded"] == sorted(dino.state_dict()) and report["dropped"] == []
+    assert report["fresh"] == ([] if readout == "gap" else ["cls_proj.weight", "cls_proj.bias"])
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens = dino.get_intermediate_layers(images, n=1)[0]  # DINO's last block, final norm
+        expected = (tokens[:, 1:].mean(dim=1) if readout == "gap" else
+                    torch.nn.functional.normalize(model.cls_proj(tokens[:, 0]), dim=-1))
+        torch.testing.assert_close(model.eval()(images), expected)
+    # --freeze_backbone_epochs trains cls_proj's layer with the head, like SPARO's read-out
+    assert warm_start.is_frozen("backbone.blocks.0.attn.qkv.weight")
+    assert not warm_start.is_frozen("backbone.cls_proj.weight") and not warm_start.is_frozen("backbone.sparo.queries")
+
+
 def test_position_embeddings_are_resampled_for_another_crop_size(tmp_path):
     dino = dino_vit_tiny(img_size=16)
     torch.save(dino.state_dict(), tmp_path / "dino.pth")
