@@ -160,6 +160,8 @@ def test_untrained_networks_have_each_variants_architecture(tmp_path):
     recipe = str(quality.RECIPE)
     configs = {name: quality.variant_model_config(name, recipe) for name in quality.VARIANTS}
     assert configs["cls"]["readout"] == "cls" and configs["sparo"]["readout"] == "sparo"
+    assert configs["gap"]["readout"] == "gap" and configs["cls_proj"]["readout"] == "cls_proj"
+    assert (configs["cls_proj"]["sparo_slots"], configs["cls_proj"]["sparo_dim"]) == (64, 64)  # SPARO's width
     assert (configs["sparo"]["sparo_slots"], configs["sparo"]["sparo_dim"]) == (64, 64)
     assert (configs["sparo_L16_V256"]["sparo_slots"], configs["sparo_L16_V256"]["sparo_dim"]) == (16, 256)
     assert (configs["sparo_L128_V32"]["sparo_slots"], configs["sparo_L128_V32"]["sparo_dim"]) == (128, 32)
@@ -210,8 +212,8 @@ def test_seeds_per_variant_and_gains_over_the_untrained_network():
     row = quality.summarise("cls", [0, 1, 2], runs, dict(knn20=60.0, linear=75.0))
     assert row["knn20"]["mean"] == pytest.approx(71.0) and row["knn20"]["spread"] == pytest.approx(2.0)
     assert row["knn20_gain"]["values"] == [10.0, 12.0, 11.0]
-    assert row["linear_gain"]["mean"] == pytest.approx(6.0) and row["linear_gain"]["spread"] == pytest.approx(3.0)
-    assert quality.signed(row["linear_gain"]) == "+6.00 ± 1.50"
+    assert row["linear_gain"]["mean"] == pytest.approx(19 / 3) and row["linear_gain"]["spread"] == pytest.approx(3.0)
+    assert quality.signed(row["linear_gain"]) == "+6.33 ± 1.50"
     step = dict(result=dict(chosen=dict(lr=0.5, n_last_blocks=1, avgpool=True)))
     assert quality.chosen_probe(step) == "0.5 1b+p"
     assert quality.chosen_probe(dict(result=dict(chosen=dict(lr=2.0, n_last_blocks=None, avgpool=None)))) == "2"
