@@ -168,24 +168,51 @@ def probe_grid(args: argparse.Namespace, config: Dict[str, Any], num_blocks: int
 
 
 class LinearProbes(nn.Module):
-    """One LinearClassifier per spec, trained together on the same batches: each head reads
-    its own feature columns and has its own loss, so that summing the losses gives every head
-    exactly the gradient it would get alone. Every head starts from the same seeded weights,
-    as a single head trained with the same --seed."""
+    """One LinearClassifier per spec, trained together on the same batches. Heads reading the
+    same feature columns (specs in runs of one variant) share one matrix product; each head
+    still has its own weights, loss and learning rate, and summing the losses gives every head
+    exactly the gradient it would get alone. Every head starts from the same seeded weights, as
+    a single head trained with the same --seed."""
 
     def __init__(self, specs: Sequence[ProbeSpec], num_labels: int, seed: int) -> None:
         super().__init__()
-        self.specs = list(specs)
+        self.specs, self.num_labels = list(specs), num_labels
         heads = []
         for spec in self.specs:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 heads.append(LinearClassifier(spec.stop - spec.start, num_labels))
         self.heads = nn.ModuleList(heads)
+        self.runs: List[Tuple[int, int, List[int]]] = []  # (start, stop, heads) per run of a variant
+        for index, spec in enumerate(self.specs):
+            if self.runs and self.runs[-1][:2] == (spec.start, spec.stop):
+                self.runs[-1][2].append(index)
+            else:
+                self.runs.append((spec.start, spec.stop, [index]))
 
-    def forward(self, features: torch.Tensor) -> List[torch.Tensor]:
-        return [head(features[:, spec.start:spec.stop].contiguous())
-                for head, spec in zip(self.heads, self.specs)]
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Every head's logits, (B, heads, labels)."""
+        logits = []
+        for start, stop, members in self.runs:
+            weight = torch.cat([self.heads[i].linear.weight for i in members])
+            bias = torch.cat([self.heads[i].linear.bias for i in members])
+            logits.append(F.linear(features[:, start:stop], weight, bias).unflatten(1, (len(members), -1)))
+        return torch.cat(logits, dim=1)
+
+
+def head_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each head's mean cross-entropy over the batch, (heads,), from logits (B, heads, labels)."""
+    batch, heads, labels = logits.shape
+    losses = F.cross_entropy(logits.reshape(batch * heads, labels), target.repeat_interleave(heads),
+                             reduction="none")
+    return losses.view(batch, heads).mean(0)
+
+
+def top_predictions(logits: torch.Tensor) -> torch.Tensor:
+    """The 5 (or all, if fewer) most likely labels of every head, (B, heads, k); -1 where a
+    head's logits are not finite, so that such a prediction never counts as right."""
+    predictions = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return predictions.masked_fill(~torch.isfinite(logits).all(-1, keepdim=True), -1)
 
 
 def frozen_features(model: nn.Module, images: torch.Tensor, config: Dict[str, Any],
@@ -281,7 +308,7 @@ def train_one_epoch(probes: nn.Module, optimizer: torch.optim.Optimizer, batches
         target = target.to(args.device, non_blocking=True)
         with torch.no_grad(), feats.feature_autocast(args.device, args.use_fp16):
             features = to_features(inputs)
-        losses = torch.stack([F.cross_entropy(logits, target) for logits in probes(features)])
+        losses = head_losses(probes(features), target)
         finite = finite_per_entry(losses)
         if not finite.all() and len(losses) == 1:  # stop before the step: no NaN head is saved
             raise utils.UserError(nonfinite_loss_message(losses.item(), features, epoch))
@@ -350,38 +377,35 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, specs: Sequence[ProbeSpec], s
 
 
 # =========================================================================== evaluation
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[float]]:
-    """Top-1 and top-5 (%), top-5 only with at least 5 classes."""
-    labels = labels.to(logits.device)
-    top1 = (logits.argmax(1) == labels).double().mean().item() * 100
-    top5 = None
-    if logits.shape[1] >= 5:
-        top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).double().mean().item() * 100
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[float]]:
+    """Top-1 and top-5 (%) of one head's top predictions (N, k), top-5 only with k = 5."""
+    hits = predictions == labels.to(predictions.device)[:, None]
+    top1 = hits[:, 0].double().mean().item() * 100
+    top5 = hits.any(1).double().mean().item() * 100 if predictions.shape[1] >= 5 else None
     return top1, top5
 
 
 @torch.no_grad()
-def head_logits(probes: LinearProbes, data: Any, to_features: Callable,
-                args: argparse.Namespace) -> List[torch.Tensor]:
-    """Every head's logits on every image of `data` (cached features or a data set), each
-    image counted exactly once across processes."""
+def head_predictions(probes: LinearProbes, data: Any, to_features: Callable,
+                     args: argparse.Namespace) -> torch.Tensor:
+    """Every head's top predictions on every image of `data` (cached features or a data set),
+    (N, heads, k), each image counted exactly once across processes. Predictions, not logits,
+    are kept: a grid's logits on a large test set would not fit in memory."""
     probes.eval()
     if isinstance(data, torch.Tensor):  # cached features
-        chunks = [probes(chunk.to(args.device)) for chunk in data.split(4096)]
-        return [torch.cat(per_head) for per_head in zip(*chunks)]
-    outputs = feats.extract_features(  # in data set order, without progress lines
-        lambda images: tuple(probes(to_features(images))), data, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, device=args.device, use_amp=args.use_fp16, header=None)
-    return list(outputs) if isinstance(outputs, tuple) else [outputs]
+        return torch.cat([top_predictions(probes(chunk.to(args.device))) for chunk in data.split(4096)])
+    return feats.extract_features(  # in data set order, without progress lines
+        lambda images: top_predictions(probes(to_features(images))), data,
+        batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, device=args.device,
+        use_amp=args.use_fp16, header=None)
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
-    """Loss and accuracy of one head's logits."""
-    if not torch.isfinite(logits).all():  # an accuracy from NaN logits would look like a result
+def score(predictions: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+    """Accuracy of one head's top predictions (N, k)."""
+    if (predictions < 0).any():  # an accuracy from NaN logits would look like a result
         raise utils.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
-    labels = labels.to(logits.device)
-    top1, top5 = accuracy(logits.float(), labels)
-    return dict(loss=F.cross_entropy(logits.float(), labels).item(), acc1=top1, acc5=top5)
+    top1, top5 = accuracy(predictions, labels)
+    return dict(acc1=top1, acc5=top5)
 
 
 def choose_head(heldout_top1: Sequence[Optional[float]]) -> int:
@@ -412,12 +436,13 @@ def evaluate_heads(probes: LinearProbes, optimizer: Optional[torch.optim.Optimiz
         [False] * len(probes.specs)
     heldout: List[Optional[float]] = [None if gone else 0.0 for gone in retired]
     if data.heldout is not None:
-        for index, logits in enumerate(head_logits(probes, data.heldout, data.to_features, args)):
+        predictions = head_predictions(probes, data.heldout, data.to_features, args)
+        for index in range(len(heldout)):
             if not retired[index]:
-                heldout[index] = accuracy(logits.float(), data.heldout_labels)[0]
+                heldout[index] = accuracy(predictions[:, index], data.heldout_labels)[0]
     chosen = choose_head(heldout)
-    test_logits = head_logits(probes, data.test, data.to_features, args)[chosen]
-    return dict(chosen=chosen, heldout_top1=heldout, test=score(test_logits, data.test_labels))
+    test = head_predictions(probes, data.test, data.to_features, args)[:, chosen]
+    return dict(chosen=chosen, heldout_top1=heldout, test=score(test, data.test_labels))
 
 
 # ========================================================================== checkpoints
@@ -584,8 +609,8 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     if args.evaluate:
         path = Path(args.linear_weights) if args.linear_weights else output_dir / CHECKPOINT_NAME
         chosen = int(load_heads(path, probes, wanted).get("chosen", 0))
-        logits = head_logits(probes, evaluation.test, to_features, args)[chosen]
-        stats = score(logits, evaluation.test_labels)
+        predictions = head_predictions(probes, evaluation.test, to_features, args)[:, chosen]
+        stats = score(predictions, evaluation.test_labels)
         print(f"Accuracy of the network on the {len(evaluation.test)} test images: {stats['acc1']:.1f}%")
         print(f"Top-1 test accuracy: {stats['acc1']:.1f}")
         results.update(evaluate=stats, top1=stats["acc1"], chosen=asdict(specs[chosen]))
@@ -628,7 +653,7 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
                                            if len(specs) > 1 else ""))
             best_acc = max(best_acc, test["acc1"])
             print(f"Max accuracy so far: {best_acc:.2f}%")
-            last.update(epoch=epoch, acc1=test["acc1"], acc5=test["acc5"], loss=test["loss"])
+            last.update(epoch=epoch, acc1=test["acc1"], acc5=test["acc5"])
             log_stats.update({f"test_{k}": v for k, v in test.items()}, chosen_head=last["chosen"])
         save = dict(epoch=epoch + 1, state_dict=probes.state_dict(), optimizer=optimizer.state_dict(),
                     best_acc=best_acc, head_config=wanted, last_stats=last,

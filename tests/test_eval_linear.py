@@ -204,15 +204,17 @@ def grid_result(weights, out, *flags):
 def test_grid_chooses_on_heldout_training_images_and_equals_a_single_head(untrained_cls_weights, tmp_path):
     """The grid trains 3 lrs x DINO's 4 CLS variants in one pass; its chosen head's test
     accuracy and weights equal a single head trained alone at that lr on the same variant
-    and the same training rows."""
-    stdout, grid = grid_result(untrained_cls_weights, tmp_path / "grid", "--lr_grid", "0.01", "0.3", "3")
+    and the same training rows (up to float rounding: the grid's heads on one variant share
+    one matrix product, whose sums may round differently; rates in the stable range keep
+    that from growing)."""
+    stdout, grid = grid_result(untrained_cls_weights, tmp_path / "grid", "--lr_grid", "0.01", "0.05", "0.2")
     assert len(grid["grid"]) == 12 and stdout.count("<- chosen") == 1
     variants = {(row["n_last_blocks"], row["avgpool"]) for row in grid["grid"]}
     assert variants == {(1, False), (1, True), (4, False), (4, True)}
     heldout = [row["heldout_top1"] for row in grid["grid"]]
     chosen = grid["chosen"]
-    assert chosen["lr"] in (0.01, 0.3, 3) and max(heldout) == grid["grid"][heldout.index(max(heldout))]["heldout_top1"]
-    assert grid["grid"][heldout.index(max(heldout))]["lr"] == chosen["lr"]  # first of the best
+    best = grid["grid"][heldout.index(max(heldout))]  # the first of the best, in grid order
+    assert (chosen["lr"], chosen["n_last_blocks"], chosen["avgpool"]) == (best["lr"], best["n_last_blocks"], best["avgpool"])
     assert "Holding out 144 of the 1437 training images" in stdout
 
     _, single = grid_result(untrained_cls_weights, tmp_path / "single", "--lr", str(chosen["lr"]),
@@ -224,7 +226,26 @@ def test_grid_chooses_on_heldout_training_images_and_equals_a_single_head(untrai
     index = saved_grid["chosen"]
     for name in ("weight", "bias"):
         torch.testing.assert_close(saved_grid["state_dict"][f"heads.{index}.linear.{name}"],
-                                   saved_single["state_dict"][f"heads.0.linear.{name}"])
+                                   saved_single["state_dict"][f"heads.0.linear.{name}"], rtol=1e-4, atol=1e-5)
+
+
+def test_heads_sharing_a_product_get_their_own_gradients():
+    """One step of two heads on the same features equals each head's step alone."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(32, 24), torch.randint(0, 5, (32,))
+    specs = [eval_linear.ProbeSpec(0.1, 0, 24), eval_linear.ProbeSpec(0.5, 0, 24), eval_linear.ProbeSpec(0.5, 8, 24)]
+    together = eval_linear.LinearProbes(specs, 5, seed=1)
+    losses = eval_linear.head_losses(together(features), labels)
+    losses.sum().backward()
+    for index, spec in enumerate(specs):
+        alone = eval_linear.LinearClassifier(spec.stop - spec.start, 5)
+        alone.load_state_dict(eval_linear.LinearProbes([spec], 5, seed=1).heads[0].state_dict())
+        loss = torch.nn.functional.cross_entropy(alone(features[:, spec.start:spec.stop]), labels)
+        loss.backward()
+        torch.testing.assert_close(losses[index], loss)
+        torch.testing.assert_close(together.heads[index].linear.weight.grad, alone.linear.weight.grad)
+        torch.testing.assert_close(together.heads[index].linear.bias.grad, alone.linear.bias.grad)
+    assert [len(members) for _, _, members in together.runs] == [2, 1]
 
 
 def test_the_choice_never_sees_the_test_labels(untrained_cls_weights, tmp_path, monkeypatch):
