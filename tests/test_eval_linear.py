@@ -323,3 +323,18 @@ def test_grid_refusals(tiny_sparo_checkpoint, tmp_path, flags, message):
     with pytest.raises(utils.UserError, match=re.escape(message)):
         run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
                    "--output_dir", tmp_path, *flags)
+
+
+@pytest.mark.parametrize("readout, scaled", [("gap", False), ("cls_proj", True)])
+def test_control_features_are_their_encodings(readout, scaled):
+    """The controls' probe feature is their encoding; cls_proj's (unit norm, like SPARO's) is
+    rescaled to unit coordinates, gap's (a mean of LayerNorm'd tokens) is not."""
+    config = vits.BackboneConfig("vit_nano", 4, 16, readout=readout, sparo_slots=4, sparo_dim=8)
+    model = config.build().eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        features = eval_linear.frozen_features(model, images, config.to_dict(), 4, True, None)
+        encoding = model(images)
+    width = eval_linear.feature_dim(config.to_dict(), 4, True, None)
+    assert features.shape == encoding.shape == (2, width) == (2, 32 if readout == "cls_proj" else 96)
+    torch.testing.assert_close(features, encoding * (width ** 0.5 if scaled else 1.0))
