@@ -134,9 +134,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # The full table: 10 networks (3 seeds of CLS and SPARO, 2 of each control) pre-trained on the
 # first 20,000 training images for 2 epochs (625 iterations, the README demo's budget), plus
-# 4 untrained ones, all evaluated on the whole 60k bank and 10k test split: about an hour on
+# 4 untrained ones, all evaluated on the whole 60k bank and 10k test split: 52 minutes on
 # 2 CPU cores (RESULTS.md). --quick: the same four read-outs, one seed, 10,000 images for two
-# epochs, a 10k bank and 2k test images: about 15 minutes.
+# epochs, a 10k bank and 2k test images: about 8 minutes.
 QUICK_DEFAULTS = dict(variants=list(TABLE), seeds=[0], bank_size=10000, test_size=2000,
                       pretrain_subset=10000, epochs=2)
 FULL_DEFAULTS = dict(variants=list(TABLE), seeds=[0, 1, 2], bank_size=None, test_size=10000,
