@@ -265,8 +265,8 @@ def build_transforms(args: argparse.Namespace, crop_size: int) -> Tuple[Callable
 def holdout_split(count: int, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(training rows, held-out rows), each sorted: a seeded random `fraction` of the `count`
     training images is held out (the same on every rank: a CPU generator)."""
-    held = round(fraction * count)
-    if fraction > 0 and not 1 <= held < count:
+    held = max(1, round(fraction * count)) if fraction > 0 else 0  # a tiny set still holds one out
+    if fraction > 0 and held >= count:
         raise utils.UserError(f"--holdout_fraction {fraction} of {count} training images leaves "
                               f"{held} held out and {count - held} to train on: both need one")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
@@ -310,8 +310,10 @@ def train_one_epoch(probes: nn.Module, optimizer: torch.optim.Optimizer, batches
             features = to_features(inputs)
         losses = head_losses(probes(features), target)
         finite = finite_per_entry(losses)
-        if not finite.all() and len(losses) == 1:  # stop before the step: no NaN head is saved
-            raise utils.UserError(nonfinite_loss_message(losses.item(), features, epoch))
+        # stop before the step (no NaN head is saved) when the one head, or the features
+        # themselves, are not finite; a grid only retires its diverging heads
+        if not finite.all() and (len(losses) == 1 or not finite_everywhere(features.float().sum())):
+            raise utils.UserError(nonfinite_loss_message(losses[~finite][0].item(), features, epoch))
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # d(sum)/d(loss_i) = 1: each head gets its own gradient
         for index in torch.nonzero(~finite).flatten().tolist():

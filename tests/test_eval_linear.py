@@ -274,6 +274,9 @@ def test_heldout_rows_are_seeded_and_never_trained_on():
     assert set(train.tolist()).isdisjoint(held.tolist()) and set(train.tolist()) | set(held.tolist()) == set(range(1000))
     assert torch.equal(held, eval_linear.holdout_split(1000, 0.1, seed=3)[1])
     assert not torch.equal(held, eval_linear.holdout_split(1000, 0.1, seed=4)[1])
+    assert [len(part) for part in eval_linear.holdout_split(3, 0.1, seed=0)] == [2, 1]  # a tiny set holds one out
+    with pytest.raises(utils.UserError, match="leaves 1 held out and 0 to train on"):
+        eval_linear.holdout_split(1, 0.1, seed=0)
     features, labels = torch.arange(1000.0)[:, None], torch.arange(1000)
     seen = torch.cat([x[:, 0] for x, _ in eval_linear.CachedBatches(features, labels, train, 64, seed=0)])
     assert sorted(seen.long().tolist()) == train.tolist()
