@@ -19,6 +19,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: its functions take `group=group.WORLD`
+# as a default argument, so importing it later (timm does) pins the default group for good;
+# destroy_process_group() then cannot free it, gloo's worker threads outlive the interpreter and
+# a rank can abort at exit ("terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

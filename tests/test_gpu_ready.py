@@ -413,3 +413,33 @@ def test_cpu_tests_never_see_a_gpu(monkeypatch):
     import helpers
     helpers.run_script("main_dino_sparo.py")
     assert seen["CUDA_VISIBLE_DEVICES"] == ""
+
+
+# ------------------------------------------------- leaving the group frees gloo's threads
+LEAVE_GROUP_SCRIPT = """
+import os, sys
+import utils
+import torch.distributed as dist
+def threads(): return len(os.listdir("/proc/self/task"))
+before = threads()
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+import timm, vision_transformer  # timm imports torch.distributed.nn after the group exists
+during = threads()
+utils.cleanup_distributed()
+print(before, during, threads())
+"""
+
+
+def test_leaving_the_group_ends_its_worker_threads(tmp_path):
+    """A group that outlives destroy_process_group() keeps gloo's worker threads into interpreter
+    exit, where one can abort the process (1 in 3 two-process embed.py runs did before utils
+    imported torch.distributed.nn ahead of the group). Counted in a fresh interpreter."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_GROUP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, during, after = map(int, result.stdout.split()[-3:])
+    assert during > before  # the group's threads existed ...
+    assert after == before  # ... and ended with it
