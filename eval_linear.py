@@ -40,6 +40,7 @@ from torch import nn
 import datasets
 import features as feats
 import utils
+import vision_transformer as vits
 from sparo_head import select_slots
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
@@ -49,7 +50,6 @@ LOG_NAME = "linear_log.txt"
 LR_GRID = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
            0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 DEFAULT_HOLDOUT = 0.1  # of the training images, for choosing the grid's head
-UNIT_NORM_READOUTS = ("sparo", "cls_proj")  # encodings rescaled by sqrt(width) (--scale_sparo_features)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -230,7 +230,7 @@ def frozen_features(model: nn.Module, images: torch.Tensor, config: Dict[str, An
         encoding = model(images).float()
         if slots is not None:
             encoding = F.normalize(select_slots(encoding, int(config["sparo_slots"]), slots), dim=1)
-        unit_norm = config["readout"] in UNIT_NORM_READOUTS
+        unit_norm = config["readout"] in vits.UNIT_NORM_READOUTS
         return encoding * math.sqrt(encoding.shape[1]) if scale_sparo and unit_norm else encoding
     blocks = model.get_intermediate_layers(images, n_last_blocks)
     parts = [tokens[:, 0] for tokens in blocks]
@@ -241,8 +241,6 @@ def frozen_features(model: nn.Module, images: torch.Tensor, config: Dict[str, An
 
 def feature_dim(config: Dict[str, Any], n_last_blocks: int, avgpool: bool,
                 slots: Optional[List[int]]) -> int:
-    import vision_transformer as vits
-
     if config["readout"] == "cls":
         return vits.ARCHS[config["arch"]][0] * (n_last_blocks + int(avgpool))
     if slots:
@@ -456,7 +454,7 @@ def head_config(args: argparse.Namespace, config: Dict[str, Any], slots: Optiona
                 layout=asdict(layout), heads=[asdict(spec) for spec in specs], slots=slots,
                 num_labels=num_labels, holdout_fraction=args.holdout_fraction,
                 split_seed=args.seed if args.holdout_fraction else None,
-                scale_sparo_features=(args.scale_sparo_features if config["readout"] in UNIT_NORM_READOUTS
+                scale_sparo_features=(args.scale_sparo_features if config["readout"] in vits.UNIT_NORM_READOUTS
                                       else None),
                 backbone_sha256=backbone_sha256(backbone),
                 backbone_source=f"{args.pretrained_weights} ({args.checkpoint_key})")

@@ -72,7 +72,7 @@ def environment() -> Dict[str, Any]:
                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None,
                 host=socket.gethostname(),
                 devices=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                if cuda else [platform.processor() or platform.machine() or "cpu"])
+                if cuda else [utils.cpu_name()])
 
 
 def record_start(args: argparse.Namespace, output_dir: Path, parser: argparse.ArgumentParser,

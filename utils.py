@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import random
 import socket
 import subprocess
@@ -381,14 +382,25 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags (/proc/cpuinfo's `flags`, or `Features` on ARM); empty elsewhere."""
+def _cpuinfo_field(*names: str) -> str:
+    """The first /proc/cpuinfo line starting with one of `names`, after its colon ("" elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith(("flags", "Features"))), "")
-    return set(line.partition(":")[2].split())
+        return ""
+    line = next((l for l in text.splitlines() if l.startswith(names)), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (/proc/cpuinfo's `flags`, or `Features` on ARM); empty elsewhere."""
+    return set(_cpuinfo_field("flags", "Features").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name for run records and benchmark tables (platform.processor() is
+    empty on most Linux machines, and platform.machine() only says x86_64)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "cpu"
 
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512/AMX, ARM (FEAT_BF16)

@@ -35,6 +35,9 @@ Readout = Literal["sparo", "cls", "gap", "cls_proj"]
 READOUTS: Tuple[str, ...] = get_args(Readout)
 # Read-outs whose encoding is L*V wide (sparo_slots x sparo_dim); the others are D wide.
 WIDE_READOUTS: Tuple[str, ...] = ("sparo", "cls_proj")
+# Read-outs whose encoding is L2-normalised (per slot for SPARO, whole for cls_proj): linear
+# probes rescale them to unit-scale coordinates (eval_linear.py --scale_sparo_features).
+UNIT_NORM_READOUTS: Tuple[str, ...] = ("sparo", "cls_proj")
 # State-dict prefixes of the learned read-out modules (warm starts leave them fresh).
 READOUT_MODULES: Tuple[str, ...] = ("sparo.", "cls_proj.")
 

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -537,7 +536,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         test_size=args.test_size, recipe=recipe, recipe_file=os.path.relpath(args.recipe, REPO),
         pretrain_subset=args.pretrain_subset, epochs=args.epochs, train_args=args.train_args,
         linear_config=load_yaml(args.linear_config),
-        machine=f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.jobs} "
+        machine=f"{utils.cpu_name()}, {args.threads} threads, {args.jobs} "
                 f"jobs at once, torch {torch.__version__}, "
                 f"{'bf16 autocast' if recipe.get('cpu_bf16') and not utils.cpu_bf16_shortfall() else 'fp32'} on CPU",
         quick=args.quick), variants={}, untrained={})

@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import gc
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -194,9 +193,7 @@ def join_single_process_group() -> bool:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+    return f"CPU {utils.cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
