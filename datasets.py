@@ -283,6 +283,22 @@ class FailOnUnreadableImages(SkipUnreadableImages):
                             f"({type(error).__name__}: {error})") from error
 
 
+class NanForUnreadableImages(SkipUnreadableImages):
+    """Encoding a folder (embed.py): an unreadable image becomes an all-NaN image of `shape`
+    with its label, so that the encoding loop (in loader workers, maybe on other processes)
+    marks it and goes on; the caller leaves its row out and lists the file."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, shape: Tuple[int, ...]) -> None:
+        super().__init__(dataset)
+        self.shape = shape
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except UNREADABLE_IMAGE_ERRORS:
+            return torch.full(self.shape, float("nan")), self.dataset.targets[index]
+
+
 def _sample_path(dataset: Any, index: int) -> str:
     samples = getattr(dataset, "samples", None)
     return samples[index][0] if samples else f"#{index}"

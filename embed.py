@@ -64,21 +64,11 @@ def list_images(root: str) -> List[Path]:
     return files
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Images by path. An unreadable one becomes a NaN image, so that the encoding loop (run in
-    loader workers, maybe on other processes) can mark it without stopping."""
-
-    def __init__(self, files: List[Path], transform: Any, crop_size: int) -> None:
-        self.files, self.transform, self.crop_size = files, transform, crop_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        try:
-            return self.transform(datasets.load_rgb_image(str(self.files[index]))), index
-        except datasets.UNREADABLE_IMAGE_ERRORS:
-            return torch.full((3, self.crop_size, self.crop_size), float("nan")), index
+def image_files(files: List[Path], transform: Any, crop_size: int) -> torch.utils.data.Dataset:
+    """The files, each labelled with its position; an unreadable one is an all-NaN image."""
+    samples = [(str(path), position) for position, path in enumerate(files)]
+    return datasets.NanForUnreadableImages(datasets.ImageFiles(samples, [], transform),
+                                           (3, crop_size, crop_size))
 
 
 def unreadable_reason(path: Path) -> str:
@@ -89,7 +79,7 @@ def unreadable_reason(path: Path) -> str:
     return "unreadable when encoded"
 
 
-def encode(model: torch.nn.Module, dataset: ImageFiles, args: argparse.Namespace) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode(model: torch.nn.Module, dataset: torch.utils.data.Dataset, args: argparse.Namespace) -> Tuple[torch.Tensor, torch.Tensor]:
     """(encodings (N, D), readable (N,) bool) in data set order, on every process."""
 
     def forward(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +127,7 @@ def embed(args: argparse.Namespace) -> None:
         feats.require_sparo(config, "--per_slot")
     crop = feats.eval_crop_size(args, config)
     files = list_images(args.data_path)
-    dataset = ImageFiles(files, feats.eval_transform(crop, args.resize_size), crop)
+    dataset = image_files(files, feats.eval_transform(crop, args.resize_size), crop)
     print(f"Encoding {len(files)} images from {args.data_path} at {crop} px.")
     features, readable = encode(model, dataset, args)
     if not utils.is_main_process():

@@ -64,6 +64,25 @@ def test_every_readable_image_is_encoded_and_the_corrupt_one_listed(tiny_sparo_c
                                rtol=1e-5, atol=1e-6)
 
 
+def test_unreadable_image_policies_skip_fail_or_mark(image_folder):
+    """The three wrappers around one labelled file list: training skips a bad file (serving the
+    next), evaluation stops naming it, embed.py marks it as an all-NaN image with its label."""
+    root, _ = image_folder
+    files = [root / "3.png", root / "a" / "broken.png", root / "z" / "5.png"]
+    transform = feats.eval_transform(16)
+    labelled = datasets.ImageFiles([(str(f), i) for i, f in enumerate(files)], [], transform)
+    marked = embed.image_files(files, transform, 16)
+    image, label = marked[1]
+    assert label == 1 and image.shape == (3, 16, 16) and torch.isnan(image).all()
+    for position in (0, 2):
+        image, label = marked[position]
+        assert label == position and torch.equal(image, labelled[position][0])
+    image, label = datasets.SkipUnreadableImages(labelled)[1]
+    assert label == 2 and torch.equal(image, labelled[2][0])
+    with pytest.raises(utils.UserError, match="cannot read image .*broken.png"):
+        datasets.FailOnUnreadableImages(labelled)[1]
+
+
 def test_bad_requests_are_one_line_errors(tiny_sparo_checkpoint, image_folder, tmp_path):
     root, _ = image_folder
     common = ["--pretrained_weights", str(tiny_sparo_checkpoint)]
