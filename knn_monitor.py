@@ -46,6 +46,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="Also measure the k-NN accuracy of the raw pixels (the images after "
                              "the evaluation pre-processing) once at the start: the floor a "
                              "network should beat.")
+    parser.add_argument("--eval_student", default=False, type=utils.bool_flag,
+                        help="Also measure the student at each --eval_every evaluation (logged as "
+                             "student_knn_top1/top5/seconds; doubles the evaluation time). Early in "
+                             "training the EMA teacher lags the student.")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -115,8 +119,8 @@ class KnnMonitor:
             utils.atomic_write_text(output_dir / BASELINES_FILE,
                                     json.dumps(dict(baselines, description=self.description), indent=1))
 
-    def report(self, epoch: int, result: Dict[str, Optional[float]]) -> None:
-        print(f"k-NN of the teacher after epoch {epoch} ({self.description}): {format_figures(result)}")
+    def report(self, epoch: int, result: Dict[str, Optional[float]], network: str = "teacher") -> None:
+        print(f"k-NN of the {network} after epoch {epoch} ({self.description}): {format_figures(result)}")
 
 
 def format_figures(result: Dict[str, Optional[float]]) -> str:
@@ -124,6 +128,10 @@ def format_figures(result: Dict[str, Optional[float]]) -> str:
     if result.get("knn_top5") is not None:
         line += f", Top5: {result['knn_top5']:.2f}"
     return line + f" ({result['knn_seconds']:.1f} s)"
+
+
+def student_figure(entry: Dict[str, Any]) -> str:
+    return f" (student {entry['student_knn_top1']:.2f})" if entry.get("student_knn_top1") is not None else ""
 
 
 def summary(output_dir: Path, history: List[Dict[str, Any]]) -> Optional[str]:
@@ -135,5 +143,5 @@ def summary(output_dir: Path, history: List[Dict[str, Any]]) -> Optional[str]:
     baselines = json.loads(path.read_text()) if path.exists() else {}
     parts = [f"{name} {baselines[name]['knn_top1']:.2f}" for name in ("raw pixels", "untrained")
              if name in baselines]
-    parts += [f"epoch {entry['epoch']} {entry['knn_top1']:.2f}" for entry in evaluated]
+    parts += [f"epoch {entry['epoch']} {entry['knn_top1']:.2f}" + student_figure(entry) for entry in evaluated]
     return f"k-NN top-1 ({baselines.get('description', f'{NB_KNN}-NN')}): " + ", ".join(parts)

@@ -59,8 +59,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Weight-normalise the last head layer with a fixed norm. Makes "
                              "training more stable; False can give better ViT-S results.")
     parser.add_argument("--momentum_teacher", default=0.996, type=utils.unit_interval,
-                        help="Base EMA momentum of the teacher, raised to 1 on a cosine schedule. "
-                             "Use 0.9995 with batch 256; smaller batches want higher values.")
+                        help="Base EMA momentum of the teacher, raised to --momentum_teacher_end on a "
+                             "cosine schedule. Use 0.9995 with batch 256; smaller batches want higher "
+                             "values. Runs of a few thousand iterations want lower ones (0.99): the "
+                             "teacher averages the last ~1/(1-m) student steps.")
+    parser.add_argument("--momentum_teacher_end", default=1.0, type=utils.unit_interval,
+                        help="Teacher momentum at the end of training (DINO: 1, a teacher frozen at "
+                             "the end). A short run whose cosine ends at 1 freezes the teacher early; "
+                             "ending below 1 keeps it following the student.")
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
                         help="BatchNorm in the projection head (False for ViTs).")
 
@@ -284,8 +290,11 @@ def check_args(args: argparse.Namespace) -> None:
 def warn_suspicious_args(args: argparse.Namespace) -> None:
     """Legal values that usually train nothing useful: a warning each, training goes on."""
     warnings = []
-    if args.momentum_teacher == 1:
+    if args.momentum_teacher == 1 and args.momentum_teacher_end == 1:
         warnings.append("--momentum_teacher 1 never updates the teacher from the student")
+    if args.momentum_teacher_end < args.momentum_teacher:
+        warnings.append(f"--momentum_teacher_end {args.momentum_teacher_end} is below --momentum_teacher "
+                        f"{args.momentum_teacher}: the teacher follows the student more closely as training ends")
     if max(args.teacher_temp, args.warmup_teacher_temp) >= STUDENT_TEMP:
         warnings.append(f"a teacher temperature of {max(args.teacher_temp, args.warmup_teacher_temp)} is "
                         f"not below the student's {STUDENT_TEMP}: the teacher does not sharpen and "
@@ -444,7 +453,7 @@ def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
 # Arguments a resumed run may change on purpose (the model's cannot change: see above).
 NOTED_ON_RESUME = ("lr", "min_lr", "data_path", "subset", "batch_size_per_gpu", "epochs",
                    "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher",
-                   "teacher_temp", "optimizer", "seed")
+                   "momentum_teacher_end", "teacher_temp", "optimizer", "seed")
 
 
 def note_changed_args(saved: Any, args: argparse.Namespace) -> None:
@@ -514,7 +523,8 @@ def build_schedules(args: argparse.Namespace, iters_per_epoch: int) -> Dict[str,
         lr=utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs,
                                   iters_per_epoch, warmup_epochs=args.warmup_epochs),
         wd=utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch),
-        momentum=utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch))
+        momentum=utils.cosine_scheduler(args.momentum_teacher, args.momentum_teacher_end, args.epochs,
+                                        iters_per_epoch))
 
 
 def resume_from_checkpoint(output_dir: Path, models: Models, optimisation: Optimisation,
@@ -642,9 +652,14 @@ def train_dino(args: argparse.Namespace) -> None:
         if monitor is not None and monitor.due(epoch):
             knn_stats = monitor.evaluate(models.teacher.backbone)
             monitor.report(epoch, knn_stats)
+            if args.eval_student:
+                student_stats = monitor.evaluate(models.student_without_ddp.backbone)
+                monitor.report(epoch, student_stats, "student")
+                knn_stats.update({f"student_{k}": v for k, v in student_stats.items()})
             history[-1].update(knn_stats)
             # at the epoch's last iteration: a resumed run's purge starts at the next one
-            board.add_scalars({f"knn/{k[4:]}": v for k, v in knn_stats.items()},
+            board.add_scalars({k.replace("knn_", "knn/").replace("student_knn/", "knn_student/"): v
+                               for k, v in knn_stats.items()},
                               (epoch + 1) * len(data_loader) - 1)
             board.flush()
         save_dict = checkpoint_state(models, optimisation, epoch, args, history)

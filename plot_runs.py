@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import utils
 
 PANELS = [("train_loss", "DINO loss"), ("train_teacher_entropy", "teacher entropy"),
-          ("train_lr", "learning rate"), ("knn_top1", "k-NN top-1 (%)")]
+          ("train_lr", "learning rate"), ("knn_top1", "k-NN top-1 (%), student dotted")]
 # Flags that differ between any two runs without changing what is trained.
 NOT_A_DIFFERENCE = {"output_dir", "dist_url", "local_rank", "num_workers", "print_freq",
                     "saveckp_freq", "config", "device"}
@@ -43,10 +43,13 @@ def read_baselines(run_dir: Path) -> Dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any]) -> List[Tuple[int, float]]:
-    """(epoch, k-NN top-1): the untrained network at epoch -1, then each evaluated epoch."""
+def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any],
+               key: str = "knn_top1") -> List[Tuple[int, float]]:
+    """(epoch, k-NN top-1): the untrained network at epoch -1 (student and teacher start equal),
+    then each evaluated epoch; key "student_knn_top1" for the student (--eval_student)."""
     start = [(-1, baselines["untrained"]["knn_top1"])] if "untrained" in baselines else []
-    return start + [(e["epoch"], e["knn_top1"]) for e in log if "knn_top1" in e and "epoch" in e]
+    points = [(e["epoch"], e[key]) for e in log if e.get(key) is not None and "epoch" in e]
+    return start + points if points or key == "knn_top1" else []  # no student line without students
 
 
 def read_flags(run_dir: Path) -> Dict[str, Any]:
@@ -93,6 +96,10 @@ def plot(runs: Sequence[Tuple[str, List[Dict[str, Any]], Dict[str, Any]]], outpu
             if points:
                 epochs, values = zip(*points)
                 axis.plot(epochs, values, marker="o", markersize=3, label=label, color=colour)
+            student = knn_points(log, baselines, "student_knn_top1") if key == "knn_top1" else []
+            if student:  # dotted, same colour: the student of the same run
+                epochs, values = zip(*student)
+                axis.plot(epochs, values, marker="x", markersize=3, linestyle=":", color=colour)
             if key == "knn_top1" and "raw pixels" in baselines:
                 floor = axis.axhline(baselines["raw pixels"]["knn_top1"], color=colour,
                                      linestyle="--", linewidth=1)

@@ -10,7 +10,7 @@ What is written (tags):
   interval's last batch of global crops: `slots/attention_entropy` (per slot, nats over the
   patches, as a histogram, with its mean) and `slots/cls_weight` (the weight each slot puts on
   the CLS token);
-- per evaluation, `knn/top1`, `knn/top5` and `knn/seconds`.
+- per evaluation, `knn/top1`, `knn/top5` and `knn/seconds` (`knn_student/...` with --eval_student).
 
 A resumed run opens its writer with `purge_step` at its first iteration: TensorBoard then hides
 what an interrupted run wrote past the checkpoint it resumes from, so each curve continues

@@ -44,6 +44,18 @@ def test_teacher_temperature_schedule():
     assert schedule[29] == pytest.approx(0.07) and schedule[-1] == pytest.approx(0.07)
 
 
+@pytest.mark.parametrize("end", [None, 0.99])
+def test_teacher_momentum_schedule_ends_at_momentum_teacher_end(end):
+    flags = ["--momentum_teacher", "0.99"] + ([] if end is None else ["--momentum_teacher_end", str(end)])
+    args = dino.get_args_parser().parse_args(flags + ["--epochs", "3", "--warmup_epochs", "1"])
+    args.world_size = 1
+    momentum = dino.build_schedules(args, iters_per_epoch=5)["momentum"]
+    assert len(momentum) == 15 and momentum[0] == pytest.approx(0.99)
+    # DINO's cosine to 1 unless told otherwise; a constant schedule when start == end
+    assert momentum[-1] == pytest.approx(1.0 if end is None else end, abs=1e-3)
+    assert np.all(np.diff(momentum) >= 0) if end is None else np.allclose(momentum, 0.99)
+
+
 @pytest.mark.parametrize("warmup", [0, 2, 10])
 def test_cosine_schedule_length_and_end_points(warmup):
     schedule = utils.cosine_scheduler(1.0, 0.1, epochs=10, niter_per_ep=7, warmup_epochs=warmup,

@@ -11,7 +11,7 @@ import plot_runs
 from helpers import TINY_TRAIN_ARGS, read_log, run_script
 
 EVAL_ARGS = ["--eval_every", "1", "--eval_data_path", "digits", "--eval_train_subset", "600",
-             "--eval_test_subset", "200", "--eval_raw_pixels", "true"]
+             "--eval_test_subset", "200", "--eval_raw_pixels", "true", "--eval_student", "true"]
 RUN_ARGS = [*TINY_TRAIN_ARGS, "--arch", "vit_nano", "--subset", "64", "--batch_size_per_gpu", "16",
             "--epochs", "2", *EVAL_ARGS]
 
@@ -37,22 +37,27 @@ def test_every_epoch_logs_knn_and_the_run_ends_with_the_comparison(evaluated_run
     assert "k-NN of the teacher after epoch 1" in stdout
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("k-NN top-1") and f"epoch 1 {log[1]['knn_top1']:.2f}" in last
+    assert f"(student {log[1]['student_knn_top1']:.2f})" in last
     assert f"untrained {baselines['untrained']['knn_top1']:.2f}" in last
     # raw pixels of 8x8 digits (upsampled to 16 px) are a strong floor: about 95 %
     assert baselines["raw pixels"]["knn_top1"] > 80
 
 
 @pytest.mark.slow
-def test_knn_during_training_equals_eval_knn_on_the_checkpoint(evaluated_run, tmp_path):
-    out, _ = evaluated_run
+@pytest.mark.parametrize("network", ["teacher", "student"])
+def test_knn_during_training_equals_eval_knn_on_the_checkpoint(evaluated_run, tmp_path, network):
+    out, stdout = evaluated_run
     result = tmp_path / "knn.json"
     run_script("eval_knn.py", "--pretrained_weights", out / "checkpoint.pth", "--data_path", "digits",
+               "--checkpoint_key", network,
                "--train_subset", "600", "--test_subset", "200", "--nb_knn", "20",
                "--batch_size_per_gpu", "16", "--num_workers", "0", "--output_json", result)
     figures = json.loads(result.read_text())["knn"]["20"]
     last = read_log(out / "log.txt")[-1]
-    assert last["knn_top1"] == pytest.approx(figures["top1"], abs=1e-3)
-    assert last["knn_top5"] == pytest.approx(figures["top5"], abs=1e-3)
+    prefix = "" if network == "teacher" else "student_"
+    assert last[prefix + "knn_top1"] == pytest.approx(figures["top1"], abs=1e-3)
+    assert last[prefix + "knn_top5"] == pytest.approx(figures["top5"], abs=1e-3)
+    assert f"k-NN of the {network} after epoch 1" in stdout
 
 
 @pytest.mark.slow
@@ -67,6 +72,8 @@ def test_tensorboard_has_every_iteration_and_the_knn_points(evaluated_run):
     assert [e.step for e in reader.Scalars("knn/top1")] == [iterations // 2 - 1, iterations - 1]
     log = read_log(out / "log.txt")
     assert [e.value for e in reader.Scalars("knn/top1")] == pytest.approx([entry["knn_top1"] for entry in log])
+    assert [e.value for e in reader.Scalars("knn_student/top1")] == \
+        pytest.approx([entry["student_knn_top1"] for entry in log])
     assert {"slots/attention_entropy", "slots/cls_weight"} <= set(reader.Tags()["histograms"])
     assert {"speed/data_seconds", "speed/iter_seconds", "memory/max_mem_mib", "train/lr",
             "train/teacher_temp"} <= set(reader.Tags()["scalars"])
@@ -77,6 +84,8 @@ def test_plot_starts_the_knn_curve_before_training(evaluated_run, tmp_path):
     out, _ = evaluated_run
     points = plot_runs.knn_points(read_log(out / "log.txt"), plot_runs.read_baselines(out))
     assert [epoch for epoch, _ in points] == [-1, 0, 1]
+    student = plot_runs.knn_points(read_log(out / "log.txt"), plot_runs.read_baselines(out), "student_knn_top1")
+    assert [epoch for epoch, _ in student] == [-1, 0, 1] and student[0] == points[0]
     run_script("plot_runs.py", out, "--output", tmp_path / "run.png")
     image = np.asarray(Image.open(tmp_path / "run.png").convert("L"))
     assert (image < 128).mean() > 0.005
