@@ -25,15 +25,15 @@ main_dino_sparo.py) with each pipeline and 1 and 2 loader workers. It ends with 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,7 +44,8 @@ import augmentations  # noqa: E402
 import datasets  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
-from bench.train_throughput import describe_device  # noqa: E402
+from bench.dino_original import load_dino  # noqa: E402
+from bench.measure import describe_device  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,8 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jpeg_crops", type=int, nargs=3, default=(224, 96, 8),
                         metavar=("GLOBAL", "LOCAL", "NUMBER"),
                         help="jpeg: global crop size, local crop size, local crops (DINO's by default).")
-    parser.add_argument("--dino_ref", default="/work/dino_ref",
-                        help="jpeg: a checkout of facebookresearch/dino, for its DataAugmentationDINO.")
+    parser.add_argument("--dino_ref", default=os.environ.get("DINO_REPO"),
+                        help="jpeg: a checkout of facebookresearch/dino, for its DataAugmentationDINO "
+                             "(default: the DINO_REPO environment variable).")
     parser.add_argument("--device_batch", type=int, default=32, help="jpeg: images per device-stage batch.")
     parser.add_argument("--train_images", type=int, default=64,
                         help="jpeg: images per end-to-end training epoch (0 skips that part).")
@@ -131,26 +133,12 @@ def write_photos(folder: Path, count: int, seed: int = 0) -> Dict[str, float]:
     return dict(mean_megapixels=float(np.mean(pixels)) / 1e6, count=count)
 
 
-def load_dino_augmentation(dino_ref: str) -> Any:
-    """DINO's own DataAugmentationDINO class, imported from the original code (its `utils`
-    and `vision_transformer` would shadow this project's modules, so they are swapped out
-    while it loads and its module keeps its own)."""
-    path = Path(dino_ref)
-    if not (path / "main_dino.py").exists():
-        raise utils.UserError(f"--dino_ref {dino_ref} holds no main_dino.py (a facebookresearch/dino checkout)")
-    names = ("utils", "vision_transformer")
-    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
-    sys.path.insert(0, str(path))
-    try:
-        spec = importlib.util.spec_from_file_location("dino_reference_main", path / "main_dino.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path))
-        for name in names:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
-    return module.DataAugmentationDINO
+def load_dino_augmentation(dino_ref: Optional[str]) -> Any:
+    """DINO's own DataAugmentationDINO class, imported from the original code (bench/dino_original.py)."""
+    if not dino_ref:
+        raise utils.UserError("the jpeg suite at 224/96 px times DINO's own pipeline: give its code "
+                              "with --dino_ref PATH or the DINO_REPO environment variable")
+    return load_dino(dino_ref).main_dino.DataAugmentationDINO
 
 
 def time_per_image(work: Callable[[str], Any], paths: List[str]) -> float:
