@@ -628,7 +628,7 @@ class FailureWatch:
 def watch_for_failures(rank: int, world_size: int) -> None:
     """Start this process's FailureWatch on the default group's store (once per group)."""
     global _failure_watch
-    if _failure_watch is None:
+    if _failure_watch is None and dist.is_initialized():
         _failure_watch = FailureWatch(dist.distributed_c10d._get_default_store(), rank, world_size)
 
 

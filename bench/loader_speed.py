@@ -8,7 +8,8 @@
     python bench/loader_speed.py --photos_dir DIR --workers 4 8 --device cpu
 
 The JPEGs are cut from scikit-learn's sample photographs at ImageNet-like sizes
-(bench/augmentation_speed.write_photos), unless --photos_dir names a folder of them. The loader
+(bench/augmentation_speed.write_photos) into a temporary folder, or into --photos_dir when it
+does not exist yet (an existing --photos_dir is loaded as it is). The loader
 is training's own (main_dino_sparo.build_data_loader: its data set, transform, batch size,
 workers, pinned memory on CUDA), drawing --passes passes over the photos without restarting its
 workers. The consumer moves every batch to the device and, for the device pipeline, runs the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -43,7 +45,8 @@ PIPELINES = ("cpu", "device")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("loader_speed")
     parser.add_argument("--photos_dir", default=None,
-                        help="A folder of JPEGs to load (default: write --photos of them to a temporary folder).")
+                        help="A folder of images to load; written first (--photos JPEGs) if it does not "
+                             "exist. Default: --photos JPEGs in a temporary folder.")
     parser.add_argument("--photos", type=utils.positive_int, default=1000, help="JPEGs written without --photos_dir.")
     parser.add_argument("--workers", type=utils.positive_int, nargs="+", default=[10, 14],
                         help="Loader worker counts to time (DINO: 10 per GPU).")
@@ -102,10 +105,15 @@ def main(argv: List[str] | None = None) -> Dict:
     args.device = torch.device("cuda" if utils.resolve_use_cuda(args.device) else "cpu")
     utils.enable_fast_fp32(args.device)  # cudnn.benchmark for the stage's blurs, as in training
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(args.photos_dir) if args.photos_dir else Path(scratch)
-        if not args.photos_dir:
+        folder = Path(args.photos_dir or scratch)
+        if not args.photos_dir or not folder.exists():
+            # written beside, then renamed: an interrupted run leaves no half-written folder
+            partial = Path(scratch) / "photos" if not args.photos_dir else folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
             start = time.perf_counter()
-            photos = write_photos(folder, args.photos)
+            photos = write_photos(partial, args.photos)
+            folder = partial.rename(folder) if args.photos_dir else partial
             print(f"wrote {photos['count']} JPEGs (mean {photos['mean_megapixels']:.3f} Mpixel) "
                   f"in {time.perf_counter() - start:.1f} s")
         print(f"device: {describe_device(args.device)}; torch {torch.__version__}; crops 2x{args.global_crops_size}px + "
