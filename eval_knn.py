@@ -130,16 +130,13 @@ def select_slots_on_main(args: argparse.Namespace, tensors: Dict[str, torch.Tens
     if args.distributed:
         bank = feats.gather_shards_to_main(bank, index, bank_size)
         labels = feats.gather_shards_to_main(labels, index, bank_size)
-    choice: List = [None]
-    if utils.is_main_process():
-        choice[0] = knn.greedy_select_slots(
-            bank, labels, int(config["sparo_slots"]), args.select_slots,
-            args.select_k, args.temperature, args.select_heldout, args.seed,
-            args.select_max_images, device=tensors["train"].device)
+    # the others wait on the store, not in a collective: a selection over a large bank may
+    # outlast the collective timeout
+    choice = utils.result_from_main(lambda: knn.greedy_select_slots(
+        bank, labels, int(config["sparo_slots"]), args.select_slots, args.select_k, args.temperature,
+        args.select_heldout, args.seed, args.select_max_images, device=tensors["train"].device))
     del bank, labels
-    if args.distributed:
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    return choice
 
 
 def dump_features(folder: str, features: Dict[str, torch.Tensor], config: Dict, args) -> None:

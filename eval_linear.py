@@ -200,12 +200,13 @@ class LinearProbes(nn.Module):
         return torch.cat(logits, dim=1)
 
 
-def head_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Each head's mean cross-entropy over the batch, (heads,), from logits (B, heads, labels)."""
+def head_losses(logits: torch.Tensor, target: torch.Tensor, divisor: Optional[float] = None) -> torch.Tensor:
+    """Each head's cross-entropy summed over the batch and divided by `divisor` (default: the
+    batch size, i.e. the mean), (heads,), from logits (B, heads, labels)."""
     batch, heads, labels = logits.shape
     losses = F.cross_entropy(logits.reshape(batch * heads, labels), target.repeat_interleave(heads),
                              reduction="none")
-    return losses.view(batch, heads).mean(0)
+    return losses.view(batch, heads).sum(0) / (batch if divisor is None else divisor)
 
 
 def top_predictions(logits: torch.Tensor) -> torch.Tensor:
@@ -272,26 +273,37 @@ def holdout_split(count: int, fraction: float, seed: int) -> Tuple[torch.Tensor,
 
 
 class CachedBatches:
-    """Mini-batches of cached features: this process's shuffled share of `rows` each epoch."""
+    """Mini-batches of cached features, of which this process holds its shard only: the data
+    set rows `index` (extract_features(..., shard=True)). Each step takes the next
+    batch_size x W training rows of one seeded permutation (the same on every process) and each
+    process trains on those it holds, its loss divided by the step's rows / W (the third item
+    of a batch): DDP's mean of the processes' gradients is then the gradient of the mean loss
+    over all the step's rows, the step one process takes with a batch of batch_size x W."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
-                 batch_size: int, seed: int) -> None:
-        self.features, self.labels, self.rows, self.batch_size = features, labels, rows, batch_size
-        self.sampler = torch.utils.data.DistributedSampler(
-            range(len(rows)), num_replicas=utils.get_world_size(), rank=utils.get_rank(),
-            shuffle=True, seed=seed)
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, rows: torch.Tensor,
+                 total: int, batch_size: int, seed: int) -> None:
+        self.features, self.labels, self.rows, self.seed = features, labels, rows, seed
+        self.world = utils.get_world_size()
+        self.step_rows = batch_size * self.world
+        self.local = torch.full((total,), -1, dtype=torch.long)  # data set row -> row of the shard
+        self.local[index] = torch.arange(len(index))
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+        return (len(self.rows) + self.step_rows - 1) // self.step_rows
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order = self.rows[torch.tensor(list(self.sampler), dtype=torch.long)]
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size].to(self.features.device)
-            yield self.features[index], self.labels[index]
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, float]]:
+        # DistributedSampler's permutation for one process: a single process's steps are as before
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = self.rows[torch.randperm(len(self.rows), generator=generator)]
+        for start in range(0, len(order), self.step_rows):
+            step = order[start:start + self.step_rows]
+            held = self.local[step]
+            index = held[held >= 0].to(self.features.device)
+            yield self.features[index], self.labels[index], len(step) / self.world
 
 
 # ============================================================================= training
@@ -301,12 +313,12 @@ def train_one_epoch(probes: nn.Module, optimizer: torch.optim.Optimizer, batches
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.meters["lr"] = utils.SmoothedValue(window_size=1, fmt="{value:.6f}")
     header = f"Epoch: [{epoch}]"
-    for inputs, target in metric_logger.log_every(batches, args.print_freq, header):
+    for inputs, target, *divisor in metric_logger.log_every(batches, args.print_freq, header):
         inputs = inputs.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
         with torch.no_grad(), feats.feature_autocast(args.device, args.use_fp16):
             features = to_features(inputs)
-        losses = head_losses(probes(features), target)
+        losses = head_losses(probes(features), target, *divisor)  # CachedBatches give a divisor
         finite = finite_per_entry(losses)
         # stop before the step (no NaN head is saved) when the one head, or the features
         # themselves, are not finite; a grid only retires its diverging heads
@@ -377,12 +389,18 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, specs: Sequence[ProbeSpec], s
 
 
 # =========================================================================== evaluation
-def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> Tuple[float, Optional[float]]:
-    """Top-1 and top-5 (%) of one head's top predictions (N, k), top-5 only with k = 5."""
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor,
+             across_ranks: bool = False) -> Tuple[float, Optional[float]]:
+    """Top-1 and top-5 (%) of one head's top predictions (N, k), top-5 only with k = 5; with
+    across_ranks, of every process's predictions (each holding its shard of the images)."""
     hits = predictions == labels.to(predictions.device)[:, None]
-    top1 = hits[:, 0].double().mean().item() * 100
-    top5 = hits.any(1).double().mean().item() * 100 if predictions.shape[1] >= 5 else None
-    return top1, top5
+    counts = torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).double().cpu()
+    counts = torch.cat([counts, torch.tensor([len(hits)], dtype=torch.float64)])
+    if across_ranks and utils.is_dist_avail_and_initialized():
+        counts = counts.to(utils.collective_device())
+        dist.all_reduce(counts)
+    top1, top5, images = counts.tolist()
+    return top1 / images * 100, top5 / images * 100 if predictions.shape[1] >= 5 else None
 
 
 @torch.no_grad()
@@ -400,11 +418,14 @@ def head_predictions(probes: LinearProbes, data: Any, to_features: Callable,
         use_amp=args.use_fp16, header=None)
 
 
-def score(predictions: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
-    """Accuracy of one head's top predictions (N, k)."""
-    if (predictions < 0).any():  # an accuracy from NaN logits would look like a result
+def score(predictions: torch.Tensor, labels: torch.Tensor, across_ranks: bool = False) -> Dict[str, Any]:
+    """Accuracy of one head's top predictions (N, k) (across_ranks: see accuracy)."""
+    nonfinite = float((predictions < 0).any())
+    if across_ranks:  # every process stops, not only the one holding the image
+        nonfinite = utils.min_max_over_ranks(nonfinite)[1]
+    if nonfinite:  # an accuracy from NaN logits would look like a result
         raise utils.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
-    top1, top5 = accuracy(predictions, labels)
+    top1, top5 = accuracy(predictions, labels, across_ranks)
     return dict(acc1=top1, acc5=top5)
 
 
@@ -420,13 +441,15 @@ def choose_head(heldout_top1: Sequence[Optional[float]]) -> int:
 @dataclass
 class ProbeData:
     """Where the heads train and how they are scored: batches of the training rows, the
-    held-out rows (features or images, None without a hold-out), the test set."""
+    held-out rows (features or images, None without a hold-out), the test set. Cached features
+    are this process's shard (sharded=True): held-out and test rows and labels are its share."""
     batches: Any
     to_features: Callable  # images -> features (unused when the data are cached features)
     heldout: Any
     heldout_labels: Optional[torch.Tensor]
     test: Any
     test_labels: torch.Tensor
+    sharded: bool = False
 
 
 def evaluate_heads(probes: LinearProbes, optimizer: Optional[torch.optim.Optimizer], data: ProbeData,
@@ -439,10 +462,10 @@ def evaluate_heads(probes: LinearProbes, optimizer: Optional[torch.optim.Optimiz
         predictions = head_predictions(probes, data.heldout, data.to_features, args)
         for index in range(len(heldout)):
             if not retired[index]:
-                heldout[index] = accuracy(predictions[:, index], data.heldout_labels)[0]
+                heldout[index] = accuracy(predictions[:, index], data.heldout_labels, data.sharded)[0]
     chosen = choose_head(heldout)
     test = head_predictions(probes, data.test, data.to_features, args)[:, chosen]
-    return dict(chosen=chosen, heldout_top1=heldout, test=score(test, data.test_labels))
+    return dict(chosen=chosen, heldout_top1=heldout, test=score(test, data.test_labels, data.sharded))
 
 
 # ========================================================================== checkpoints
@@ -538,16 +561,19 @@ def prepare_data(args: argparse.Namespace, evaluation: feats.Evaluation, to_feat
         print(f"Holding out {len(heldout_rows)} of the {len(evaluation.train)} training images "
               f"(seed {args.seed}) to choose the head; training on {len(train_rows)}.")
     heldout_labels = evaluation.train_labels[heldout_rows] if heldout_rows.numel() else None
-    if args.cache_features:
+    if args.cache_features:  # each process keeps its shard: ImageNet's bank is ~21 GB in fp32
         print("Caching the frozen features of the train and val sets...")
         kwargs = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                      device=args.device, use_amp=args.use_fp16)
-        train = feats.extract_features(to_features, evaluation.train, **kwargs)
-        test = feats.extract_features(to_features, evaluation.test, **kwargs)
-        labels = evaluation.train_labels.to(train.device)
-        batches: Any = CachedBatches(train, labels, train_rows, args.batch_size_per_gpu, args.seed)
-        heldout = train[heldout_rows.to(train.device)] if heldout_rows.numel() else None
-        return ProbeData(batches, to_features, heldout, heldout_labels, test, evaluation.test_labels)
+                      device=args.device, use_amp=args.use_fp16, shard=True)
+        train, index = feats.extract_features(to_features, evaluation.train, **kwargs)
+        test, test_index = feats.extract_features(to_features, evaluation.test, **kwargs)
+        labels = evaluation.train_labels[index]
+        batches: Any = CachedBatches(train, labels.to(train.device), index, train_rows, len(evaluation.train),
+                                     args.batch_size_per_gpu, args.seed)
+        held = torch.isin(index, heldout_rows)
+        heldout = train[held.to(train.device)] if heldout_rows.numel() else None
+        return ProbeData(batches, to_features, heldout, labels[held] if heldout_rows.numel() else None,
+                         test, evaluation.test_labels[test_index], sharded=True)
     train_set = torch.utils.data.Subset(evaluation.train, train_rows.tolist())
     sampler = torch.utils.data.DistributedSampler(train_set, utils.get_world_size(), utils.get_rank(),
                                                   shuffle=True, seed=args.seed)

@@ -7,11 +7,13 @@ import datetime
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -248,6 +250,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
                                 world_size=args.world_size, rank=args.rank,
                                 timeout=datetime.timedelta(minutes=30), **extra)
         dist.barrier()
+        watch_for_failures(args.rank, args.world_size)
     setup_for_distributed(args.rank == 0, args.rank if args.distributed else None)
 
 
@@ -516,9 +519,147 @@ def stop_together(error: Optional[UserError]) -> None:
         raise UserError("another process stopped at set-up (its error is printed above)")
 
 
+def result_from_main(compute: Callable[[], Any]) -> Any:
+    """compute() on rank 0 only, and its (picklable) result on every rank. The other ranks wait
+    on the store, not in a collective, so that no collective timeout (30 min) ends a long
+    computation (eval_knn --select_slots on ImageNet); if rank 0 fails, FailureWatch ends them."""
+    global _results_shared
+    if not is_dist_avail_and_initialized():
+        return compute()
+    key = f"sparo_dino/result/{_results_shared}"  # the same sequence of calls on every rank
+    _results_shared += 1
+    store = dist.distributed_c10d._get_default_store()
+    if get_rank() == 0:
+        result = compute()
+        store.set(key, pickle.dumps(result))
+        return result
+    while not store.check([key]):
+        time.sleep(0.5)
+    return pickle.loads(store.get(key))
+
+
+_results_shared = 0
+
+
 def cleanup_distributed() -> None:
+    """Leave the process group. Called from `finally:` blocks: when an exception is on its way
+    out of this process (an error, a CUDA out-of-memory error, Ctrl-C, a non-zero sys.exit),
+    the other ranks are told first (FailureWatch), and the process is ended FAILED_EXIT_SECONDS
+    later if leaving the group or exiting hangs (NCCL's teardown can, while a peer is stuck)."""
+    global _failure_watch
+    error = sys.exc_info()[1]
+    watch, _failure_watch = _failure_watch, None
+    if watch is not None:
+        if _is_failure(error):
+            watch.announce(_describe_failure(error))
+            _exit_after(FAILED_EXIT_SECONDS, f"rank {watch.rank} did not exit within {FAILED_EXIT_SECONDS} s "
+                                             f"of its failure; ending it")
+        watch.stop()
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
+
+
+# ================================================================ one failing rank ends all
+# Collectives wait up to init_process_group's timeout (30 min) for a rank that never comes: NCCL
+# does not notice that a peer process died (gloo does, from the closed socket), and only some
+# launchers stop the others (torchrun's agent does; srun without --kill-on-bad-exit does not).
+FAILURE_KEY = "sparo_dino/failure"         # the first failing rank's one-line description
+FAILURE_COUNT_KEY = "sparo_dino/failures"  # how many ranks failed (the first one writes)
+FAILURE_SEEN_KEY = "sparo_dino/seen"       # how many ranks saw it (before they exit)
+FAILURE_POLL_SECONDS = 2.0
+FAILED_EXIT_SECONDS = 10  # a failing rank's own exit takes well under a second
+
+_failure_watch: Optional["FailureWatch"] = None
+
+
+class FailureWatch:
+    """Ends this process seconds after another rank of the group failed.
+
+    A rank on its way out with an exception writes one line about it to the group's key-value
+    store (announce(), from cleanup_distributed); every rank polls the store from a daemon
+    thread every FAILURE_POLL_SECONDS and, on finding it, prints that line on stderr and exits
+    with status 1, wherever its main thread waits (a collective, a barrier, a data loader). The
+    store is the rendezvous one (torchrun's agent or rank 0's process), reached over TCP without
+    any collective; polling it costs one small request per rank and poll.
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int,
+                 poll_seconds: float = FAILURE_POLL_SECONDS) -> None:
+        self.store, self.rank, self.world_size, self.poll_seconds = store, rank, world_size, poll_seconds
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="sparo-failure-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.poll_seconds):
+            try:
+                if not self.store.check([FAILURE_KEY]):
+                    continue
+                message = self.store.get(FAILURE_KEY).decode(errors="replace")
+                self.store.add(FAILURE_SEEN_KEY, 1)
+            except Exception:  # the store has gone (its host process ended): nothing left to watch
+                return
+            if not self.stopped.is_set():  # this rank is not failing itself
+                sys.stderr.write(f"error: {message}; rank {self.rank} stops too\n")
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(1)
+
+    def announce(self, description: str) -> None:
+        """Tell every rank that this one fails. The store's host (rank 0's process, unless
+        torchrun's agent holds it) then waits, three polls at most, until the others have seen
+        it: the store ends with its process."""
+        self.stopped.set()
+        try:
+            if self.store.add(FAILURE_COUNT_KEY, 1) == 1:  # the first failure is the cause
+                self.store.set(FAILURE_KEY, f"rank {self.rank} failed: {description}")
+            hosts_store = self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+            deadline = time.monotonic() + 3 * self.poll_seconds
+            while (hosts_store and self.store.add(FAILURE_SEEN_KEY, 0) < self.world_size - 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
+        except Exception:  # no store left to tell: the others see the closed connections
+            pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def watch_for_failures(rank: int, world_size: int) -> None:
+    """Start this process's FailureWatch on the default group's store (once per group)."""
+    global _failure_watch
+    if _failure_watch is None and dist.is_initialized():
+        _failure_watch = FailureWatch(dist.distributed_c10d._get_default_store(), rank, world_size)
+
+
+def _is_failure(error: Optional[BaseException]) -> bool:
+    if isinstance(error, SystemExit):
+        return error.code not in (0, None)
+    return error is not None
+
+
+def _describe_failure(error: BaseException) -> str:
+    """One line: a UserError's message, else the exception's type and first line."""
+    if isinstance(error, SystemExit) and error.__context__ is not None:  # sys.exit() in an except
+        error = error.__context__
+    if isinstance(error, UserError):
+        return user_error_message(error)
+    if isinstance(error, SystemExit):
+        return f"exit status {error.code}"
+    first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first_line[:300]}" if first_line else type(error).__name__
+
+
+def _exit_after(seconds: float, message: str) -> None:
+    """End the process `seconds` from now unless it has ended by then (a daemon timer)."""
+    def end() -> None:
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
 
 
 def fix_random_seeds(seed: int = 31) -> None:

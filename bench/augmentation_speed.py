@@ -25,15 +25,16 @@ main_dino_sparo.py) with each pipeline and 1 and 2 loader workers. It ends with 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import json
+import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,7 +45,8 @@ import augmentations  # noqa: E402
 import datasets  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
-from bench.train_throughput import describe_device  # noqa: E402
+from bench.dino_original import load_dino  # noqa: E402
+from bench.measure import describe_device  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,8 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jpeg_crops", type=int, nargs=3, default=(224, 96, 8),
                         metavar=("GLOBAL", "LOCAL", "NUMBER"),
                         help="jpeg: global crop size, local crop size, local crops (DINO's by default).")
-    parser.add_argument("--dino_ref", default="/work/dino_ref",
-                        help="jpeg: a checkout of facebookresearch/dino, for its DataAugmentationDINO.")
+    parser.add_argument("--dino_ref", default=os.environ.get("DINO_REPO"),
+                        help="jpeg: a checkout of facebookresearch/dino, for its DataAugmentationDINO "
+                             "(default: the DINO_REPO environment variable).")
     parser.add_argument("--device_batch", type=int, default=32, help="jpeg: images per device-stage batch.")
     parser.add_argument("--train_images", type=int, default=64,
                         help="jpeg: images per end-to-end training epoch (0 skips that part).")
@@ -109,48 +112,56 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
 def write_photos(folder: Path, count: int, seed: int = 0) -> Dict[str, float]:
     """`count` JPEGs cut from scikit-learn's two photographs at ImageNet-like sizes: the longer
     side is 500 px for 60 % (ImageNet's most common size), else uniform in 300-1000 px;
-    aspect 4:3, 3:2, 1:1 or their portrait forms; quality 75-95."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    aspect 4:3, 3:2, 1:1 or their portrait forms; quality 75-95. Every photo is drawn first,
+    from one seeded stream, then written, in parallel on every core for many photos."""
+    from concurrent.futures import ProcessPoolExecutor
 
     rng = np.random.default_rng(seed)
-    sources = [Image.fromarray(photo) for photo in load_sample_images().images]
-    pixels = []
+    sizes = [photo.shape[1::-1] for photo in sample_photos()]
+    specs = []
     for index in range(count):
-        source = sources[index % len(sources)]
+        source_width, source_height = sizes[index % len(sizes)]
         aspect = float(rng.choice([4 / 3, 3 / 2, 1.0, 3 / 4, 2 / 3]))
         longer = 500 if rng.random() < 0.6 else int(rng.integers(300, 1001))
         width, height = (longer, round(longer / aspect)) if aspect >= 1 else (round(longer * aspect), longer)
         # a random window of the source with the target aspect, 50-100 % of the largest one
-        fit = min(source.width / width, source.height / height) * float(rng.uniform(0.5, 1.0))
+        fit = min(source_width / width, source_height / height) * float(rng.uniform(0.5, 1.0))
         w, h = width * fit, height * fit
-        left, top = rng.uniform(0, source.width - w), rng.uniform(0, source.height - h)
-        image = source.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-        image.save(folder / f"{index:04d}.jpg", quality=int(rng.integers(75, 96)))
-        pixels.append(width * height)
-    return dict(mean_megapixels=float(np.mean(pixels)) / 1e6, count=count)
+        left, top = rng.uniform(0, source_width - w), rng.uniform(0, source_height - h)
+        specs.append((str(folder / f"{index:04d}.jpg"), index % len(sizes), (width, height),
+                      (left, top, left + w, top + h), int(rng.integers(75, 96))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if count >= 64 and cores > 1:
+        with ProcessPoolExecutor(cores) as pool:
+            list(pool.map(write_photo, specs, chunksize=16))
+    else:
+        for spec in specs:
+            write_photo(spec)
+    return dict(mean_megapixels=float(np.mean([w * h for _, _, (w, h), _, _ in specs])) / 1e6, count=count)
 
 
-def load_dino_augmentation(dino_ref: str) -> Any:
-    """DINO's own DataAugmentationDINO class, imported from the original code (its `utils`
-    and `vision_transformer` would shadow this project's modules, so they are swapped out
-    while it loads and its module keeps its own)."""
-    path = Path(dino_ref)
-    if not (path / "main_dino.py").exists():
-        raise utils.UserError(f"--dino_ref {dino_ref} holds no main_dino.py (a facebookresearch/dino checkout)")
-    names = ("utils", "vision_transformer")
-    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
-    sys.path.insert(0, str(path))
-    try:
-        spec = importlib.util.spec_from_file_location("dino_reference_main", path / "main_dino.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path))
-        for name in names:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
-    return module.DataAugmentationDINO
+@functools.lru_cache(maxsize=1)
+def sample_photos() -> List[np.ndarray]:
+    from sklearn.datasets import load_sample_images
+
+    return load_sample_images().images
+
+
+def write_photo(spec: Tuple[str, int, Tuple[int, int], Tuple[float, ...], int]) -> None:
+    """One photo of write_photos: a window of a sample photograph, resized, saved as JPEG."""
+    from PIL import Image
+
+    path, source, size, box, quality = spec
+    image = Image.fromarray(sample_photos()[source])
+    image.resize(size, Image.Resampling.BICUBIC, box=box).save(path, quality=quality)
+
+
+def load_dino_augmentation(dino_ref: Optional[str]) -> Any:
+    """DINO's own DataAugmentationDINO class, imported from the original code (bench/dino_original.py)."""
+    if not dino_ref:
+        raise utils.UserError("the jpeg suite at 224/96 px times DINO's own pipeline: give its code "
+                              "with --dino_ref PATH or the DINO_REPO environment variable")
+    return load_dino(dino_ref).main_dino.DataAugmentationDINO
 
 
 def time_per_image(work: Callable[[str], Any], paths: List[str]) -> float:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval_linear  # noqa: E402
 import vision_transformer as vits  # noqa: E402
-from bench.train_throughput import describe_device  # noqa: E402
+from bench.measure import describe_device  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,13 @@ Inputs are random tensors of the crop shapes. Every variant runs in this one pro
 warm-up steps, on the same inputs. Peak memory: CUDA's allocator peak on GPU; on CPU the growth
 of the process's peak resident set (VmHWM, reset between variants) over its size before.
 
+As in training: TF32 and cudnn.benchmark on CUDA (utils.enable_fast_fp32), and the device stage
+of the augmentation (--augment_on_device, default on with CUDA): this project's steps then take
+uint8 crops and run the photometric stage inside the step, as training does, while the
+reference steps take float crops (their loaders augment on the CPU); the stage's own cost per
+step is timed apart (`device stage`). The first warm-up step is timed apart too (with
+--compile it is the compilation).
+
 With --dino_repo PATH (a clone of facebookresearch/dino) the `dino` variant is DINO's own step
 (bench/dino_original.py) and the variants are timed interleaved, round by round, after all of
 them are built; each also reports its FLOPs (torch's FlopCounterMode) and the achieved GFLOP/s
@@ -19,22 +26,22 @@ against a GEMM peak measured here in the step's precision (bf16 under autocast).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import augmentations  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 from bench.dino_original import OriginalDinoStep, load_dino  # noqa: E402
 from bench.dino_reference import ReferenceStep  # noqa: E402
+from bench.measure import PeakMemory, describe_device, gemm_peak_gflops, synchronize  # noqa: E402
 
 VARIANTS = (*vits.READOUTS, "reference", "dino")  # every read-out, and two reference steps
 
@@ -62,13 +69,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_crops(args: argparse.Namespace) -> List[torch.Tensor]:
+def make_crops(args: argparse.Namespace, uint8: bool = False) -> List[torch.Tensor]:
+    """Random crops of the recipe's shapes: normalised floats, or uint8 images (what the
+    loader hands the device stage)."""
     generator = torch.Generator().manual_seed(0)
-    shape = lambda size: (args.batch_size_per_gpu, 3, size, size)
-    crops = [torch.randn(shape(args.global_crops_size), generator=generator) for _ in range(2)]
-    crops += [torch.randn(shape(args.local_crops_size), generator=generator)
-              for _ in range(args.local_crops_number)]
+    shape = lambda size: (args.batch_size_per_gpu, 3, size, size)  # noqa: E731
+    sizes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
+    if uint8:
+        crops = [torch.randint(0, 256, shape(size), generator=generator, dtype=torch.uint8) for size in sizes]
+    else:
+        crops = [torch.randn(shape(size), generator=generator) for size in sizes]
     return [c.to(args.device) for c in crops]
+
+
+def variant_crops(variant: str, args: argparse.Namespace, crops: Dict[bool, List[torch.Tensor]]) -> List[torch.Tensor]:
+    """This project's steps take uint8 crops when the device stage is on; DINO's own step and
+    the reference take float crops (their loaders augment on the CPU)."""
+    return crops[bool(args.augment_on_device) and variant in vits.READOUTS]
 
 
 def build_step(variant: str, args: argparse.Namespace) -> Callable:
@@ -80,58 +97,31 @@ def build_step(variant: str, args: argparse.Namespace) -> Callable:
     return dino.TrainStep(models, optimisation, args)
 
 
-class PeakMemory:
-    """Peak memory of the code run between start() and stop(), in MiB."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return
-        try:  # hand freed heap back to the OS so that the resident set is a fair baseline
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-        self.base = _proc_status_kib("VmRSS") * 1024
-
-    def stop(self) -> float:
-        if self.device.type == "cuda":
-            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        return (_proc_status_kib("VmHWM") * 1024 - self.base) / 2**20
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def warm_up(step: Callable, crops: List[torch.Tensor], args: argparse.Namespace) -> Optional[float]:
+    """The untimed steps; returns the seconds of the first one (with --compile: compilation)."""
+    first = None
+    for index in range(args.warmup_steps):
+        synchronize(args.device)
+        start = time.perf_counter()
+        step(crops, 0, 1e-4, 0.04, 0.996)
+        synchronize(args.device)
+        if index == 0:
+            first = time.perf_counter() - start
+    return first
 
 
 def measure(variant: str, args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, float]:
     memory = PeakMemory(args.device)
     memory.start()
     step = build_step(variant, args)
-    for _ in range(args.warmup_steps):
-        step(crops, 0, 1e-4, 0.04, 0.996)
-    synchronize(args.device)
+    first_step_s = warm_up(step, crops, args)
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step(crops, 0, 1e-4, 0.04, 0.996)
     synchronize(args.device)
     seconds = (time.perf_counter() - start) / args.steps
     result = dict(images_per_s=args.batch_size_per_gpu / seconds, step_ms=seconds * 1000,
-                  peak_mib=memory.stop(), loss=loss.detach().item())
+                  peak_mib=memory.stop(), loss=loss.detach().item(), first_step_s=first_step_s)
     del step
     return result
 
@@ -147,7 +137,7 @@ def step_flops(step: Callable, crops: List[torch.Tensor]) -> float:
     return float(counter.get_total_flops())
 
 
-def measure_interleaved(args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, Dict[str, float]]:
+def measure_interleaved(args: argparse.Namespace, crops: Dict[bool, List[torch.Tensor]]) -> Dict[str, Dict[str, float]]:
     """Every variant built and warmed up, then timed in rounds, variant after variant, so that
     the machine's load changes hit all of them alike; each variant's best round counts."""
     steps, results = {}, {}
@@ -156,17 +146,16 @@ def measure_interleaved(args: argparse.Namespace, crops: List[torch.Tensor]) -> 
         memory = PeakMemory(args.device)
         memory.start()
         steps[variant] = build_step(variant, args)
-        for _ in range(args.warmup_steps):
-            steps[variant](crops, 0, 1e-4, 0.04, 0.996)
-        synchronize(args.device)
-        results[variant] = dict(peak_mib=memory.stop(), step_ms=float("inf"),
-                                gflop_per_step=step_flops(steps[variant], crops) / 1e9)
+        first_step_s = warm_up(steps[variant], variant_crops(variant, args, crops), args)
+        results[variant] = dict(peak_mib=memory.stop(), step_ms=float("inf"), first_step_s=first_step_s,
+                                gflop_per_step=step_flops(steps[variant], variant_crops(variant, args, crops)) / 1e9)
     for _ in range(args.rounds):
         for variant, step in steps.items():
+            inputs = variant_crops(variant, args, crops)
             synchronize(args.device)
             start = time.perf_counter()
             for _ in range(args.steps):
-                loss = step(crops, 0, 1e-4, 0.04, 0.996)
+                loss = step(inputs, 0, 1e-4, 0.04, 0.996)
             synchronize(args.device)
             ms = (time.perf_counter() - start) / args.steps * 1000
             results[variant]["step_ms"] = min(results[variant]["step_ms"], ms)
@@ -190,18 +179,15 @@ def join_single_process_group() -> bool:
     return True
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {utils.cpu_name()}, {torch.get_num_threads()} threads"
-
-
 def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
     args = utils.parse_args_with_config(get_args_parser(), argv)
     use_cuda = utils.resolve_use_cuda(args.device)  # --device comes from main_dino_sparo's flags
     args.device = torch.device("cuda" if use_cuda else "cpu")
     args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0 if use_cuda else None, False
     dino.check_args(args)
+    utils.enable_fast_fp32(args.device)  # TF32 and cudnn.benchmark, as training sets them
+    if args.augment_on_device is None:  # training's default: the device stage on with CUDA
+        args.augment_on_device = augmentations.default_on_device(args.device)
     if args.variants is None:
         args.variants = ["sparo", "cls", "dino" if args.dino_repo else "reference"]
     if "dino" in args.variants:
@@ -216,17 +202,33 @@ def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
     return run(args)
 
 
+def device_stage_ms(args: argparse.Namespace, crops: List[torch.Tensor]) -> float:
+    """Milliseconds per step of the device stage alone on the recipe's uint8 crops (best of
+    --rounds rounds of --steps batches, after one warm-up batch)."""
+    stage = augmentations.PhotometricAugmentation(args.local_crops_number, args.global_crops_size)
+    stage(crops)
+    best = float("inf")
+    for _ in range(args.rounds):
+        synchronize(args.device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            stage(crops)
+        synchronize(args.device)
+        best = min(best, (time.perf_counter() - start) / args.steps * 1000)
+    return best
+
+
 def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
-    crops = make_crops(args)
+    crops = {False: make_crops(args)}
+    if args.augment_on_device:
+        crops[True] = make_crops(args, uint8=True)
     precision = dino.precision(args)
     print(f"device: {describe_device(args.device)}; torch {torch.__version__}")
     print(f"config: {args.arch}/{args.patch_size}, batch {args.batch_size_per_gpu}, 2x{args.global_crops_size}px + "
           f"{args.local_crops_number}x{args.local_crops_size}px crops, out_dim {args.out_dim}, "
-          f"{precision}, compile={args.compile}")
+          f"{precision}, compile={args.compile}, device stage in this project's steps: {bool(args.augment_on_device)}")
     results, peak = {}, None
     if args.dino_repo:
-        from bench.knn_speed import gemm_peak_gflops  # here: knn_speed imports this module
-
         dtype = dino.autocast_dtype(args) or torch.float32
         peak = gemm_peak_gflops(args.gemm_size, args.device, dtype)
         print(f"measured {str(dtype).split('.')[-1]} GEMM peak ({args.gemm_size}^3): {peak:.1f} GFLOP/s; "
@@ -235,21 +237,28 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     else:
         for variant in args.variants:
             torch.manual_seed(0)
-            results[variant] = measure(variant, args, crops)
+            results[variant] = measure(variant, args, variant_crops(variant, args, crops))
     for variant, r in results.items():
         line = (f"{variant:>10}: {r['images_per_s']:8.1f} images/s  {r['step_ms']:9.1f} ms/step  "
                 f"peak {r['peak_mib']:8.1f} MiB")
         if peak:
             line += (f"  {r['gflop_per_step'] / args.batch_size_per_gpu:.2f} GFLOP/image  "
                      f"{r['gflop_per_s']:.1f} GFLOP/s = {100 * r['gflop_per_s'] / peak:.0f}% of the GEMM peak")
+        if args.compile and r["first_step_s"] is not None:
+            line += f"  first step (compilation) {r['first_step_s']:.1f} s"
         print(line, flush=True)
+    stage_ms = device_stage_ms(args, crops[True]) if args.augment_on_device else None
+    if stage_ms is not None:
+        print(f"device stage alone: {stage_ms:.2f} ms/step (inside the steps above)")
     for a, b in [("sparo", "cls"), ("sparo", "reference"), ("cls", "reference"), ("sparo", "dino"), ("cls", "dino")]:
         if a in results and b in results:
             print(f"{a}/{b} throughput ratio: {results[a]['images_per_s'] / results[b]['images_per_s']:.3f}  "
                   f"peak memory ratio: {results[a]['peak_mib'] / max(results[b]['peak_mib'], 1e-9):.3f}")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(dict(device=describe_device(args.device), gemm_peak_gflops=peak,
-                                                          config=utils.plain(args), results=results), indent=2))
+        Path(args.output_json).write_text(json.dumps(dict(
+            device=describe_device(args.device), torch=torch.__version__, precision=precision,
+            tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_benchmark=torch.backends.cudnn.benchmark,
+            gemm_peak_gflops=peak, device_stage_ms=stage_ms, config=utils.plain(args), results=results), indent=2))
     return results
 
 

@@ -195,6 +195,49 @@ def untrained_cls_weights(tmp_path_factory):
     return path
 
 
+def _cached_grid_on_a_rank(weights, out):
+    """The cached-feature grid at batch 32 per rank; records what this rank holds."""
+    import os
+    from pathlib import Path
+
+    held = {}
+    prepare = eval_linear.prepare_data
+
+    def recording(args, evaluation, to_features):
+        data = prepare(args, evaluation, to_features)
+        bank = data.batches.features
+        held.update(rows=bank.shape[0], width=bank.shape[1], storage=bank.untyped_storage().nbytes(),
+                    test_rows=data.test.shape[0], heldout_rows=data.heldout.shape[0])
+        return data
+
+    eval_linear.prepare_data = recording
+    rank = os.environ["RANK"]
+    results = eval_linear.main([str(a) for a in ("--pretrained_weights", weights, *GRID, "--batch_size_per_gpu", "32",
+                                                "--lr_grid", "0.01", "0.05", "0.2", "--n_last_blocks", "1",
+                                                "--output_dir", Path(out) / f"out{rank}", "--device", "cpu")])
+    torch.save(dict(held, heldout_top1=[row["heldout_top1"] for row in results["grid"]],
+                    chosen=results["chosen"], top1=results["top1"]), Path(out) / f"rank{rank}.pth")
+
+
+@pytest.mark.slow
+def test_cached_features_stay_sharded_and_two_ranks_equal_one(untrained_cls_weights, tmp_path):
+    """--cache_features under torchrun: every rank keeps only its shard of the training, held-out
+    and test features (ImageNet's would be ~21 GB per GPU), and 2 ranks x 32 images take the
+    same steps as 1 process x 64: the same held-out accuracies, choice and test accuracy."""
+    _, single = grid_result(untrained_cls_weights, tmp_path / "single", "--lr_grid", "0.01", "0.05", "0.2",
+                            "--n_last_blocks", "1")
+    run_two_gloo_ranks(_cached_grid_on_a_rank, str(untrained_cls_weights), str(tmp_path))
+    heldout = 144  # of the 1437 digits (1293 train on)
+    for rank in (0, 1):
+        record = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
+        rows = len(range(rank, 1437, 2))
+        assert record["rows"] == rows and record["storage"] == rows * record["width"] * 4
+        assert record["test_rows"] == len(range(rank, 360, 2))
+        assert heldout // 2 - 15 < record["heldout_rows"] < heldout // 2 + 15  # its own held-out rows
+        assert record["heldout_top1"] == [row["heldout_top1"] for row in single["grid"]]
+        assert record["chosen"] == single["chosen"] and record["top1"] == single["top1"]
+
+
 def grid_result(weights, out, *flags):
     stdout = run_linear("--pretrained_weights", weights, *GRID, "--output_dir", out,
                         "--output_json", out / "result.json", *flags)
@@ -278,7 +321,8 @@ def test_heldout_rows_are_seeded_and_never_trained_on():
     with pytest.raises(utils.UserError, match="leaves 1 held out and 0 to train on"):
         eval_linear.holdout_split(1, 0.1, seed=0)
     features, labels = torch.arange(1000.0)[:, None], torch.arange(1000)
-    seen = torch.cat([x[:, 0] for x, _ in eval_linear.CachedBatches(features, labels, train, 64, seed=0)])
+    batches = eval_linear.CachedBatches(features, labels, torch.arange(1000), train, 1000, 64, seed=0)
+    seen = torch.cat([x[:, 0] for x, _, _ in batches])
     assert sorted(seen.long().tolist()) == train.tolist()
 
 

@@ -3,7 +3,9 @@ agreement, the AMP dtype choice, the fp32 prototype layer, --device checks, Slur
 set-up, errors from every rank, first-step OOM advice, k-NN memory."""
 import argparse
 import builtins
+import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import knn
 import main_dino_sparo
 import utils
 import vision_transformer as vits
+from bench.dino_original import DEFAULT_DINO_REPO, dino_available
 from helpers import REPO, TINY_TRAIN_ARGS
 
 
@@ -386,17 +389,92 @@ def test_tf32_for_training_and_probe_but_never_for_knn(monkeypatch):
 
 
 # ------------------------------------------------------------ bench/gpu_check.sh
-def test_gpu_check_dry_mode_skips_cuda_parts_cleanly():
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    process = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--dry"], cwd=REPO, env=env,
+def run_gpu_check(out, *args, **env):
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), *args, "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+GPU_CHECK_PARTS = ["gpu_tests", "train_step", "device_stage", "loader", "end_to_end", "amp_parity",
+                   "knn_fp32", "knn_fp16", "compile"]
+
+
+@pytest.mark.skipif(not dino_available(), reason="no DINO clone (set DINO_REPO)")
+def test_gpu_check_dry_mode_runs_every_part_and_reports_what_it_measured(tmp_path):
+    """bench/gpu_check.sh --dry: every part at toy size on the CPU, one report whose lines name
+    each part with the figures this run measured (read back from the parts' own results)."""
+    process = run_gpu_check(tmp_path, "--dry", DINO_REPO=str(DEFAULT_DINO_REPO))
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    markdown = (tmp_path / "report.md").read_text()
+    assert report["mode"].startswith("dry") and report["passed"]
+    versions = report["versions"]
+    assert versions["torch"] == torch.__version__ and versions["arch_list"] == torch.cuda.get_arch_list()
+    assert versions["python"] == platform.python_version() and versions["timm"] and versions["gpus"] == []
+    parts = {part["name"]: part for part in report["parts"]}
+    assert list(parts) == GPU_CHECK_PARTS
+    assert parts["gpu_tests"]["status"] == "skipped" and parts["gpu_tests"]["figures"]["skipped"] > 0  # no GPU
+    assert parts["amp_parity"]["status"] in ("passed", "skipped")  # a CPU part, a GPU-only test or none yet
+    for name in ("train_step", "device_stage", "loader", "end_to_end", "knn_fp32", "knn_fp16", "compile"):
+        assert parts[name]["status"] == "measured", parts[name]
+    steps = parts["train_step"]["figures"]["results"]
+    assert set(steps) == {"sparo", "cls", "dino"} and all(step["images_per_s"] > 0 for step in steps.values())
+    assert parts["train_step"]["figures"]["device_stage_in_steps"] is True
+    assert parts["device_stage"]["figures"]["ms_per_step"] > 0
+    loaders = parts["loader"]["figures"]["results"]
+    assert set(loaders) == {"cpu_1w", "device_1w", "cpu_2w", "device_2w"}
+    assert all(loader["images_per_s"] > 0 for loader in loaders.values())
+    epochs = parts["end_to_end"]["figures"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(0 <= e["knn_top1"] <= 100 for e in epochs)
+    for name in ("knn_fp32", "knn_fp16"):
+        assert parts[name]["figures"]["seconds"] > 0 and parts[name]["figures"]["same_predictions"]
+    # one line per part, naming it, with this run's figures
+    lines = markdown.splitlines()
+    for needle in ("original DINO", "loader throughput", "AMP parity", "k-NN", "end to end", "device stage",
+                   "pytest -m gpu", "--compile", "versions"):
+        assert sum(needle in line for line in lines) >= 1, needle
+    assert f"original DINO {steps['dino']['images_per_s']:.1f} img/s" in markdown
+    assert f"{parts['knn_fp16']['figures']['seconds']:.2f} s" in markdown
+    assert f"k-NN top-1 {epochs[1]['knn_top1']:.2f}" in markdown
+
+
+def test_gpu_check_reports_a_failed_or_skipped_part_without_figures(tmp_path):
+    """A part whose run fails (here: DINO code that does not import) or that the budget leaves
+    out is reported as such, with its reason and no figure; the check then fails."""
+    from bench import gpu_check
+
+    broken = tmp_path / "dino"
+    broken.mkdir()
+    for name in ("utils", "vision_transformer"):
+        (broken / f"{name}.py").write_text("")
+    (broken / "main_dino.py").write_text("raise ImportError('this DINO copy is broken')\n")
+    args = gpu_check.get_args_parser().parse_args(["--dry", "--out", str(tmp_path / "out"), "--budget", "60"])
+    check = gpu_check.Check(args, dry=True)
+    gpu_check.train_step_parts(check, str(broken))
+    check.budget = 0  # nothing left: the next part is skipped
+    gpu_check.knn_part(check, "fp32")
+    report = check.write(gpu_check.versions(str(broken)))
+    step, stage, knn = report["parts"]
+    assert step["status"] == "failed" and "this DINO copy is broken" in step["reason"] and step["figures"] == {}
+    assert stage["status"] == "failed" and stage["figures"] == {}
+    assert knn["status"] == "skipped" and "budget" in knn["reason"] and knn["figures"] == {}
+    assert not report["passed"]
+    lines = (tmp_path / "out" / "report.md").read_text().splitlines()
+    assert any(line.startswith("- **training step vs the original DINO step**: FAILED: exit status")
+               and "img/s" not in line for line in lines)
+    assert any(line.startswith("- **k-NN at ImageNet shape, fp32**: SKIPPED: 0 s of the 0-s budget left")
+               for line in lines)
+
+
+def test_gpu_check_needs_the_dino_code_and_a_usable_gpu(tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "DINO_REPO"}
+    process = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--dry", "--out", str(tmp_path)], cwd=REPO,
+                             env={**env, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
                              capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stdout + process.stderr
-    assert "torch " in process.stdout and "archs " in process.stdout
-    assert "dry mode (--dry, or no usable CUDA GPU): skipped" in process.stdout
+    assert process.returncode == 2 and process.stderr.count("\n") == 1
+    assert process.stderr.startswith("error: the check times the original DINO step and needs its code")
     if torch.cuda.device_count() == 0:  # (patched is_available aside) no real GPU here
-        env["CUDA_VISIBLE_DEVICES"] = "0"  # a GPU that CUDA cannot use: the check fails
-        process = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--dry"], cwd=REPO,
-                                 env=env, capture_output=True, text=True, timeout=300)
+        process = run_gpu_check(tmp_path, "--dry", CUDA_VISIBLE_DEVICES="0")  # a GPU that CUDA cannot use
         assert process.returncode == 1 and "FAIL: GPUs visible but unusable" in process.stdout
         assert "error: GPUs are expected (CUDA_VISIBLE_DEVICES=0)" in process.stderr
 
