@@ -393,7 +393,11 @@ def test_gpu_check_dry_mode_skips_cuda_parts_cleanly():
     assert process.returncode == 0, process.stdout + process.stderr
     assert "torch " in process.stdout and "archs " in process.stdout
     assert "dry mode (--dry, or no usable CUDA GPU): skipped" in process.stdout
-    if torch.cuda.device_count() == 0:  # (patched is_available aside) no real GPU here
+    # A machine without NVIDIA device files: a GPU named in CUDA_VISIBLE_DEVICES cannot be used
+    # there. (This test's own process never sees a GPU: conftest hides them from CPU tests, so
+    # torch.cuda.device_count() said 0 on a GPU machine too, where GPU 0 is usable and the
+    # expected failure never came.)
+    if utils.gpus_expected({}) is None:
         env["CUDA_VISIBLE_DEVICES"] = "0"  # a GPU that CUDA cannot use: the check fails
         process = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--dry"], cwd=REPO,
                                  env=env, capture_output=True, text=True, timeout=300)
@@ -408,11 +412,14 @@ def test_cpu_tests_never_see_a_gpu(monkeypatch):
     GPU, and the bit-exact resume test would meet non-deterministic kernels."""
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
     seen = {}
-    monkeypatch.setattr(subprocess, "run", lambda *a, env=None, **k: seen.update(env) or
+    monkeypatch.setattr(subprocess, "run", lambda *a, env=None, **k: seen.update(env=env) or
                         subprocess.CompletedProcess(a, 0, "", ""))
     import helpers
     helpers.run_script("main_dino_sparo.py")
-    assert seen["CUDA_VISIBLE_DEVICES"] == ""
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    # the scripts of tests marked gpu see the GPUs (the hiding "" is dropped, not passed on)
+    helpers.run_script("main_dino_sparo.py", gpu=True)
+    assert "CUDA_VISIBLE_DEVICES" not in seen["env"]
 
 
 # ------------------------------------------------- leaving the group frees gloo's threads
