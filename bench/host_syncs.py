@@ -1,7 +1,7 @@
 """Host syncs and op counts of the device stage and the training step, recorded on any device.
 
     python bench/host_syncs.py                          # DINO's ViT-S/16 recipe, on the CPU
-    python bench/host_syncs.py --batch_size_per_gpu 64 --output_json ops.json
+    python bench/host_syncs.py --device cuda --output_json ops.json    # the same on a GPU
 
 A GPU runs ahead of the Python process that queues its work; whenever the process needs a value
 from the GPU (`.item()`, `bool(tensor)`, a copy to the host, the size of a `.nonzero()`) or makes
@@ -9,8 +9,9 @@ a blocking copy to it (`torch.tensor(data, device=...)`), it waits until the GPU
 and the GPU then idles until new work arrives. HostSyncRecorder finds these on any device, the
 CPU included, from the ops themselves: a TorchDispatchMode sees every aten op with its tags
 (`data_dependent_output`: a value read on the host; `dynamic_output_shape`: a shape that depends
-on the data, so the host must wait for it) and a TorchFunctionMode sees the Python-level copies
-(`.cpu()`, `.tolist()`, `.numpy()`, `.to("cpu")`, `torch.tensor(..., device=...)`).
+on the data, so the host must wait for it; `copy_` between a host and a device tensor) and a
+TorchFunctionMode sees the Python-level copies (`.cpu()`, `.tolist()`, `.numpy()`, `.to("cpu")`,
+`torch.tensor(..., device=...)`, `.to(device)` of a host tensor without `non_blocking`).
 
 Host tensors: on the CPU every tensor lives on the host, so the recorder tracks which tensors
 would be host tensors on a GPU: the result of a copy to the host, of `torch.tensor` or a factory
