@@ -15,9 +15,10 @@ of the four jitter operations per batch (random_generator/_2d/color_jitter.py), 
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -237,6 +238,13 @@ def crop_and_resize_subpixel(image: Any, boxes: Sequence[Box], sizes: Sequence[i
 
 
 # ============================================================================ device stage
+# The device stage never waits for the device: no .nonzero(), .item() or boolean indexing, no
+# shape that depends on a random draw (tests/test_sync_free.py counts host syncs on the CPU).
+# Each op runs on every image, and torch.where (or a factor of 1) keeps its result only for the
+# images that drew it; all crops of one size go through together. That is more arithmetic than
+# working on index lists (BENCHMARKS.md), but on a GPU each index list makes the host wait for
+# the device, and here the kernel shapes stay fixed per crop size: cudnn autotunes the blur's
+# convolutions once per crop size, not again for every new count of blurred images.
 @dataclass
 class PhotometricParams:
     """Per-sample parameters of one crop position's photometric augmentation (tensors of B)."""
@@ -264,31 +272,47 @@ def sample_params(batch: int, device: torch.device, blur_p: float, solarize_p: f
         radius=uniform(*radius), solarize=uniform(0, 1) < solarize_p)
 
 
+@functools.lru_cache(maxsize=None)
+def channel_constant(values: Tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, C, 1, 1) tensor of per-channel constants, copied to the device once per process
+    (a copy from Python data to a GPU waits for the GPU's queue to drain)."""
+    return torch.tensor(values, device=device, dtype=dtype).view(1, -1, 1, 1)
+
+
 def grey_levels(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) luma of (B, 3, H, W) RGB in [0, 1], with PIL's weights."""
-    weights = torch.tensor(GREY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    return (x * channel_constant(GREY_WEIGHTS, x.device, x.dtype)).sum(dim=1, keepdim=True)
+
+
+def mean_grey_level(grey: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1) mean of each image's grey levels, rounded to a level as PIL's Contrast does."""
+    return torch.round(grey.mean(dim=(1, 2, 3), keepdim=True) * 255) / 255
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+def blend(x: torch.Tensor, anchor: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance, Image.blend(anchor, x, factor): x * factor + anchor * (1 - factor),
+    clipped to [0, 1], one factor per image."""
+    factor = _per_sample(factor)
+    return (x * factor + anchor * (1 - factor)).clamp(0, 1)
+
+
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL ImageEnhance.Brightness: a blend with black."""
-    return (x * _per_sample(factor)).clamp(0, 1)
+    return blend(x, 0.0, factor)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL ImageEnhance.Contrast: a blend with the image's mean grey level, rounded to a level."""
-    mean = torch.round(grey_levels(x).mean(dim=(1, 2, 3), keepdim=True) * 255) / 255
-    return (mean + _per_sample(factor) * (x - mean)).clamp(0, 1)
+    return blend(x, mean_grey_level(grey_levels(x)), factor)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL ImageEnhance.Color: a blend with the grey version of the image."""
-    grey = grey_levels(x)
-    return (grey + _per_sample(factor) * (x - grey)).clamp(0, 1)
+    return blend(x, grey_levels(x), factor)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -306,33 +330,58 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(value == r, (g - b) / safe,
                       torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
     hue = hue + 6 * _per_sample(shift)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(hue + n, 6)
+    k = torch.remainder(hue + channel_constant((5.0, 3.0, 1.0), x.device, x.dtype), 6)
     return value - delta * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # JITTER_OPS order
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+def blend_pass(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor,
+               selected: torch.Tensor) -> torch.Tensor:
+    """One of brightness, contrast or saturation per image (op: (B,) in 0..2), applied to the
+    selected images. The three are blends (`blend`) with black, the mean grey level and the grey
+    image, so one blend does each image's own op: anchor * (1 - factor) is the grey image times
+    (1 - factor) or 0, plus the mean times (1 - factor) or 0. The others get factor 1: x exactly.
+    Each image's result is bit for bit its own op's (adjust_*)."""
+    grey = grey_levels(x)
+    factor = torch.where(selected, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
+    rest = 1 - factor
+    anchored = torch.addcmul(mean_grey_level(grey) * _per_sample(rest * (op == CONTRAST)),
+                             grey, _per_sample(rest * (op == SATURATION)))  # one term is exactly 0
+    return (x * _per_sample(factor)).add_(anchored).clamp_(0, 1)
 
 
 def color_jitter(x: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
-    """Each selected image gets the four adjustments in its own random order."""
-    x = x.clone()
-    for position in range(4):
-        for op, adjust in enumerate(ADJUST):
-            index = (params.jitter & (params.order[:, position] == op)).nonzero().squeeze(1)
-            if index.numel():
-                x[index] = adjust(x[index], params.factors[index, op])
+    """Each selected image gets the four adjustments in its own random order.
+
+    Per image, the hue rotation splits its three blends into those before it and those after.
+    Blend j of an image is the j-th op of its order that is not the hue; three whole-batch
+    passes apply blend j to the images whose hue comes later, one hue rotation follows for every
+    image, and three more apply blend j where the hue came first: 6 blends and 1 hue per batch
+    instead of 4 of each (or of an index list per op and position, which needs host syncs).
+    """
+    hue_at = (params.order == HUE).int().argmax(dim=1)  # the hue's place in each image's order
+    blend_ops = [torch.where(j < hue_at, params.order[:, j], params.order[:, j + 1]) for j in range(3)]
+    for j, op in enumerate(blend_ops):
+        x = blend_pass(x, op, params.factors, params.jitter & (j < hue_at))
+    x = torch.where(_per_sample(params.jitter), adjust_hue(x, params.factors[:, HUE]), x)
+    for j, op in enumerate(blend_ops):
+        x = blend_pass(x, op, params.factors, params.jitter & (j >= hue_at))
     return x
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with one sigma per image, edges replicated (as PIL's blur).
-    The kernel reaches 3 sigma of the largest radius the range allows."""
+    The kernel reaches 3 sigma of the largest radius the range allows, so its size, like the
+    batch's, is fixed for a crop size."""
     batch, channels, height, width = x.shape
     half = max(1, int(np.ceil(3 * max_sigma)))
     taps = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, taps): one kernel per image ...
+    kernel = kernel.unsqueeze(1).expand(-1, channels, -1).reshape(batch * channels, -1)  # ... per channel
     flat = x.reshape(1, batch * channels, height, width)
     flat = F.pad(flat, (half, half, half, half), mode="replicate")
     flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * half + 1), groups=batch * channels)
@@ -345,10 +394,7 @@ def photometric(x: torch.Tensor, params: PhotometricParams, max_sigma: float) ->
     solarisation, in DINO's order; returns [0, 1] (normalisation is separate)."""
     x = color_jitter(x, params)
     x = torch.where(_per_sample(params.grey), grey_levels(x).expand_as(x), x)
-    index = params.blur.nonzero().squeeze(1)
-    if index.numel():
-        x = x.clone()
-        x[index] = gaussian_blur(x[index], params.radius[index], max_sigma)
+    x = torch.where(_per_sample(params.blur), gaussian_blur(x, params.radius, max_sigma), x)
     threshold = SOLARIZE_THRESHOLD / 255
     solarized = torch.where(x >= threshold, 1 - x, x)
     return torch.where(_per_sample(params.solarize), solarized, x)
@@ -356,7 +402,12 @@ def photometric(x: torch.Tensor, params: PhotometricParams, max_sigma: float) ->
 
 class PhotometricAugmentation:
     """Device stage: the list of uint8 crop batches [(B, C, S, S)] from MultiCropGeometry
-    becomes DINO's normalised float crops, each image with its own random parameters."""
+    becomes DINO's normalised float crops, each image with its own random parameters.
+
+    The parameters are drawn crop position by crop position (blur and solarisation rates differ
+    between them); the ops then run once on all crops of a size together (the two global crop
+    positions, the local ones): every op works on each image alone, so the result is the same,
+    with a fraction of the kernel launches."""
 
     def __init__(self, local_crops_number: int, global_crops_size: int) -> None:
         self.blur_p = crop_blur_p(local_crops_number)
@@ -364,18 +415,43 @@ class PhotometricAugmentation:
         self.radius = blur_radius_range(global_crops_size)
 
     def __call__(self, crops: List[torch.Tensor]) -> List[torch.Tensor]:
-        return [self.augment(batch, position) for position, batch in enumerate(crops)]
+        # exact fp32 convolutions (the blur) whatever TF32 setting training runs with
+        with utils.tf32_allowed(False):
+            return self.augment_all(crops)
 
-    def augment(self, batch: torch.Tensor, position: int) -> torch.Tensor:
+    def augment_all(self, crops: List[torch.Tensor]) -> List[torch.Tensor]:
+        params = [sample_params(batch.shape[0], batch.device, self.blur_p[position],
+                                self.solarize_p[position], self.radius)
+                  for position, batch in enumerate(crops)]
+        out: List[torch.Tensor] = list(crops)
+        for positions in positions_by_shape(crops):
+            together = self.augment(torch.cat([crops[p] for p in positions]),
+                                    concatenate_params([params[p] for p in positions]))
+            for position, part in zip(positions, together.split([crops[p].shape[0] for p in positions])):
+                out[position] = part
+        return out
+
+    def augment(self, batch: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
         x = batch.float().div_(255)
         if x.shape[1] == 1:  # grey data sets: saturation and hue leave grey unchanged
             x = x.expand(-1, 3, -1, -1)
-        params = sample_params(x.shape[0], x.device, self.blur_p[position], self.solarize_p[position],
-                               self.radius)
         x = photometric(x, params, self.radius[1])
-        mean = torch.tensor(utils.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(utils.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        mean = channel_constant(tuple(utils.IMAGENET_MEAN), x.device, x.dtype)
+        std = channel_constant(tuple(utils.IMAGENET_STD), x.device, x.dtype)
         return (x - mean) / std
+
+
+def positions_by_shape(crops: Sequence[torch.Tensor]) -> List[List[int]]:
+    """Crop positions grouped by their (C, H, W), in order of first appearance."""
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for position, batch in enumerate(crops):
+        groups.setdefault(tuple(batch.shape[1:]), []).append(position)
+    return list(groups.values())
+
+
+def concatenate_params(params: Sequence[PhotometricParams]) -> PhotometricParams:
+    return PhotometricParams(**{name: torch.cat([getattr(p, name) for p in params])
+                                for name in vars(params[0])})
 
 
 def default_on_device(device: torch.device) -> bool:

@@ -262,6 +262,13 @@ def check_bank_size(nb_knn: List[int], bank_size: int) -> None:
 
 def eval_knn(args: argparse.Namespace) -> Dict:
     feats.start(args, check_args)
+    # exact fp32 similarities: TF32 off (torch's default turns it on for cudnn), as knn_monitor
+    with utils.tf32_allowed(False):
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> Dict:
+    """Features (extracted or loaded), optional slot selection, the k-NN results."""
     start = time.time()
     tensors, config, index, bank_size = prepare_features(args)
     slots = feats.parse_slots(args.slots, config)

@@ -1,9 +1,9 @@
 """k-NN accuracy of the teacher during pre-training (`--eval_every`), with eval_knn.py's code.
 
 DINO's weighted k-NN (k=20, T=0.07, L2-normalised features) on the teacher's encoding, with
-DINO's evaluation pre-processing at the training resolution: the figures equal eval_knn.py's on
-the same checkpoint, subsets and k. Under torchrun the bank stays split across the ranks, as in
-eval_knn.py. The sets are built when training starts, so a missing or empty folder stops the run
+DINO's evaluation pre-processing at the training resolution, in exact fp32 (TF32 off while it
+evaluates): the figures equal eval_knn.py's on the same checkpoint, subsets and k. Under
+torchrun the bank stays split across the ranks, as in eval_knn.py. The sets are built when training starts, so a missing or empty folder stops the run
 before epoch 0; a new run also measures its untrained network (and, on request, raw pixels)
 before the first epoch, which reads every image once and gives the curves their starting point.
 """
@@ -84,7 +84,12 @@ class KnnMonitor:
 
     def measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Optional[float]]:
         """knn_top1, knn_top5 (None for fewer than 5 classes) and knn_seconds of the
-        L2-normalised forward(images), on every rank."""
+        L2-normalised forward(images), on every rank, in exact fp32 as in eval_knn.py (training
+        runs in TF32 on GPUs: its settings are back when this returns)."""
+        with utils.tf32_allowed(False):
+            return self._measure(forward)
+
+    def _measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Optional[float]]:
         start = time.time()
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
                       header=None)

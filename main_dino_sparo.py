@@ -19,7 +19,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -221,8 +221,9 @@ class StepStatsTracker:
     """Collects per-iteration loss and teacher entropy on the device and checks them in windows.
 
     Reading a value forces a host-device sync, so it happens once per print interval, not per
-    iteration. A non-finite loss in a window is found on every rank together (all-reduce) so
-    that all processes stop at the same step.
+    iteration, in one copy (tests/test_sync_free.py counts it). A non-finite loss in a window is
+    found on every rank together (an all-reduce on the device, before the copy) so that all
+    processes stop at the same step.
     """
 
     def __init__(self) -> None:
@@ -233,15 +234,23 @@ class StepStatsTracker:
     def add(self, loss: torch.Tensor, teacher_entropy: torch.Tensor) -> None:
         self.window.append(torch.stack([loss.detach().float(), teacher_entropy.float()]))
 
-    def flush(self, epoch: int, next_iteration: int) -> torch.Tensor:
+    def flush(self, epoch: int, next_iteration: int,
+              carry: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Check and clear the window; return its (iterations, 2) losses and teacher entropies
-        (float64, on the CPU), one row per iteration since the last flush."""
-        values = torch.stack(self.window).cpu().double()
-        losses = values[:, 0]
-        bad = (~torch.isfinite(losses)).float().max().reshape(1)
+        (float64, on the CPU), one row per iteration since the last flush, and the `carry`
+        tensors (other device values the print window reads) on the CPU, all in one copy."""
+        values = torch.stack(self.window).float()
+        bad = (~torch.isfinite(values[:, 0])).any().float().reshape(1)
         if utils.is_dist_avail_and_initialized():
-            bad = bad.to(utils.collective_device())
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            reduced = bad.to(utils.collective_device())
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+            bad = reduced.to(bad.device)
+        host = torch.cat([values.flatten(), bad, *(t.float().flatten() for t in carry)])
+        host = host.to("cpu", torch.float64, copy=True)  # the print window's one device-to-host copy
+        sizes = [values.numel(), 1, *(t.numel() for t in carry)]
+        flat_values, bad, *carried = host.split(sizes)
+        values = flat_values.view(-1, 2)
+        losses = values[:, 0]
         if bad.item() > 0:
             nonfinite = torch.nonzero(~torch.isfinite(losses))
             first = int(nonfinite[0]) if len(nonfinite) else 0
@@ -251,7 +260,7 @@ class StepStatsTracker:
         self.totals += torch.tensor([losses.sum().item(), values[:, 1].sum().item(), len(values)],
                                     dtype=torch.float64)
         self.window, self.window_start = [], next_iteration
-        return values
+        return values, [c.view(t.shape).to(t.dtype) for c, t in zip(carried, carry)]
 
     def epoch_means(self) -> Tuple[float, float]:
         """Mean loss and mean teacher entropy over the epoch and all processes."""
@@ -754,10 +763,8 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
                               float(schedules["momentum"][step]))
         tracker.add(loss, train_step.optimisation.dino_loss.last_teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
-            window_start = tracker.window_start
-            window = tracker.flush(epoch, it + 1)
+            window = end_window(tracker, train_step, board, schedules, epoch, it + 1, iters * epoch)
             metric_logger.meters["loss"].update(float(window[:, 0].mean()))
-            write_window(board, train_step, window, schedules, iters * epoch + window_start, epoch)
             metric_logger.update(lr=schedules["lr"][step], wd=schedules["wd"][step])
     epoch_steps = slice(iters * epoch, iters * (epoch + 1))
     loss, teacher_entropy = tracker.epoch_means()
@@ -769,10 +776,36 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
     return stats
 
 
+def end_window(tracker: StepStatsTracker, train_step: TrainStep, board: tensorboard_log.TrainingBoard,
+               schedules: Dict[str, np.ndarray], epoch: int, next_iteration: int,
+               epoch_first_step: int) -> torch.Tensor:
+    """The end of a print window, the only place where training waits for the device: the
+    window's losses and teacher entropies, with the slot statistics TensorBoard shows, come to
+    the host in one copy, are checked (StepStatsTracker.flush) and written; returns the
+    window's (iterations, 2) values."""
+    first_step = epoch_first_step + tracker.window_start
+    slots = window_slot_statistics(board, train_step)
+    window, carried = tracker.flush(epoch, next_iteration, carry=list(slots.values()))
+    write_window(board, train_step, window, dict(zip(slots, carried)), schedules, first_step, epoch)
+    return window
+
+
+def window_slot_statistics(board: tensorboard_log.TrainingBoard,
+                           train_step: TrainStep) -> Dict[str, torch.Tensor]:
+    """The teacher's slot statistics on the window's last global crops, on the device (one
+    extra teacher forward per window; SPARO with TensorBoard only, else none)."""
+    backbone = train_step.models.teacher.backbone
+    if not board.enabled or backbone.sparo is None:
+        return {}
+    with torch.no_grad(), train_step.optimisation.autocast():
+        attention = backbone.get_slot_attention(train_step.global_crops[0])
+    return tensorboard_log.slot_statistics(attention)
+
+
 def write_window(board: tensorboard_log.TrainingBoard, train_step: TrainStep, window: torch.Tensor,
-                 schedules: Dict[str, np.ndarray], first_step: int, epoch: int) -> None:
-    """TensorBoard: every iteration of a print window, and the teacher's slot statistics on the
-    window's last global crops (one extra teacher forward per window, SPARO only)."""
+                 slots: Dict[str, torch.Tensor], schedules: Dict[str, np.ndarray], first_step: int,
+                 epoch: int) -> None:
+    """TensorBoard: every iteration of a print window, and the slot statistics (on the CPU)."""
     if not board.enabled:
         return
     steps = slice(first_step, first_step + len(window))
@@ -781,11 +814,8 @@ def write_window(board: tensorboard_log.TrainingBoard, train_step: TrainStep, wi
                       "train/lr": schedules["lr"][steps], "train/wd": schedules["wd"][steps],
                       "train/momentum": schedules["momentum"][steps],
                       "train/teacher_temp": [teacher_temp] * len(window)}, first_step)
-    backbone = train_step.models.teacher.backbone
-    if backbone.sparo is not None:
-        with torch.no_grad(), train_step.optimisation.autocast():
-            attention = backbone.get_slot_attention(train_step.global_crops[0])
-        board.add_slot_statistics(tensorboard_log.slot_statistics(attention), steps.stop - 1)
+    if slots:
+        board.add_slot_statistics(slots, steps.stop - 1)
 
 
 @contextlib.contextmanager

@@ -94,10 +94,11 @@ def slot_statistics(attention: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Per-slot means over a batch of SPARO attention weights alpha (B, L, N), token 0 = CLS:
     `attention_entropy`, the entropy (nats) of each slot's attention renormalised over the
     patches (log of the patch count when uniform, 0 when on one patch), and `cls_weight`, the
-    weight each slot puts on the CLS token."""
+    weight each slot puts on the CLS token. On the attention's device: the training loop copies
+    them to the host with the print window's other values."""
     attention = attention.float()
     patches = attention[:, :, 1:]
     patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
     entropy = -(patches * patches.clamp_min(1e-12).log()).sum(-1)
-    return dict(attention_entropy=entropy.mean(0).cpu(), cls_weight=attention[:, :, 0].mean(0).cpu())
+    return dict(attention_entropy=entropy.mean(0), cls_weight=attention[:, :, 0].mean(0))
 

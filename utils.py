@@ -3,6 +3,7 @@ schedules, optimisation, checkpoints, weight loading and progress logging."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -431,6 +432,25 @@ def enable_fast_fp32(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = True
 
 
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """TF32 for fp32 matrix products (cuBLAS) and convolutions (cudnn) on (allowed) or off
+    inside, the caller's settings restored after, exception or not. Off: exact fp32, for the
+    k-NN evaluations during training (knn_monitor), which must equal eval_knn.py's on the same
+    checkpoint while training itself runs in TF32 (enable_fast_fp32). No effect on the CPU.
+
+    The two flags are torch's long-standing ones (the matmul flag is what
+    torch.set_float32_matmul_precision("highest"/"high") sets for CUDA). The global precision
+    is neither read nor set: torch 2.9+ refuses to read it once per-backend settings differ,
+    and setting it would also switch oneDNN's CPU matmuls."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _slurm_master_address() -> str:
     """The first host of the job's node list (scontrol expands "node[01-04]")."""
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") \
@@ -713,13 +733,17 @@ def build_optimizer(name: str, params_groups: List[Dict[str, Any]]) -> torch.opt
 
 @torch.no_grad()
 def clip_gradients(model: nn.Module, clip: float) -> None:
-    """DINO's per-parameter clipping: each gradient's norm is capped at `clip` on its own."""
+    """DINO's per-parameter clipping: each gradient's norm is capped at `clip` on its own
+    (multiplied by clip / (norm + 1e-6) where that is below 1, as in DINO). The factors of
+    all parameters are computed as one vector: a few ops per step instead of a few per
+    parameter, and no value is read on the host (DINO's `if clip_coef < 1` reads one per
+    parameter; multiplying by 1 instead changes nothing)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads)
-    factors = [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in norms]
-    torch._foreach_mul_(grads, factors)
+    norms = torch.stack(torch._foreach_norm(grads))
+    factors = (clip / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, factors.unbind())
 
 
 def cancel_gradients(epoch: int, model: nn.Module, until_epoch: int, selects: Callable[[str], bool]) -> None:

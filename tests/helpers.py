@@ -18,11 +18,17 @@ TINY_TRAIN_ARGS = [
 ]
 
 
-def run_script(script, *args, env=None, timeout=600, check=True):
-    """Run a repo script with this interpreter; return the CompletedProcess (text output)."""
-    # CUDA_VISIBLE_DEVICES="": the CPU tests' scripts stay on the CPU on a GPU host too
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "",
+def run_script(script, *args, env=None, timeout=600, check=True, gpu=False):
+    """Run a repo script with this interpreter; return the CompletedProcess (text output).
+    The script sees no GPU (CUDA_VISIBLE_DEVICES=""): the CPU tests' scripts stay on the CPU on
+    a GPU host too; gpu=True (for tests marked gpu) leaves the GPUs visible."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    if gpu:
+        if full_env.get("CUDA_VISIBLE_DEVICES") == "":
+            del full_env["CUDA_VISIBLE_DEVICES"]
+    else:
+        full_env["CUDA_VISIBLE_DEVICES"] = ""
     full_env.update(env or {})
     process = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO,
                              env=full_env, capture_output=True, text=True, timeout=timeout)

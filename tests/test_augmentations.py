@@ -222,6 +222,56 @@ def test_photometric_applies_the_ops_only_where_drawn():
     assert torch.allclose(out[grey][:, 0], out[grey][:, 1]) and torch.allclose(out[grey][:, 1], out[grey][:, 2])
 
 
+def per_image_reference(x, params, max_sigma):
+    """DINO's chain computed image by image, each op only where drawn, in the image's own jitter
+    order: what the batched device stage must equal."""
+    out = []
+    for i in range(len(x)):
+        y = x[i:i + 1]
+        if params.jitter[i]:
+            for op in params.order[i].tolist():
+                y = A.ADJUST[op](y, params.factors[i:i + 1, op])
+        if params.grey[i]:
+            y = A.grey_levels(y).expand(-1, 3, -1, -1)
+        if params.blur[i]:
+            y = A.gaussian_blur(y, params.radius[i:i + 1], max_sigma)
+        if params.solarize[i]:
+            y = torch.where(y >= A.SOLARIZE_THRESHOLD / 255, 1 - y, y)
+        out.append(y)
+    return torch.cat(out)
+
+
+def test_the_batched_device_stage_equals_a_per_image_computation():
+    torch.manual_seed(0)
+    photos = [as_float(image.resize((16, 16))) for image in photo_patches()]
+    x = torch.cat(photos + [torch.rand(237, 3, 16, 16)])
+    params = A.sample_params(240, torch.device("cpu"), 0.5, 0.5, (0.1, 2.0))
+    assert len({tuple(o) for o in params.order[params.jitter].tolist()}) == 24  # every jitter order
+    torch.testing.assert_close(A.photometric(x, params, 2.0), per_image_reference(x, params, 2.0),
+                               atol=1e-6, rtol=0)
+    params.grey[:], params.blur[:], params.solarize[:] = False, False, False  # the jitter: bit for bit
+    assert torch.equal(A.photometric(x, params, 2.0), per_image_reference(x, params, 2.0))
+
+
+def test_crops_of_one_size_go_through_together_with_their_own_draws():
+    """PhotometricAugmentation draws each crop position's parameters in turn (its own blur and
+    solarisation rates) and augments all crops of a size in one batch: the same result as each
+    position alone."""
+    generator = torch.Generator().manual_seed(1)
+    crops = [torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8, generator=generator)
+             for size in (20, 20, 10, 10, 10)]
+    stage = A.PhotometricAugmentation(3, 20)
+    torch.manual_seed(2)
+    out = stage(crops)
+    torch.manual_seed(2)
+    params = [A.sample_params(6, torch.device("cpu"), blur_p, solarize_p, stage.radius)
+              for blur_p, solarize_p in zip(A.crop_blur_p(3), A.crop_solarize_p(3))]
+    normalize = T.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)
+    for crop, p, o in zip(crops, params, out):
+        expected = normalize(per_image_reference(crop.float() / 255, p, stage.radius[1]))
+        torch.testing.assert_close(o, expected, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------- the CPU stage
 def test_cpu_stage_crops_are_torchvisions_resized_crop():
     image = photo_patches()[2]  # 60 x 80, non-square
@@ -310,7 +360,8 @@ TRAIN_ARGS = ["--arch", "vit_tiny", "--patch_size", "8", "--batch_size_per_gpu",
 def train_and_check(tmp_path, data_path, extra, on_device, device_name="cpu"):
     from helpers import read_log, run_script
     out = tmp_path / "run"
-    process = run_script("main_dino_sparo.py", *TRAIN_ARGS, "--data_path", data_path, "--output_dir", out, *extra)
+    process = run_script("main_dino_sparo.py", *TRAIN_ARGS, "--data_path", data_path, "--output_dir", out,
+                         *extra, gpu=device_name == "cuda")
     expected = f"photometric on {device_name}" if on_device else "PIL in the loader"
     assert f"Starting DINO training! (augmentation: {expected})" in process.stdout
     checkpoint = utils.load_checkpoint(out / "checkpoint.pth")
@@ -327,12 +378,25 @@ def test_training_on_fashion_mnist_with_the_device_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_on_a_folder_of_real_jpegs_with_the_device_stage(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_on_a_folder_of_real_jpegs_with_the_device_stage(tmp_path, device):
+    """End to end as on a GPU machine: JPEGs decoded and cropped by 2 loader workers, batches in
+    pinned memory on CUDA, the photometric stage on the training device."""
+    import argparse
+
+    import main_dino_sparo as dino
     from bench.augmentation_speed import write_photos
     folder = tmp_path / "photos"
     folder.mkdir()
     write_photos(folder, 16)
-    train_and_check(tmp_path, str(folder), ["--num_workers", "1", "--augment_on_device", "true"], True)
+    flags = ["--data_path", str(folder), "--num_workers", "2", "--augment_on_device", "true"]
+    args = argparse.ArgumentParser(parents=[dino.get_args_parser()]).parse_args([*TRAIN_ARGS, *flags])
+    args.device, args.rank, args.world_size = torch.device(device), 0, 1
+    loader = dino.build_data_loader(args)
+    assert loader.num_workers == 2 and loader.pin_memory == (device == "cuda")
+    crops, _ = next(iter(loader))
+    assert crops[0].dtype == torch.uint8 and all(c.is_pinned() == (device == "cuda") for c in crops)
+    train_and_check(tmp_path, str(folder), [*flags[2:], "--device", device], True, device)
 
 
 @pytest.mark.gpu

@@ -473,7 +473,10 @@ def test_gpu_check_needs_the_dino_code_and_a_usable_gpu(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert process.returncode == 2 and process.stderr.count("\n") == 1
     assert process.stderr.startswith("error: the check times the original DINO step and needs its code")
-    if torch.cuda.device_count() == 0:  # (patched is_available aside) no real GPU here
+    # A machine without NVIDIA device files: a GPU named in CUDA_VISIBLE_DEVICES cannot be used there
+    # (this process never sees a GPU: conftest hides them from CPU tests, so device_count() is 0 on a
+    # GPU machine too).
+    if utils.gpus_expected({}) is None:
         process = run_gpu_check(tmp_path, "--dry", CUDA_VISIBLE_DEVICES="0")  # a GPU that CUDA cannot use
         assert process.returncode == 1 and "FAIL: GPUs visible but unusable" in process.stdout
         assert "error: GPUs are expected (CUDA_VISIBLE_DEVICES=0)" in process.stderr
@@ -486,11 +489,14 @@ def test_cpu_tests_never_see_a_gpu(monkeypatch):
     GPU, and the bit-exact resume test would meet non-deterministic kernels."""
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
     seen = {}
-    monkeypatch.setattr(subprocess, "run", lambda *a, env=None, **k: seen.update(env) or
+    monkeypatch.setattr(subprocess, "run", lambda *a, env=None, **k: seen.update(env=env) or
                         subprocess.CompletedProcess(a, 0, "", ""))
     import helpers
     helpers.run_script("main_dino_sparo.py")
-    assert seen["CUDA_VISIBLE_DEVICES"] == ""
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    # the scripts of tests marked gpu see the GPUs (the hiding "" is dropped, not passed on)
+    helpers.run_script("main_dino_sparo.py", gpu=True)
+    assert "CUDA_VISIBLE_DEVICES" not in seen["env"]
 
 
 # ------------------------------------------------- leaving the group frees gloo's threads

@@ -1,13 +1,18 @@
 """k-NN during pre-training (--eval_every): logged per epoch, equal to eval_knn.py, checked early."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import knn_monitor
+import main_dino_sparo
 import plot_runs
+import utils
 from helpers import TINY_TRAIN_ARGS, read_log, run_script
 
 EVAL_ARGS = ["--eval_every", "1", "--eval_data_path", "digits", "--eval_train_subset", "600",
@@ -43,21 +48,75 @@ def test_every_epoch_logs_knn_and_the_run_ends_with_the_comparison(evaluated_run
     assert baselines["raw pixels"]["knn_top1"] > 80
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("network", ["teacher", "student"])
-def test_knn_during_training_equals_eval_knn_on_the_checkpoint(evaluated_run, tmp_path, network):
-    out, stdout = evaluated_run
+def assert_monitor_equals_eval_knn(out, tmp_path, device, network="teacher"):
+    """The last epoch's k-NN of the teacher (or student) in log.txt equals eval_knn.py's on the
+    run's checkpoint (same subsets, k and batch size, on the same device)."""
     result = tmp_path / "knn.json"
     run_script("eval_knn.py", "--pretrained_weights", out / "checkpoint.pth", "--data_path", "digits",
+               "--train_subset", "600", "--test_subset", "200", "--nb_knn", "20", "--device", device,
+               "--batch_size_per_gpu", "16", "--num_workers", "0", "--output_json", result,
                "--checkpoint_key", network,
-               "--train_subset", "600", "--test_subset", "200", "--nb_knn", "20",
-               "--batch_size_per_gpu", "16", "--num_workers", "0", "--output_json", result)
+               gpu=device == "cuda")
     figures = json.loads(result.read_text())["knn"]["20"]
     last = read_log(out / "log.txt")[-1]
     prefix = "" if network == "teacher" else "student_"
     assert last[prefix + "knn_top1"] == pytest.approx(figures["top1"], abs=1e-3)
     assert last[prefix + "knn_top5"] == pytest.approx(figures["top5"], abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["teacher", "student"])
+def test_knn_during_training_equals_eval_knn_on_the_checkpoint(evaluated_run, tmp_path, network):
+    out, stdout = evaluated_run
+    assert_monitor_equals_eval_knn(out, tmp_path, "cpu", network)
     assert f"k-NN of the {network} after epoch 1" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_knn_during_training_on_a_gpu_equals_eval_knn_there(tmp_path):
+    """On a GPU training runs in TF32 (and bf16 autocast); the monitor evaluates in exact fp32
+    as eval_knn.py does, so the two agree there too."""
+    out = tmp_path / "run"
+    run_script("main_dino_sparo.py", *RUN_ARGS, "--epochs", "1", "--eval_raw_pixels", "false",
+               "--device", "cuda", "--output_dir", out, gpu=True)
+    assert_monitor_equals_eval_knn(out, tmp_path, "cuda")
+
+
+def tf32_flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_exact_fp32_inside_and_the_callers_settings_after():
+    saved = tf32_flags()
+    try:
+        for before in [(True, True), (False, True), (False, False)]:  # (True, ...): training's
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+            for allowed in (False, True):
+                with pytest.raises(KeyError), utils.tf32_allowed(allowed):
+                    assert tf32_flags() == (allowed, allowed)
+                    raise KeyError  # restored on the way out of an error too
+                assert tf32_flags() == before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_the_monitor_measures_in_exact_fp32_while_training_runs_in_tf32():
+    parser = argparse.ArgumentParser(parents=[main_dino_sparo.get_args_parser()])
+    args = parser.parse_args([*TINY_TRAIN_ARGS, *EVAL_ARGS, "--eval_train_subset", "300"])
+    args.device = torch.device("cpu")
+    monitor = knn_monitor.KnnMonitor(args, args.global_crops_size)
+    seen = []
+
+    def raw_pixels(images):
+        seen.append(tf32_flags())
+        return images.flatten(1)
+
+    with utils.tf32_allowed(True):  # what enable_fast_fp32 sets for training on a GPU
+        result = monitor.measure(raw_pixels)
+        assert tf32_flags() == (True, True)
+    assert seen and set(seen) == {(False, False)}
+    assert result["knn_top1"] > 80  # raw digits are a strong k-NN baseline
 
 
 @pytest.mark.slow
