@@ -20,7 +20,7 @@ PANELS = [("train_loss", "DINO loss"), ("train_teacher_entropy", "teacher entrop
           ("train_lr", "learning rate"), ("knn_top1", "k-NN top-1 (%), student dotted")]
 # Flags that differ between any two runs without changing what is trained.
 NOT_A_DIFFERENCE = {"output_dir", "dist_url", "local_rank", "num_workers", "print_freq",
-                    "saveckp_freq", "config", "device"}
+                    "saveckp_freq", "config", "device", "tensorboard", "eval_student"}
 
 
 def read_log(run_dir: Path) -> List[Dict[str, Any]]:
