@@ -659,17 +659,17 @@ def train_dino(args: argparse.Namespace) -> None:
 
         # ============ k-NN of the teacher (--eval_every) ... ============
         if monitor is not None and monitor.due(epoch):
-            knn_stats = monitor.evaluate(models.teacher.backbone)
-            monitor.report(epoch, knn_stats)
+            networks = {"teacher": models.teacher.backbone}
             if args.eval_student:
-                student_stats = monitor.evaluate(models.student_without_ddp.backbone)
-                monitor.report(epoch, student_stats, "student")
-                knn_stats.update({f"student_{k}": v for k, v in student_stats.items()})
-            history[-1].update(knn_stats)
-            # at the epoch's last iteration: a resumed run's purge starts at the next one
-            board.add_scalars({k.replace("knn_", "knn/").replace("student_knn/", "knn_student/"): v
-                               for k, v in knn_stats.items()},
-                              (epoch + 1) * len(data_loader) - 1)
+                networks["student"] = models.student_without_ddp.backbone
+            for network, backbone in networks.items():
+                knn_stats = monitor.evaluate(backbone)  # knn_top1, knn_top5, knn_seconds
+                monitor.report(epoch, knn_stats, network)
+                prefix = "" if network == "teacher" else "student_"
+                history[-1].update({prefix + k: v for k, v in knn_stats.items()})
+                # at the epoch's last iteration: a resumed run's purge starts at the next one
+                board.add_scalars({f"knn{'' if network == 'teacher' else '_student'}/{k[4:]}": v
+                                   for k, v in knn_stats.items()}, (epoch + 1) * len(data_loader) - 1)
             board.flush()
         save_dict = checkpoint_state(models, optimisation, epoch, args, history)
         utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
