@@ -18,6 +18,7 @@ from torch import nn
 
 import datasets
 import utils
+import vision_transformer as vits
 from utils import UserError
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -26,8 +27,6 @@ Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 # ================================================================================== flags
 def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
     """The flags every evaluation script shares, with DINO's names and defaults."""
-    import vision_transformer as vits
-
     parser.add_argument("--pretrained_weights", default="", type=str,
                         help="Checkpoint to evaluate: this project's checkpoint.pth, a bare "
                              "backbone state dict, or an official DINO file (CLS read-out).")

@@ -24,40 +24,38 @@ unit-norm SPARO or cls_proj vector, the CLS token or gap's mean patch token); se
 get_last_selfattention and get_intermediate_layers.
 """
 import contextlib
-import importlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional
 
 dependencies = ["torch", "timm", "numpy"]
 
 _REPO = Path(__file__).resolve().parent
-_PROJECT_MODULES = ("utils", "vision_transformer", "sparo_head", "timm_models", "portable")
 # DINO's released files for its hub names, for the message telling a user what to pass.
 _DINO_FILES = {"dino_vits16": "dino_deitsmall16_pretrain", "dino_vits8": "dino_deitsmall8_pretrain",
                "dino_vitb16": "dino_vitbase16_pretrain", "dino_vitb8": "dino_vitbase8_pretrain"}
 
 
 @contextlib.contextmanager
-def _project_modules() -> Iterator[Tuple[Any, Any]]:
-    """This repository's utils and vision_transformer modules.
-
-    Names like `utils` are common (DINO has one too): a module of the same name imported from
-    elsewhere is set aside while ours are imported and used, and put back afterwards.
-    """
-    set_aside = {}
-    for name in _PROJECT_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and Path(getattr(module, "__file__", None) or "").resolve().parent != _REPO:
-            set_aside[name] = sys.modules.pop(name)
+def _own_module_names() -> Iterator[None]:
+    """Names like `utils` are common (DINO has one too): a module named like one of this
+    repository's that was imported from elsewhere is set aside while ours are imported, and put
+    back afterwards (this file keeps its references to ours)."""
+    names = {path.stem for path in _REPO.glob("*.py")}
+    set_aside = {name: sys.modules.pop(name) for name in names if name in sys.modules and
+                 Path(getattr(sys.modules[name], "__file__", None) or "").resolve().parent != _REPO}
     sys.path.insert(0, str(_REPO))
     try:
-        yield importlib.import_module("utils"), importlib.import_module("vision_transformer")
+        yield
     finally:
         sys.path.remove(str(_REPO))
-        for name, module in set_aside.items():
-            sys.modules[name] = module
+        sys.modules.update(set_aside)
+
+
+with _own_module_names():
+    import utils
+    import vision_transformer as vits
 
 
 def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> Callable[..., Any]:
@@ -73,17 +71,16 @@ def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> C
         for name in ("arch", "readout"):
             if name in kwargs:
                 raise TypeError(f"{name} is set by the entry point; pick another entry point")
-        with _project_modules() as (utils, vits):
-            asked = vits.BackboneConfig.take_fields(kwargs)  # the rest are model options
-            if pretrained_weights is None:
-                return vits.BackboneConfig(arch=arch, readout=readout, **asked).build(**kwargs)
-            model, _ = utils.load_backbone(str(pretrained_weights), checkpoint_key,
-                                           expected={"arch": arch, "readout": readout, **asked})
-            if kwargs:  # e.g. drop_path_rate for fine-tuning: rebuild around the same weights
-                rebuilt = model.config.build(**kwargs)
-                rebuilt.load_state_dict(model.state_dict(), strict=True)
-                model = rebuilt
-            return model
+        asked = vits.BackboneConfig.take_fields(kwargs)  # the rest are model options
+        if pretrained_weights is None:
+            return vits.BackboneConfig(arch=arch, readout=readout, **asked).build(**kwargs)
+        model, _ = utils.load_backbone(str(pretrained_weights), checkpoint_key,
+                                       expected={"arch": arch, "readout": readout, **asked})
+        if kwargs:  # e.g. drop_path_rate for fine-tuning: rebuild around the same weights
+            rebuilt = model.config.build(**kwargs)
+            rebuilt.load_state_dict(model.state_dict(), strict=True)
+            model = rebuilt
+        return model
 
     prefix = "dino" if readout == "cls" else readout
     build.__name__ = f"{prefix}_{arch}" if patch_size is None else f"dino_vit{arch[4]}{patch_size}"

@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="YAML file whose keys are flag names; flags on the command line win.")
 
     # --------------------------------------------------------------------------- model
-    vits.BackboneConfig.add_args(parser)  # --arch, --patch_size, --readout, --sparo_*
+    utils.add_backbone_args(parser)  # --arch, --patch_size, --readout, --sparo_*
     parser.add_argument("--out_dim", default=65536, type=prototype_count,
                         help="Number of prototypes (output width of the DINO head). 65536 for "
                              "ImageNet; a few thousand is plenty for small data sets.")

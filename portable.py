@@ -11,37 +11,34 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
+from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    from vision_transformer import BackboneConfig
+import timm_models
+import utils
+import vision_transformer as vits
 
 SAFETENSORS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PTH_NAME = "backbone.pth"
-METADATA_KEY = "sparo_dino"
+METADATA_KEY = utils.SAFETENSORS_METADATA_KEY
 PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes",
                        "first_conv", "classifier")
 
 
-def timm_name(config: BackboneConfig) -> str:
+def timm_name(config: vits.BackboneConfig) -> str:
     """The timm name that builds this BackboneConfig (timm_models.py), e.g.
     vit_small_patch16_224_sparo; the image size and read-out settings travel as model_args."""
-    import timm_models
-
     return timm_models.registered_name(config) or timm_models.variant_name(
         config.arch, config.patch_size, config.img_size, config.readout)
 
 
-def export_config(config: BackboneConfig, source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def export_config(config: vits.BackboneConfig, source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """config.json of a BackboneConfig: timm's hub layout (architecture, num_classes,
     num_features, pretrained_cfg, model_args) plus this project's model_config and the read-out
     spelled out."""
-    import timm_models
-    import vision_transformer as vits
-
     embed_dim, depth, num_heads = vits.ARCHS[config.arch]
     readout: Dict[str, Any] = {"type": config.readout}
     if config.readout == "sparo":
@@ -75,10 +72,6 @@ def backbone_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def write_export(model: torch.nn.Module, output_dir: Path,
                  source: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
     """Write model.safetensors, config.json and backbone.pth of a backbone into output_dir."""
-    from safetensors.torch import save_file
-
-    from utils import atomic_save
-
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = export_config(model.config, source)
     state = backbone_state(model)
@@ -92,17 +85,5 @@ def write_export(model: torch.nn.Module, output_dir: Path,
     # DINO's released files are bare backbone state dicts; model_config (plain values) rides
     # along so that settings the shapes cannot tell (sparo_norm) survive. DINO's own loader
     # (load_state_dict(strict=False)) ignores that key.
-    atomic_save({**state, "model_config": meta["model_config"]}, paths["pth"])
+    utils.atomic_save({**state, "model_config": meta["model_config"]}, paths["pth"])
     return paths
-
-
-def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
-    """(tensors, model_config or None) of a .safetensors file; no code is run."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    state = load_file(str(path), device="cpu")
-    config = json.loads(metadata[METADATA_KEY]).get("model_config") if METADATA_KEY in metadata else None
-    return state, config

@@ -186,9 +186,7 @@ def check_launcher_args(args: argparse.Namespace) -> None:
 def check_job_args(job: str, job_args: argparse.Namespace) -> None:
     """Catch bad training flags now, not after the job waited in the queue."""
     if job == "train":
-        import main_dino_sparo
-
-        main_dino_sparo.check_args(job_args)
+        import_job_script(job).check_args(job_args)
 
 
 def tasks_per_node(args: argparse.Namespace) -> int:
@@ -271,15 +269,13 @@ class SubmititJob:
             torch.set_num_threads(self.threads)
         print(f"{job_env}: running {JOBS[self.job].script}.{JOBS[self.job].run}", flush=True)
 
-        import utils as job_utils
-
         run = getattr(importlib.import_module(JOBS[self.job].script), JOBS[self.job].run)
         args = copy.deepcopy(self.job_args)  # the job adds rank, device, ...: keep ours clean
         try:
             result = run(args)
         finally:
-            job_utils.release_output_locks()
-            job_utils.cleanup_distributed()
+            utils.release_output_locks()
+            utils.cleanup_distributed()
         if result is None and self.job == "train":  # training returns nothing: name its checkpoint
             return str(Path(self.job_args.output_dir) / "checkpoint.pth")
         return result

@@ -1,6 +1,6 @@
-"""This project's backbones in timm's model registry (imported by vision_transformer.py).
+"""This project's backbones in timm's model registry.
 
-    import timm, vision_transformer  # the import registers the names below
+    import timm, timm_models  # the import registers the names below
     model = timm.create_model("vit_small_patch16_224_sparo", pretrained=True,
                               pretrained_cfg_overlay=dict(file="export/model.safetensors"))
     tokens = model.forward_features(images)          # (B, 1 + h*w, D) after the final norm
@@ -26,6 +26,7 @@ from torch import nn
 import timm
 from timm.models import build_model_with_cfg, register_model
 
+import utils
 import vision_transformer as vits
 
 # (arch, patch size, default image size) of every registered name, with both read-outs.
@@ -77,8 +78,6 @@ class TimmVisionTransformer(vits.VisionTransformer):
 
 def _file_config(path: str) -> vits.BackboneConfig:
     """The model configuration a weight file carries, or the one its shapes imply."""
-    import utils
-
     checkpoint = utils.load_checkpoint(path)
     state = checkpoint.get("teacher") if isinstance(checkpoint.get("teacher"), dict) else checkpoint
     return utils.checkpoint_config(checkpoint, utils._strip_prefixes(state))
@@ -86,15 +85,11 @@ def _file_config(path: str) -> vits.BackboneConfig:
 
 def _filter_state(state: Dict[str, Any], model: TimmVisionTransformer) -> Dict[str, torch.Tensor]:
     """Backbone tensors out of any supported file, position embeddings resampled to the model."""
-    import utils
-
     if isinstance(state.get("teacher"), dict):  # a training checkpoint: DINO's choice of weights
         state = state["teacher"]
     state = utils._strip_prefixes({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
-        from warm_start import resample_pos_embed
-
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.pos_grid)
+        state["pos_embed"] = vits.resample_pos_embed(state["pos_embed"], model.pos_grid)
     return state
 
 
@@ -130,8 +125,6 @@ def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained:
 def pretrained_cfg_for(img_size: int) -> Dict[str, Any]:
     """timm's pretrained_cfg of a backbone trained at img_size: DINO's evaluation
     pre-processing (bicubic resize to img_size * 256/224, centre crop, ImageNet mean/std)."""
-    import utils
-
     return dict(url="", num_classes=0, input_size=(3, img_size, img_size), pool_size=None,
                 crop_pct=round(img_size / round(img_size * 256 / 224), 4), interpolation="bicubic",
                 mean=utils.IMAGENET_MEAN, std=utils.IMAGENET_STD, first_conv="patch_embed.proj",

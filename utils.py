@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -22,6 +23,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as load_safetensors_file
 import torch.distributed as dist
 # Imported before any process group exists, on purpose: its functions take `group=group.WORLD`
 # as a default argument, so importing it later (timm does) pins the default group for good;
@@ -29,6 +32,8 @@ import torch.distributed as dist
 # a rank can abort at exit ("terminate called without an active exception").
 import torch.distributed.nn  # noqa: F401
 from torch import nn
+
+import vision_transformer as vits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,6 +122,17 @@ def unit_interval(value: Any) -> float:
     if not 0 <= number <= 1:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {value}")
     return number
+
+
+def add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    """The backbone's training flags: one per BackboneConfig field with a help text, under the
+    field's name (--arch, --patch_size, --readout, --sparo_*)."""
+    for option in dataclasses.fields(vits.BackboneConfig):
+        if option.metadata:  # every numeric field is a size: positive
+            kind = (None if option.metadata["choices"] else
+                    bool_flag if isinstance(option.default, bool) else positive_int)
+            parser.add_argument(f"--{option.name}", default=option.default, type=kind,
+                                choices=option.metadata["choices"], help=option.metadata["help"])
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser,
@@ -835,12 +851,22 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     return checkpoint
 
 
+SAFETENSORS_METADATA_KEY = "sparo_dino"  # the header entry of export.py's files with their config.json
+
+
+def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """(tensors, model_config or None) of a .safetensors file; no code is run."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    state = load_safetensors_file(str(path), device="cpu")
+    meta = metadata.get(SAFETENSORS_METADATA_KEY)
+    return state, json.loads(meta).get("model_config") if meta else None
+
+
 def _load_safetensors(path: Path) -> Dict[str, Any]:
     """An exported backbone (export.py): its tensors plus `model_config` from the header."""
-    import portable
-
     try:
-        state, config = portable.read_safetensors(path)
+        state, config = read_safetensors(path)
     except Exception as error:  # noqa: BLE001 - a damaged or foreign file
         raise UserError(f"checkpoint {path} cannot be read as safetensors: "
                         f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
@@ -1076,13 +1102,16 @@ def checkpoint_backbone(checkpoint: Dict[str, Any], checkpoint_key: str, what: s
                     f"{', '.join(keys) or 'no state dicts'}); see {key_flag}")
 
 
-def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor]) -> "BackboneConfig":
+def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor]) -> vits.BackboneConfig:
     """The BackboneConfig a file carries as `model_config`, else the one its backbone weights'
     shapes imply (official DINO files carry none)."""
-    from vision_transformer import BackboneConfig
-
     stored = checkpoint.get("model_config")
-    return BackboneConfig.from_dict(stored) if isinstance(stored, dict) else BackboneConfig.from_state_dict(state)
+    if isinstance(stored, dict):
+        return vits.BackboneConfig.from_dict(stored)
+    try:
+        return vits.BackboneConfig.from_state_dict(state)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",

@@ -21,7 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Literal, Optional, Tuple, get_args
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -140,18 +140,6 @@ class BackboneConfig:
         return {f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs}
 
     @classmethod
-    def add_args(cls, parser: argparse.ArgumentParser) -> None:
-        """The training flags, one per field with a help text, under the field's name."""
-        import utils
-
-        for option in dataclasses.fields(cls):
-            if option.metadata:  # every numeric field is a size: positive
-                kind = (None if option.metadata["choices"] else
-                        utils.bool_flag if isinstance(option.default, bool) else utils.positive_int)
-                parser.add_argument(f"--{option.name}", default=option.default, type=kind,
-                                    choices=option.metadata["choices"], help=option.metadata["help"])
-
-    @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BackboneConfig":
         """The training flags' configuration (the image size is --global_crops_size)."""
         flagged = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.metadata}
@@ -163,15 +151,14 @@ class BackboneConfig:
         none). SPARO's norm leaves no trace in the shapes: the default is assumed. gap has no
         weights of its own, so a bare gap weight file reads as cls (checkpoints and export.py's
         files carry model_config and load as gap); cls_proj's weights give only the product
-        L*V, read as L = 64 slots of V when 64 divides it (any split builds the same model)."""
-        import utils
-
+        L*V, read as L = 64 slots of V when 64 divides it (any split builds the same model).
+        Weights that are no ViT backbone are a ValueError."""
         if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-            raise utils.UserError("the weights are not a ViT backbone (no patch_embed.proj.weight/pos_embed)")
+            raise ValueError("the weights are not a ViT backbone (no patch_embed.proj.weight/pos_embed)")
         embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
         arch = next((name for name, (width, _, _) in ARCHS.items() if width == embed_dim), None)
         if arch is None:
-            raise utils.UserError(f"no known architecture has width {embed_dim} ({sorted(ARCHS)})")
+            raise ValueError(f"no known architecture has width {embed_dim} ({sorted(ARCHS)})")
         grid = math.isqrt(state["pos_embed"].shape[1] - 1)
         shape = dict(arch=arch, patch_size=int(patch_size), img_size=int(grid * patch_size))
         if "cls_proj.weight" in state:
@@ -328,6 +315,13 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int],
     return torch.cat([pos_embed[:, :1], resampled.flatten(2).transpose(1, 2)], dim=1)
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int]) -> torch.Tensor:
+    """Square-grid position embeddings (1, 1 + n*n, D) of a weight file resampled to new_grid by
+    the rule the model uses at run time (interpolate_pos_embed)."""
+    side = int(round((pos_embed.shape[1] - 1) ** 0.5))
+    return interpolate_pos_embed(pos_embed, (side, side), tuple(new_grid))
+
+
 def set_fused_attention(model: nn.Module, enabled: bool) -> None:
     """Switch every timm attention layer in model between torch's fused scaled-dot-product
     kernel (enabled) and the explicit softmax(q k^T) v (same result, other kernels)."""
@@ -469,12 +463,7 @@ def _resolution_boundaries(crops: List[torch.Tensor]) -> List[int]:
     return ends + [len(crops)]
 
 
-import timm_models  # noqa: E402,F401 - registers these backbones with timm (vit_small_patch16_224_sparo, ...)
-
-
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description="Parameter counts of the backbones.")
     parser.add_argument("--param_table", action="store_true", help="Print the table (the default action).")
     parser.add_argument("--patch_size", type=int, default=16)

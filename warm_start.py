@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 import utils
+import vision_transformer as vits
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +56,6 @@ def backbone_weights(path: str, checkpoint_key: str) -> tuple:
 def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher") -> Dict[str, List[str]]:
     """Load the DINO backbone parts of `path` into `backbone`; returns the names loaded,
     dropped and freshly initialised. Any other mismatch is a one-line UserError."""
-    import vision_transformer as vits
-
     state, dropped_head = backbone_weights(path, checkpoint_key)
     own = backbone.state_dict()
     replaced = _replaced_block(backbone)
@@ -70,7 +69,7 @@ def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher
             is_extra_block = key.startswith("blocks.") and int(key.split(".")[1]) == replaced
             (dropped_blocks if is_extra_block else unexpected).append(key)
         elif key == "pos_embed" and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1]:
-            load[key] = resample_pos_embed(value, backbone.pos_grid)
+            load[key] = vits.resample_pos_embed(value, backbone.pos_grid)
             notes.append(f"pos_embed resampled from {_grid(value)} to {_grid(own[key])}")
         elif value.shape != own[key].shape:
             wrong_shape.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
@@ -92,8 +91,6 @@ def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher
 
 def _replaced_block(backbone: nn.Module) -> Optional[int]:
     """Index of the DINO block whose place the SPARO read-out took (None: every block kept)."""
-    import vision_transformer as vits
-
     config = backbone.config
     return config.num_blocks if config.num_blocks < vits.ARCHS[config.arch][1] else None
 
@@ -101,15 +98,6 @@ def _replaced_block(backbone: nn.Module) -> Optional[int]:
 def _grid(pos_embed: torch.Tensor) -> str:
     side = int(round((pos_embed.shape[1] - 1) ** 0.5))
     return f"{side}x{side}"
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int]) -> torch.Tensor:
-    """Square-grid position embeddings (1, 1 + n*n, D) resampled to new_grid by the rule the
-    model uses at run time (DINO's: vision_transformer.interpolate_pos_embed)."""
-    import vision_transformer as vits
-
-    side = int(round((pos_embed.shape[1] - 1) ** 0.5))
-    return vits.interpolate_pos_embed(pos_embed, (side, side), tuple(new_grid))
 
 
 def _block_numbers(keys: List[str]) -> str:
@@ -151,8 +139,6 @@ def apply(args: argparse.Namespace, backbone: nn.Module) -> Optional[Dict[str, L
 def is_frozen(name: str) -> bool:
     """Backbone parameters other than a learned read-out (SPARO, cls_proj; names as in
     MultiCropWrapper)."""
-    import vision_transformer as vits
-
     parts = name.split(".")
     return "backbone" in parts and not any(module.rstrip(".") in parts for module in vits.READOUT_MODULES)
 

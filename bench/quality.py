@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
 import knn  # noqa: E402
+import main_dino_sparo  # noqa: E402
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 
@@ -265,8 +266,6 @@ def raw_pixel_floor(bank_size: int, eval_split: str, test_size: int) -> Dict[str
 def variant_model_config(name: str, recipe: str, train_args: Sequence[str] = ()) -> Dict[str, Any]:
     """The backbone configuration variant `name` pre-trains (recipe + its flags + --train_args),
     read by main_dino_sparo.py's own parser, so that its untrained network is the same model."""
-    import main_dino_sparo
-
     parser = argparse.ArgumentParser("SPARO-DINO", parents=[main_dino_sparo.get_args_parser()])
     args = utils.parse_args_with_config(parser, ["--config", recipe, *VARIANTS[name][1], *train_args])
     return vits.BackboneConfig.from_args(args).to_dict()

@@ -8,6 +8,7 @@ import timm
 import torch
 
 import export
+import timm_models  # noqa: F401 - registers the timm names
 import utils
 import vision_transformer as vits
 from dino_reference_model import dino_modules, dino_vit_tiny, needs_dino_ref

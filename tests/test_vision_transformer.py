@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import utils
 import vision_transformer as vits
 
 
@@ -175,7 +176,7 @@ def test_backbone_config_checks_once_and_keeps_the_checkpoint_dict(capsys):
         with pytest.raises(ValueError, match=next(iter(bad))):
             vits.BackboneConfig(**bad)
     parser = argparse.ArgumentParser()
-    vits.BackboneConfig.add_args(parser)
+    utils.add_backbone_args(parser)
     args = parser.parse_args(["--readout", "cls", "--sparo_keep_all_blocks", "true", "--sparo_dim", "8"])
     args.global_crops_size = 28
     assert vits.BackboneConfig.from_args(args) == vits.BackboneConfig(
