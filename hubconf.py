@@ -84,9 +84,7 @@ def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> C
 
     prefix = "dino" if readout == "cls" else readout
     build.__name__ = f"{prefix}_{arch}" if patch_size is None else f"dino_vit{arch[4]}{patch_size}"
-    kind = {"sparo": "SPARO read-out", "cls": "CLS read-out (DINO)",
-            "gap": "gap read-out (mean patch token; a control for SPARO)",
-            "cls_proj": "cls_proj read-out (CLS -> Linear(D, L*V) -> L2 norm; a control for SPARO)"}[readout]
+    kind = vits.READOUT_KINDS[readout].label
     fixed = f", patch size {patch_size}" if patch_size else ""
     build.__doc__ = (f"{arch} with the {kind}{fixed}. pretrained_weights: a local checkpoint "
                      f"(this project's, a bare state dict or an official DINO file; key "
@@ -110,19 +108,12 @@ def _check_pretrained(name: str, pretrained: Optional[bool], pretrained_weights:
                       stacklevel=3)
 
 
-sparo_vit_tiny = _entry_point("vit_tiny", "sparo")
-sparo_vit_small = _entry_point("vit_small", "sparo")
-sparo_vit_base = _entry_point("vit_base", "sparo")
-dino_vit_tiny = _entry_point("vit_tiny", "cls")
-dino_vit_small = _entry_point("vit_small", "cls")
-dino_vit_base = _entry_point("vit_base", "cls")
-# The controls of issue 19 (README, "Read-outs"): pooling (gap) and width (cls_proj) without slots.
-gap_vit_tiny = _entry_point("vit_tiny", "gap")
-gap_vit_small = _entry_point("vit_small", "gap")
-gap_vit_base = _entry_point("vit_base", "gap")
-cls_proj_vit_tiny = _entry_point("vit_tiny", "cls_proj")
-cls_proj_vit_small = _entry_point("vit_small", "cls_proj")
-cls_proj_vit_base = _entry_point("vit_base", "cls_proj")
+# {sparo,dino,gap,cls_proj}_vit_{tiny,small,base}: every read-out (cls under DINO's name) and
+# size; gap and cls_proj are the controls of issue 19 (README, "Read-outs").
+for _readout in vits.READOUTS:
+    for _arch in ("vit_tiny", "vit_small", "vit_base"):
+        _build = _entry_point(_arch, _readout)
+        globals()[_build.__name__] = _build
 # DINO's own hub names (facebookresearch/dino), here from a local file only.
 dino_vits16 = _entry_point("vit_small", "cls", patch_size=16)
 dino_vits8 = _entry_point("vit_small", "cls", patch_size=8)

@@ -32,14 +32,35 @@ from timm.models.vision_transformer import Attention, Block
 from sparo_head import SLOT_NORMS, SlotNorm, SparoReadout
 
 Readout = Literal["sparo", "cls", "gap", "cls_proj"]
+
+
+@dataclass(frozen=True)
+class ReadoutKind:
+    """What the code outside the model needs to know of a read-out."""
+
+    wide: bool  # the encoding is L*V wide (sparo_slots x sparo_dim), else the token width D
+    # the encoding is L2-normalised (per slot for SPARO, whole for cls_proj): linear probes
+    # rescale it to unit-scale coordinates (eval_linear.py --scale_sparo_features)
+    unit_norm: bool
+    prefix: Optional[str]  # state-dict prefix of its learned module (warm starts leave it fresh)
+    label: str  # how hub entries and titles describe it
+
+
+# The registry: a new read-out is an entry here and in `Readout`, its weights' signature in
+# BackboneConfig.from_state_dict, and its module and branch of VisionTransformer.read_out.
+READOUT_KINDS: Dict[str, ReadoutKind] = {
+    "sparo": ReadoutKind(wide=True, unit_norm=True, prefix="sparo.", label="SPARO read-out"),
+    "cls": ReadoutKind(wide=False, unit_norm=False, prefix=None, label="CLS read-out (DINO)"),
+    "gap": ReadoutKind(wide=False, unit_norm=False, prefix=None,
+                       label="gap read-out (mean patch token; a control for SPARO)"),
+    "cls_proj": ReadoutKind(wide=True, unit_norm=True, prefix="cls_proj.",
+                            label="cls_proj read-out (CLS -> Linear(D, L*V) -> L2 norm; a control for SPARO)"),
+}
 READOUTS: Tuple[str, ...] = get_args(Readout)
-# Read-outs whose encoding is L*V wide (sparo_slots x sparo_dim); the others are D wide.
-WIDE_READOUTS: Tuple[str, ...] = ("sparo", "cls_proj")
-# Read-outs whose encoding is L2-normalised (per slot for SPARO, whole for cls_proj): linear
-# probes rescale them to unit-scale coordinates (eval_linear.py --scale_sparo_features).
-UNIT_NORM_READOUTS: Tuple[str, ...] = ("sparo", "cls_proj")
-# State-dict prefixes of the learned read-out modules (warm starts leave them fresh).
-READOUT_MODULES: Tuple[str, ...] = ("sparo.", "cls_proj.")
+assert READOUTS == tuple(READOUT_KINDS), "Readout and READOUT_KINDS name the same read-outs"
+WIDE_READOUTS: Tuple[str, ...] = tuple(name for name, kind in READOUT_KINDS.items() if kind.wide)
+UNIT_NORM_READOUTS: Tuple[str, ...] = tuple(name for name, kind in READOUT_KINDS.items() if kind.unit_norm)
+READOUT_MODULES: Tuple[str, ...] = tuple(kind.prefix for kind in READOUT_KINDS.values() if kind.prefix)
 
 # DINO's architectures: (embed_dim, depth, num_heads); all use mlp_ratio 4 and qkv bias.
 # vit_nano is not DINO's: a CPU-sized ViT (half the width and depth of vit_tiny, and under half
@@ -61,9 +82,7 @@ def _option(default: Any, help: str, choices: Optional[Tuple[str, ...]] = None) 
 class BackboneConfig:
     """Everything needed to rebuild a backbone, checked once here. Training flags, checkpoints
     (as the plain dict `model_config`), weight files without one, hub and timm entries all
-    reach the model through it. A new read-out is a name in `Readout`, its fields and encoding
-    width here (and its weights' signature in from_state_dict), and its modules and branch of
-    `read_out` in VisionTransformer."""
+    reach the model through it. A new read-out: see READOUT_KINDS."""
 
     arch: str = _option("vit_small", "Backbone size, as in DINO: vit_tiny (5M), vit_small (21M), "
                                      "vit_base (85M).", choices=tuple(sorted(ARCHS)))
