@@ -76,21 +76,17 @@ class TimmVisionTransformer(vits.VisionTransformer):
         return self.forward_head(self.forward_features(x))
 
 
-def _file_config(path: str) -> vits.BackboneConfig:
-    """The model configuration a weight file carries, or the one its shapes imply."""
-    checkpoint = utils.load_checkpoint(path)
-    state = checkpoint.get("teacher") if isinstance(checkpoint.get("teacher"), dict) else checkpoint
-    return utils.checkpoint_config(checkpoint, utils._strip_prefixes(state))
-
-
-def _filter_state(state: Dict[str, Any], model: TimmVisionTransformer) -> Dict[str, torch.Tensor]:
-    """Backbone tensors out of any supported file, position embeddings resampled to the model."""
-    if isinstance(state.get("teacher"), dict):  # a training checkpoint: DINO's choice of weights
-        state = state["teacher"]
-    state = utils._strip_prefixes({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+def _resampled(state: Dict[str, torch.Tensor], model: TimmVisionTransformer) -> Dict[str, torch.Tensor]:
+    """state with its position embeddings resampled to the model's grid."""
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         state["pos_embed"] = vits.resample_pos_embed(state["pos_embed"], model.pos_grid)
     return state
+
+
+def _filter_state(state: Dict[str, Any], model: TimmVisionTransformer) -> Dict[str, torch.Tensor]:
+    """The backbone tensors of a file timm read itself (a `local-dir:` folder)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return _resampled(utils.backbone_tensors(tensors)[0], model)
 
 
 def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained: bool = False,
@@ -105,21 +101,25 @@ def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained:
     if isinstance(asked.get("img_size"), (tuple, list)):  # timm passes input_size[-2:]
         asked["img_size"] = int(asked["img_size"][0])
     config = vits.BackboneConfig(arch=arch, patch_size=patch_size, img_size=img_size, readout=readout)
-    if pretrained and overlay.get("file"):
-        from_file = _file_config(str(overlay["file"]))
+    weights = None
+    if pretrained and overlay.get("file"):  # read here, once; timm gets the model to load into
+        weights = utils.read_backbone(str(overlay["file"]))
         for key in ("arch", "readout", "patch_size"):
-            if getattr(from_file, key) != getattr(config, key):
-                raise ValueError(f"{overlay['file']} holds a model with {key}={getattr(from_file, key)!r}, "
+            if getattr(weights.config, key) != getattr(config, key):
+                raise ValueError(f"{overlay['file']} holds a model with {key}={getattr(weights.config, key)!r}, "
                                  f"but {name} has {key}={getattr(config, key)!r}")
         # arguments given here must agree with the file (the input size may differ)
-        disagreement = from_file.disagreement({k: v for k, v in asked.items() if k != "img_size"})
+        disagreement = weights.config.disagreement({k: v for k, v in asked.items() if k != "img_size"})
         if disagreement:
             raise ValueError(f"{overlay['file']} {disagreement}")
-        config = from_file
+        config = weights.config
         overlay.setdefault("input_size", (3, config.img_size, config.img_size))
-    return build_model_with_cfg(TimmVisionTransformer, name, pretrained,
-                                pretrained_cfg_overlay=overlay, pretrained_filter_fn=_filter_state,
-                                config=dataclasses.replace(config, **asked), **kwargs)
+    model = build_model_with_cfg(TimmVisionTransformer, name, pretrained and weights is None,
+                                 pretrained_cfg_overlay=overlay, pretrained_filter_fn=_filter_state,
+                                 config=dataclasses.replace(config, **asked), **kwargs)
+    if weights is not None:  # as timm loads: strictly, unless a classifier head was asked for
+        model.load_state_dict(_resampled(weights.state, model), strict=model.num_classes == 0)
+    return model
 
 
 def pretrained_cfg_for(img_size: int) -> Dict[str, Any]:

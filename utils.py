@@ -19,7 +19,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -1080,15 +1080,6 @@ def write_json_line(path: str | Path, record: Dict[str, Any]) -> None:
 
 
 # ===================================================================== loading weights
-def _strip_prefixes(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """Backbone weights out of a DINO-style state dict: drop DDP's `module.` and keep the
-    `backbone.` part of a student/teacher (MultiCropWrapper) state dict when there is one."""
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    return state
-
-
 def checkpoint_backbone(checkpoint: Dict[str, Any], checkpoint_key: str, what: str,
                         key_flag: str = "--checkpoint_key") -> Tuple[Dict[str, Any], str]:
     """(backbone state dict as stored, what it is) of a loaded file: the `checkpoint_key`
@@ -1114,19 +1105,47 @@ def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor]
         raise UserError(str(error)) from None
 
 
+class BackboneWeights(NamedTuple):
+    """A backbone read from a weight file."""
+
+    state: Dict[str, torch.Tensor]  # the backbone's tensors under DINO's parameter names
+    config: vits.BackboneConfig  # the file's model_config, else the one its shapes imply
+    source: str  # what they are: "'teacher' weights" or "backbone weights"
+    head: List[str]  # the projection head's tensors stored with the backbone, left out
+
+
+def backbone_tensors(checkpoint: Dict[str, Any], checkpoint_key: str = "teacher", what: str = "the file",
+                     key_flag: str = "--checkpoint_key") -> Tuple[Dict[str, torch.Tensor], List[str], str]:
+    """(backbone tensors, projection-head tensors left out, what they are) of a loaded file: its
+    `checkpoint_key` weights or its bare backbone, without DDP's `module.` and keeping the
+    `backbone.` part of a student/teacher (MultiCropWrapper) state dict."""
+    stored, source = checkpoint_backbone(checkpoint, checkpoint_key, what, key_flag)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in stored.items()}
+    head: List[str] = []
+    if any(k.startswith("backbone.") for k in state):
+        head = [k for k in state if k.startswith("head.")]
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return state, head, source
+
+
+def read_backbone(path: str | Path, checkpoint_key: str = "teacher", what: Optional[str] = None,
+                  key_flag: str = "--checkpoint_key") -> BackboneWeights:
+    """The one reader of weight files: this project's checkpoints (student/teacher +
+    model_config), export.py's files, bare backbone state dicts and official DINO files (bare,
+    or full checkpoints with `args` as a Namespace). `what` names the file in errors."""
+    checkpoint = load_checkpoint(path)
+    state, head, source = backbone_tensors(checkpoint, checkpoint_key, what or str(path), key_flag)
+    return BackboneWeights(state, checkpoint_config(checkpoint, state), source, head)
+
+
 def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
                   expected: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a backbone and load weights into it strictly; returns (model, model_config dict).
-
-    Accepts this project's checkpoints (student/teacher + model_config), bare backbone state
-    dicts and official DINO files (bare, or full checkpoints with `args` as a Namespace).
-    `expected` holds configuration values the caller asks for (e.g. arch, patch_size from the
-    command line); one that differs from the checkpoint is an error, never a silent rebuild.
+    """Build a backbone and load a file's weights (read_backbone) into it strictly; returns
+    (model, model_config dict). `expected` holds configuration values the caller asks for
+    (e.g. arch, patch_size from the command line); one that differs from the file is an error,
+    never a silent rebuild.
     """
-    checkpoint = load_checkpoint(pretrained_weights)
-    state, source = checkpoint_backbone(checkpoint, checkpoint_key, pretrained_weights)
-    state = _strip_prefixes(state)
-    config = checkpoint_config(checkpoint, state)
+    state, config, source, _ = read_backbone(pretrained_weights, checkpoint_key)
     disagreement = config.disagreement(expected or {})
     if disagreement:
         raise UserError(f"{pretrained_weights} {disagreement}")

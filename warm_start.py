@@ -43,20 +43,11 @@ def _non_negative(value: str) -> int:
     return number
 
 
-def backbone_weights(path: str, checkpoint_key: str) -> tuple:
-    """(backbone tensors, names of the projection-head tensors left out) of any supported file."""
-    state, _ = utils.checkpoint_backbone(utils.load_checkpoint(path), checkpoint_key,
-                                         f"--init_backbone {path}", "--init_checkpoint_key")
-    unprefixed = [k[len("module."):] if k.startswith("module.") else k for k in state]
-    head = [k for k in unprefixed if k.startswith("head.")] if any(
-        k.startswith("backbone.") for k in unprefixed) else []
-    return utils._strip_prefixes(state), head
-
-
 def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher") -> Dict[str, List[str]]:
     """Load the DINO backbone parts of `path` into `backbone`; returns the names loaded,
     dropped and freshly initialised. Any other mismatch is a one-line UserError."""
-    state, dropped_head = backbone_weights(path, checkpoint_key)
+    state, _, _, dropped_head = utils.read_backbone(path, checkpoint_key, f"--init_backbone {path}",
+                                                    "--init_checkpoint_key")
     own = backbone.state_dict()
     replaced = _replaced_block(backbone)
     load: Dict[str, torch.Tensor] = {}

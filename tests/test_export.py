@@ -94,6 +94,21 @@ def test_student_export_and_cpu_recipe_shapes(tmp_path):
                                features(student, images))
 
 
+def test_timm_reads_a_weight_file_once_through_utils(tmp_path, monkeypatch):
+    """timm's path shares the one reader (utils.read_backbone) and does not read the file again."""
+    path, _, teacher = cpu_recipe_checkpoint(tmp_path)
+    reads = []
+    real = utils.load_checkpoint
+    monkeypatch.setattr(utils, "load_checkpoint", lambda file: reads.append(file) or real(file))
+    monkeypatch.setattr(timm.models._builder, "load_state_dict",
+                        lambda *args, **kwargs: pytest.fail("timm read the weight file again"))
+    model = timm.create_model("vit_nano_patch7_28_sparo", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert reads == [str(path)]
+    images = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(features(model, images), features(teacher, images), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("readout, width", [("gap", 96), ("cls_proj", 64)])
 def test_control_exports_load_back_with_their_readout(tmp_path, readout, width):
     """gap's weights alone read as cls: model_config in both files keeps it gap everywhere."""
