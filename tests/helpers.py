@@ -1,4 +1,5 @@
-"""Shared test helpers: running the real command-line scripts in subprocesses."""
+"""Shared test helpers: running the real command-line scripts in subprocesses, DINO-layout
+weight files, and the gate of the checks that need DINO's own code."""
 import json
 import os
 import subprocess
@@ -6,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from bench.dino_original import DEFAULT_DINO_REPO, dino_available, load_dino
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +64,16 @@ def _gloo_rank(rank, port, function, args):
     function(*args)
 
 
+class Payload:
+    """Unpickling this runs `touch MARKER`: the test proves that never happens."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def read_log(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -78,3 +92,44 @@ def fashion_mnist_installed():
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_installed(),
     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+# The checks that compare with DINO's own code need a clone (DINO_REPO, default /work/dino_ref);
+# every other DINO-layout check uses this project's readout=cls backbone, whose parameter names
+# are DINO's (test_dino_parity.py checks that it computes DINO's features).
+needs_dino = pytest.mark.skipif(not dino_available(),
+                                reason=f"no DINO clone at {DEFAULT_DINO_REPO} (set DINO_REPO)")
+
+
+def dino_vit_tiny(patch_size: int = 4, img_size: int = 16, seed: int = 0) -> torch.nn.Module:
+    """DINO's own vit_tiny (12 blocks, width 192), randomly initialised, in eval mode."""
+    torch.manual_seed(seed)
+    return load_dino(DEFAULT_DINO_REPO).vision_transformer.vit_tiny(patch_size=patch_size, img_size=[img_size]).eval()
+
+
+def cls_vit_tiny(patch_size: int = 4, img_size: int = 16, seed: int = 0) -> torch.nn.Module:
+    """This project's vit_tiny with DINO's CLS read-out, randomly initialised, in eval mode: its
+    state dict is laid out like an official DINO backbone file."""
+    import vision_transformer as vits
+
+    torch.manual_seed(seed)
+    return vits.BackboneConfig(arch="vit_tiny", patch_size=patch_size, img_size=img_size,
+                               readout="cls").build().eval()
+
+
+def save_dino_checkpoint(backbone: torch.nn.Module, path, out_dim: int = 64) -> None:
+    """DINO's main_dino.py checkpoint layout around `backbone`: DDP student (its weights + 1),
+    plain teacher, DINO heads, optimizer, epoch, args as an argparse.Namespace, the loss centre."""
+    import argparse
+
+    import vision_transformer as vits
+
+    state = backbone.state_dict()
+    head = vits.DINOHead(state["cls_token"].shape[-1], out_dim).state_dict()
+    torch.save(dict(student={**{f"module.backbone.{k}": v + 1 for k, v in state.items()},
+                             **{f"module.head.{k}": v for k, v in head.items()}},
+                    teacher={**{f"backbone.{k}": v for k, v in state.items()},
+                             **{f"head.{k}": v for k, v in head.items()}},
+                    optimizer={"state": {}, "param_groups": []}, epoch=100,
+                    args=argparse.Namespace(arch="vit_tiny", patch_size=4),
+                    dino_loss={"center": torch.zeros(1, out_dim)}), path)

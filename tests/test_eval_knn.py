@@ -19,8 +19,7 @@ import eval_knn
 import features as feats
 import knn
 import utils
-import vision_transformer as vits
-from helpers import REPO, run_script, run_two_gloo_ranks
+from helpers import REPO, cls_vit_tiny, run_script, run_two_gloo_ranks
 from sparo_head import select_slots
 
 T = 0.07
@@ -316,8 +315,7 @@ def test_select_slots_under_two_ranks_keeps_only_shards(sparo_features, tmp_path
 @pytest.fixture(scope="module")
 def cls_checkpoint(tmp_path_factory):
     """A DINO-named CLS backbone state dict (vit_tiny/4 at 16 px, random weights)."""
-    torch.manual_seed(0)
-    model = vits.BackboneConfig("vit_tiny", 4, 16, readout="cls").build()
+    model = cls_vit_tiny()
     path = tmp_path_factory.mktemp("cls") / "cls_backbone.pth"
     torch.save(model.state_dict(), path)
     return path

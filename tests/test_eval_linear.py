@@ -13,7 +13,7 @@ import torch
 import eval_linear
 import utils
 import vision_transformer as vits
-from helpers import read_log, run_script, run_two_gloo_ranks
+from helpers import cls_vit_tiny, read_log, run_script, run_two_gloo_ranks
 
 ACCURACY_LINE = re.compile(r"Accuracy at epoch (\d+) of the network on the (\d+) test images: ([\d.]+)%")
 CHANCE = 10.0  # digits: 10 balanced classes
@@ -38,8 +38,7 @@ def final_top1(stdout):
 def test_cls_feature_is_dinos_concatenation():
     """n last CLS tokens (+ mean patch token): the last CLS is the model's own output and the
     pooled part is the mean of its final patch tokens."""
-    torch.manual_seed(0)
-    model = vits.BackboneConfig("vit_tiny", 4, 16, readout="cls").build().eval()
+    model = cls_vit_tiny()
     images = torch.randn(3, 3, 16, 16)
     config = dict(readout="cls", arch="vit_tiny")
     with torch.no_grad():

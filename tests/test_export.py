@@ -11,8 +11,8 @@ import export
 import timm_models  # noqa: F401 - registers the timm names
 import utils
 import vision_transformer as vits
-from dino_reference_model import dino_modules, dino_vit_tiny, needs_dino_ref
-from helpers import REPO
+from bench.dino_original import DEFAULT_DINO_REPO, load_dino
+from helpers import REPO, Payload, cls_vit_tiny, dino_vit_tiny, needs_dino
 
 
 def features(model, images):
@@ -149,40 +149,47 @@ def test_timm_refuses_a_file_of_another_architecture_and_never_downloads(tmp_pat
 
 def test_safetensors_loading_never_unpickles(tmp_path):
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     fake = tmp_path / "model.safetensors"
-    fake.write_bytes(pickle.dumps({"pos_embed": Payload()}))
+    fake.write_bytes(pickle.dumps({"pos_embed": Payload(marker)}))
     with pytest.raises(utils.UserError, match="cannot be read as safetensors"):
         utils.load_backbone(str(fake))
     assert not marker.exists()
 
 
-@needs_dino_ref
+def test_official_dino_file_exports_and_loads_back_everywhere(tmp_path):
+    """A file laid out like DINO's released backbones (this project's CLS ViT: DINO's names)."""
+    dino = cls_vit_tiny()
+    torch.save(dino.state_dict(), tmp_path / "dino_vittiny4_pretrain.pth")
+    out = export_to(tmp_path, tmp_path / "dino_vittiny4_pretrain.pth")
+    images = torch.randn(2, 3, 16, 16)
+    expected = features(dino, images)
+    assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch4_28_cls"
+    # timm straight from DINO's file and from the export; hub's DINO-named entry
+    for file in (tmp_path / "dino_vittiny4_pretrain.pth", out / "model.safetensors"):
+        model = timm.create_model("vit_tiny_patch4_28_cls", pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(file)))
+        torch.testing.assert_close(features(model, images), expected, rtol=0, atol=0)
+    hub = hub_load("dino_vit_tiny", pretrained_weights=str(out / "model.safetensors"))
+    torch.testing.assert_close(features(hub, images), expected, rtol=0, atol=0)
+
+
+@needs_dino
 def test_official_dino_file_exports_and_loads_back_into_dinos_own_vit(tmp_path, capsys):
     dino = dino_vit_tiny()
     torch.save(dino.state_dict(), tmp_path / "dino_vittiny4_pretrain.pth")
     out = export_to(tmp_path, tmp_path / "dino_vittiny4_pretrain.pth")
     images = torch.randn(2, 3, 16, 16)
     expected = features(dino, images)
-    assert json.loads((out / "config.json").read_text())["architecture"] == "vit_tiny_patch4_28_cls"
     # DINO's own loader (its eval scripts' load_pretrained_weights) reads the exported .pth
-    dino_utils, _ = dino_modules()
     fresh = dino_vit_tiny(seed=5)
-    dino_utils.load_pretrained_weights(fresh, str(out / "backbone.pth"), "teacher", "vit_tiny", 4)
+    load_dino(DEFAULT_DINO_REPO).utils.load_pretrained_weights(fresh, str(out / "backbone.pth"),
+                                                               "teacher", "vit_tiny", 4)
     assert "missing_keys=[]" in capsys.readouterr().out
     torch.testing.assert_close(features(fresh, images), expected, rtol=0, atol=0)
-    # timm straight from DINO's file and from the export; hub's DINO-named entry
-    for file in (tmp_path / "dino_vittiny4_pretrain.pth", out / "model.safetensors"):
-        model = timm.create_model("vit_tiny_patch4_28_cls", pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(file)))
-        # timm's fused attention vs DINO's explicit softmax: equal up to rounding
-        torch.testing.assert_close(features(model, images), expected, rtol=1e-4, atol=1e-5)
-    hub = hub_load("dino_vit_tiny", pretrained_weights=str(out / "model.safetensors"))
-    torch.testing.assert_close(features(hub, images), features(model, images), rtol=0, atol=0)
+    # timm from DINO's file: timm's fused attention vs DINO's explicit softmax, equal up to rounding
+    model = timm.create_model("vit_tiny_patch4_28_cls", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    torch.testing.assert_close(features(model, images), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_dino_named_hub_entries_do_not_hand_out_random_networks_silently():

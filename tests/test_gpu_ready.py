@@ -6,14 +6,12 @@ import builtins
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import datasets
 import eval_knn
@@ -23,7 +21,7 @@ import main_dino_sparo
 import utils
 import vision_transformer as vits
 from bench.dino_original import DEFAULT_DINO_REPO, dino_available
-from helpers import REPO, TINY_TRAIN_ARGS
+from helpers import REPO, TINY_TRAIN_ARGS, run_two_gloo_ranks
 
 
 @pytest.fixture(autouse=True)
@@ -34,23 +32,14 @@ def restore_print():
     builtins.print = original
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def training_args(*extra):
     parser = argparse.ArgumentParser(parents=[main_dino_sparo.get_args_parser()])
     return parser.parse_args([*map(str, TINY_TRAIN_ARGS), "--device", "cpu", *map(str, extra)])
 
 
 # ------------------------------------------------------ 1, 9: set-up across two gloo ranks
-def _set_up_rank(rank, port, output_dirs, results, save_to):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _set_up_rank(output_dirs, results, save_to):
+    rank = int(os.environ["RANK"])
     args = training_args("--output_dir", output_dirs[rank])
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed + args.rank)  # each rank draws its own random init
@@ -68,9 +57,7 @@ def _set_up_rank(rank, port, output_dirs, results, save_to):
 
 
 def run_two_ranks(output_dirs, results, save_to=None):
-    mp.start_processes(_set_up_rank, args=(free_port(), [str(d) for d in output_dirs],
-                                           str(results), save_to and str(save_to)),
-                       nprocs=2, start_method="spawn")
+    run_two_gloo_ranks(_set_up_rank, [str(d) for d in output_dirs], str(results), save_to and str(save_to))
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from PIL import Image
 import datasets
 import main_dino_sparo as dino
 import utils
-from helpers import REPO, TINY_TRAIN_ARGS, read_log, run_script
+from helpers import REPO, TINY_TRAIN_ARGS, Payload, read_log, run_script
 
 EPOCHS = 3
 RUN_ARGS = [*TINY_TRAIN_ARGS, "--subset", "128", "--batch_size_per_gpu", "16", "--seed", "5"]
@@ -165,16 +165,6 @@ def test_collapse_warning_only_for_uniform_teacher(capsys):
 
 
 # ----------------------------------------------------------------------------- bad input
-class Payload:
-    """A pickle that would create a file when unpickled by an unsafe loader."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def write_images(folder, count=8, size=16, bad=()):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -1,17 +1,13 @@
 """Warm start from official DINO weights (warm_start.py, main_dino_sparo.py --init_backbone):
-the files are made by the original DINO ViT (/work/dino_ref), run side by side."""
-import argparse
-
+the files are made by this project's readout=cls ViT, whose parameter names are DINO's
+(test_dino_parity.py checks against DINO's own ViT that it computes DINO's features)."""
 import pytest
 import torch
 
 import utils
 import vision_transformer as vits
 import warm_start
-from dino_reference_model import dino_vit_tiny, needs_dino_ref
-from helpers import TINY_TRAIN_ARGS, run_script
-
-pytestmark = needs_dino_ref
+from helpers import TINY_TRAIN_ARGS, cls_vit_tiny, run_script, save_dino_checkpoint
 
 
 def sparo_tiny(**kwargs):
@@ -20,27 +16,14 @@ def sparo_tiny(**kwargs):
                                sparo_dim=16, **kwargs).build()
 
 
-def full_dino_checkpoint(dino, path):
-    """DINO's main_dino.py layout: DDP student, plain teacher, heads, args as a Namespace."""
-    backbone = dino.state_dict()
-    head = vits.DINOHead(192, 64).state_dict()
-    torch.save(dict(student={**{f"module.backbone.{k}": v + 1 for k, v in backbone.items()},
-                             **{f"module.head.{k}": v for k, v in head.items()}},
-                    teacher={**{f"backbone.{k}": v for k, v in backbone.items()},
-                             **{f"head.{k}": v for k, v in head.items()}},
-                    optimizer={"state": {}, "param_groups": []}, epoch=100,
-                    args=argparse.Namespace(arch="vit_tiny", patch_size=4),
-                    dino_loss={"center": torch.zeros(1, 64)}), path)
-
-
 @pytest.mark.parametrize("layout", ["bare", "full"])
 def test_sparo_gets_exactly_dinos_embeddings_kept_blocks_and_norm(tmp_path, layout):
-    dino = dino_vit_tiny()
+    dino = cls_vit_tiny()
     path = tmp_path / "dino.pth"
     if layout == "bare":  # like dino_deitsmall16_pretrain.pth
         torch.save(dino.state_dict(), path)
     else:
-        full_dino_checkpoint(dino, path)
+        save_dino_checkpoint(dino, path)
     model = sparo_tiny()
     sparo_before = {k: v.clone() for k, v in model.sparo.state_dict().items()}
     report = warm_start.init_backbone(model, str(path))
@@ -65,10 +48,9 @@ def test_sparo_gets_exactly_dinos_embeddings_kept_blocks_and_norm(tmp_path, layo
 
 
 def test_cls_run_starts_with_dinos_features(tmp_path):
-    dino = dino_vit_tiny()
+    dino = cls_vit_tiny()
     torch.save(dino.state_dict(), tmp_path / "dino.pth")
-    torch.manual_seed(1)
-    model = vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=16, readout="cls").build()
+    model = cls_vit_tiny(seed=1)
     report = warm_start.init_backbone(model, str(tmp_path / "dino.pth"))
     assert report["loaded"] == sorted(dino.state_dict()) and report["dropped"] == report["fresh"] == []
     images = torch.randn(2, 3, 16, 16)
@@ -78,7 +60,7 @@ def test_cls_run_starts_with_dinos_features(tmp_path):
 
 @pytest.mark.parametrize("readout", ["gap", "cls_proj"])
 def test_controls_get_every_dino_block_and_only_cls_proj_starts_a_layer_fresh(tmp_path, readout):
-    dino = dino_vit_tiny()
+    dino = cls_vit_tiny()
     torch.save(dino.state_dict(), tmp_path / "dino.pth")
     torch.manual_seed(1)
     model = vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=16, readout=readout,
@@ -98,7 +80,7 @@ def test_controls_get_every_dino_block_and_only_cls_proj_starts_a_layer_fresh(tm
 
 
 def test_position_embeddings_are_resampled_for_another_crop_size(tmp_path):
-    dino = dino_vit_tiny(img_size=16)
+    dino = cls_vit_tiny(img_size=16)
     torch.save(dino.state_dict(), tmp_path / "dino.pth")
     torch.manual_seed(1)
     model = vits.BackboneConfig(arch="vit_tiny", patch_size=4, img_size=32, sparo_slots=4,
@@ -109,10 +91,10 @@ def test_position_embeddings_are_resampled_for_another_crop_size(tmp_path):
 
 
 def test_mismatches_are_one_line_errors(tmp_path):
-    torch.save(dino_vit_tiny(patch_size=8).state_dict(), tmp_path / "patch8.pth")
+    torch.save(cls_vit_tiny(patch_size=8).state_dict(), tmp_path / "patch8.pth")
     with pytest.raises(utils.UserError, match=r"shape mismatch .*patch_embed\.proj\.weight"):
         warm_start.init_backbone(sparo_tiny(), str(tmp_path / "patch8.pth"))
-    state = dino_vit_tiny().state_dict()
+    state = cls_vit_tiny().state_dict()
     torch.save({k: v for k, v in state.items() if not k.startswith("blocks.3.")}, tmp_path / "short.pth")
     with pytest.raises(utils.UserError, match=r"missing keys: blocks\.3\."):
         warm_start.init_backbone(sparo_tiny(), str(tmp_path / "short.pth"))
@@ -127,8 +109,8 @@ def test_mismatches_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_training_from_dino_weights_freezes_then_thaws_and_resumes_without_reloading(tmp_path):
-    dino = dino_vit_tiny()
-    full_dino_checkpoint(dino, tmp_path / "dino_full.pth")
+    dino = cls_vit_tiny()
+    save_dino_checkpoint(dino, tmp_path / "dino_full.pth")
     out = tmp_path / "run"
     args = [*TINY_TRAIN_ARGS, "--subset", "64", "--init_backbone", tmp_path / "dino_full.pth",
             "--freeze_backbone_epochs", "1", "--output_dir", out]
