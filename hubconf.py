@@ -1,27 +1,8 @@
-"""torch.hub entry points: ViT backbones with the SPARO or the CLS read-out, from local files.
+"""torch.hub entry points (README, "torch.hub"): ViT backbones with every read-out, from local
+files only; nothing is ever downloaded.
 
-    import torch
-    # a checkpoint of main_dino_sparo.py (teacher weights; the configuration comes with it)
     model = torch.hub.load("/path/to/sparo-dino", "sparo_vit_small",
                            pretrained_weights="out/checkpoint.pth", source="local")
-    # official DINO weights, downloaded by you beforehand
-    model = torch.hub.load("/path/to/sparo-dino", "dino_vits16",
-                           pretrained_weights="dino_deitsmall16_pretrain.pth", source="local")
-    # a randomly initialised model; keyword arguments go to the model
-    model = torch.hub.load("/path/to/sparo-dino", "sparo_vit_tiny", patch_size=4,
-                           sparo_slots=16, source="local")
-
-Entry points: sparo_vit_tiny/small/base and dino_vit_tiny/small/base (CLS read-out), the
-controls gap_vit_tiny/small/base and cls_proj_vit_tiny/small/base, plus DINO's
-names dino_vits16, dino_vits8, dino_vitb16, dino_vitb8 (CLS read-out, patch size fixed by the
-name). Nothing is ever downloaded: without `pretrained_weights` the model is randomly
-initialised (DINO's names warn about it unless pretrained=False is given, and pretrained=True
-without a file is an error saying what to pass). With weights, the architecture is read from the file and loaded strictly; model
-arguments given here (patch_size, sparo_slots, img_size, ...) are checked against it, and an
-architecture other than the entry point's is an error. Other keyword arguments
-(drop_path_rate, ...) are passed to the model. The model returns the backbone encoding (the
-unit-norm SPARO or cls_proj vector, the CLS token or gap's mean patch token); see vision_transformer.py for get_slot_attention,
-get_last_selfattention and get_intermediate_layers.
 """
 import contextlib
 import sys

@@ -1,11 +1,6 @@
-"""The portable form of a trained backbone: `model.safetensors` + `config.json` (timm's layout)
-and a DINO-style backbone-only `.pth`, written by export.py and read by utils.load_backbone,
-hubconf.py, the evaluation scripts and timm (timm_models.py).
-
-A safetensors file is a JSON header plus raw tensor bytes: reading it never runs code. The
-model configuration travels inside its header (metadata key `sparo_dino`) as well as in
-config.json, so the .safetensors file alone is enough to rebuild the model.
-"""
+"""The portable form of a trained backbone, written by export.py (README, "Export"):
+`model.safetensors` + `config.json` (timm's layout) and a DINO-style backbone-only `.pth`.
+utils.read_backbone reads them back."""
 from __future__ import annotations
 
 import json

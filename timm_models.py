@@ -1,19 +1,8 @@
-"""This project's backbones in timm's model registry.
+"""This project's backbones in timm's model registry (README, "timm").
 
-    import timm, timm_models  # the import registers the names below
+    import timm, timm_models  # the import registers vit_{nano,tiny,small,base}_patch*_*_{read-out}
     model = timm.create_model("vit_small_patch16_224_sparo", pretrained=True,
                               pretrained_cfg_overlay=dict(file="export/model.safetensors"))
-    tokens = model.forward_features(images)          # (B, 1 + h*w, D) after the final norm
-    encoding = model.forward_head(tokens, pre_logits=True)   # the backbone encoding
-    classifier = timm.create_model(..., num_classes=10)      # a fresh Linear on the encoding
-
-Names: vit_{nano,tiny,small,base}_patch{8,16}_224_{sparo,cls,gap,cls_proj} and the CPU recipes' shapes
-vit_nano_patch7_28_* and vit_tiny_patch4_28_*. The name fixes the architecture, patch size and
-read-out; with pretrained=True the file (`pretrained_cfg_overlay=dict(file=...)`: export.py's
-model.safetensors or backbone.pth, a training checkpoint's teacher, or an official DINO file)
-supplies the rest of the configuration (image size, L, V, a, ...) and its input size. A file
-of another architecture is an error. Nothing is ever downloaded: pretrained=True without a file
-is timm's "No pretrained weights exist" error.
 """
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""Warm start of a SPARO (or CLS) pre-training run from released DINO weights.
-
-`main_dino_sparo.py --init_backbone FILE` copies into the student backbone, before the teacher
-is made from it: the patch and position embeddings, the CLS token, the blocks the model keeps
-(SPARO replaces the last block by default, so DINO's last block is dropped) and the final
-norm. A learned read-out (SPARO's, or cls_proj's linear layer) and the DINO head start fresh;
-gap has no weights of its own, so a DINO CLS checkpoint fills a gap backbone completely. FILE is an official DINO checkpoint
-(student/teacher keys), a backbone-only file (dino_deitsmall16_pretrain.pth, export.py's
-files) or this project's checkpoint. `--freeze_backbone_epochs N` then trains only the
-read-out and the head for the first N epochs.
-"""
+"""Warm start of a pre-training run from released DINO weights (README, "Warm start from DINO
+weights"): `main_dino_sparo.py --init_backbone FILE [--freeze_backbone_epochs N]`."""
 from __future__ import annotations
 
 import argparse
