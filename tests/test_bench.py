@@ -3,15 +3,18 @@ import pytest
 import torch
 
 from bench import augmentation_speed, knn_speed, train_throughput
-from bench.dino_original import DEFAULT_DINO_REPO, dino_available
-from helpers import needs_fashion_mnist, run_script
+from bench.dino_original import DEFAULT_DINO_REPO
+from helpers import needs_dino, needs_fashion_mnist, run_script
+
+# A one-step timing of vit_tiny/4 on 8 px crops (bench/train_throughput.py's flags).
+TINY_STEP_ARGS = ["--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "8",
+                  "--local_crops_size", "4", "--local_crops_number", "2", "--batch_size_per_gpu", "4",
+                  "--out_dim", "64", "--sparo_slots", "4", "--sparo_dim", "4", "--steps", "1",
+                  "--warmup_steps", "1"]
 
 
 def test_train_throughput_runs_every_variant_and_reports_ratios(capsys):
-    results = train_throughput.main([
-        "--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "8", "--local_crops_size", "4",
-        "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--out_dim", "64",
-        "--sparo_slots", "4", "--sparo_dim", "4", "--steps", "1", "--warmup_steps", "1"])
+    results = train_throughput.main(TINY_STEP_ARGS)
     out = capsys.readouterr().out
     assert set(results) == {"sparo", "cls", "reference"}
     for result in results.values():
@@ -20,13 +23,10 @@ def test_train_throughput_runs_every_variant_and_reports_ratios(capsys):
     assert "device: CPU" in out
 
 
-@pytest.mark.skipif(not dino_available(), reason="no DINO clone (set DINO_REPO)")
+@needs_dino
 def test_train_throughput_times_the_original_dino_step(capsys):
-    results = train_throughput.main([
-        "--dino_repo", str(DEFAULT_DINO_REPO), "--arch", "vit_tiny", "--patch_size", "4",
-        "--global_crops_size", "8", "--local_crops_size", "4", "--local_crops_number", "2",
-        "--batch_size_per_gpu", "4", "--out_dim", "64", "--sparo_slots", "4", "--sparo_dim", "4",
-        "--steps", "1", "--warmup_steps", "1", "--rounds", "1", "--gemm_size", "128"])
+    results = train_throughput.main([*TINY_STEP_ARGS, "--dino_repo", str(DEFAULT_DINO_REPO),
+                                     "--rounds", "1", "--gemm_size", "128"])
     out = capsys.readouterr().out
     assert set(results) == {"sparo", "cls", "dino"}
     # Same model and crops: DINO's CLS step and ours count the same matrix FLOPs.

@@ -8,9 +8,10 @@ import torch
 
 import utils
 import vision_transformer as vits
-from bench.dino_original import DEFAULT_DINO_REPO, dino_available, load_dino
+from bench.dino_original import DEFAULT_DINO_REPO, load_dino
+from helpers import needs_dino
 
-pytestmark = pytest.mark.skipif(not dino_available(), reason=f"no DINO clone at {DEFAULT_DINO_REPO} (set DINO_REPO)")
+pytestmark = needs_dino
 
 # Square sides of the issue, non-square inputs, and a 7x28 grid: as many patches as the
 # 14x14 training grid, where DINO still interpolates.

@@ -20,8 +20,8 @@ import knn
 import main_dino_sparo
 import utils
 import vision_transformer as vits
-from bench.dino_original import DEFAULT_DINO_REPO, dino_available
-from helpers import REPO, TINY_TRAIN_ARGS, run_two_gloo_ranks
+from bench.dino_original import DEFAULT_DINO_REPO
+from helpers import REPO, TINY_TRAIN_ARGS, needs_dino, run_two_gloo_ranks
 
 
 @pytest.fixture(autouse=True)
@@ -386,7 +386,7 @@ GPU_CHECK_PARTS = ["gpu_tests", "train_step", "device_stage", "loader", "end_to_
                    "knn_fp32", "knn_fp16", "compile"]
 
 
-@pytest.mark.skipif(not dino_available(), reason="no DINO clone (set DINO_REPO)")
+@needs_dino
 def test_gpu_check_dry_mode_runs_every_part_and_reports_what_it_measured(tmp_path):
     """bench/gpu_check.sh --dry: every part at toy size on the CPU, one report whose lines name
     each part with the figures this run measured (read back from the parts' own results)."""
