@@ -269,13 +269,17 @@ class SubmititJob:
             torch.set_num_threads(self.threads)
         print(f"{job_env}: running {JOBS[self.job].script}.{JOBS[self.job].run}", flush=True)
 
+        # This process may have started in another folder: the project's modules are imported
+        # by name only now that repo_dir is on sys.path (a reference to the launcher's `utils`
+        # here would be pickled with the job and imported before that, or from elsewhere).
+        job_utils = importlib.import_module("utils")
         run = getattr(importlib.import_module(JOBS[self.job].script), JOBS[self.job].run)
         args = copy.deepcopy(self.job_args)  # the job adds rank, device, ...: keep ours clean
         try:
             result = run(args)
         finally:
-            utils.release_output_locks()
-            utils.cleanup_distributed()
+            job_utils.release_output_locks()
+            job_utils.cleanup_distributed()
         if result is None and self.job == "train":  # training returns nothing: name its checkpoint
             return str(Path(self.job_args.output_dir) / "checkpoint.pth")
         return result

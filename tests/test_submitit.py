@@ -24,11 +24,23 @@ LOCAL_CPU = ["--cluster", "local", "--ngpus", "0", "--nodes", "1"]
 JOB_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def launch(*args, timeout=600, env=None):
+def launch(*args, timeout=600, env=None, cwd=REPO):
     process = subprocess.run([sys.executable, str(REPO / "run_with_submitit.py"), *map(str, args)],
-                             cwd=REPO, env=env or JOB_ENV, capture_output=True, text=True,
+                             cwd=cwd, env=env or JOB_ENV, capture_output=True, text=True,
                              timeout=timeout, stdin=subprocess.DEVNULL)
     return process
+
+
+@pytest.mark.slow
+def test_a_job_launched_from_another_folder_runs(tmp_path):
+    """The job's process starts outside the repository: nothing pickled with the job may need
+    the project's modules before it puts the repository on sys.path."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    process = launch(*LOCAL_CPU, *SMALL_TRAIN_ARGS, "--epochs", "1", "--output_dir", tmp_path / "run",
+                     cwd=elsewhere)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert utils.load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 1
 
 
 def job_task_pids(folder):
