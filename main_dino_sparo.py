@@ -106,6 +106,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
                         help="adamw is DINO's recommendation for ViTs (its third choice, lars, "
                              "is for convnets only).")
+    parser.add_argument("--sparo_query_lr_mult", default=1.0, type=utils.positive_float,
+                        help="SPARO only: the slot queries' learning rate as a multiple of the "
+                             "schedule's (their own weight-decayed optimizer group; 1 = one group "
+                             "for all weights, as DINO). The queries start N(0, 1), about 50x "
+                             "the scale of the ViT's weights, so at equal lr they move relatively "
+                             "slowly; RESULTS.md measures 10.")
     parser.add_argument("--drop_path_rate", type=utils.unit_interval, default=0.1, help="Stochastic depth rate.")
     parser.add_argument("--compile", default=False, type=utils.bool_flag,
                         help="torch.compile the student and teacher (slow start, faster steps on GPU).")
@@ -292,6 +298,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
+    if args.sparo_query_lr_mult != 1 and args.readout != "sparo":
+        raise utils.UserError(f"--sparo_query_lr_mult {args.sparo_query_lr_mult} scales SPARO's slot "
+                              f"queries, which --readout {args.readout} does not have")
     knn_monitor.check_args(args)
     warn_suspicious_args(args)
 
@@ -459,6 +468,16 @@ def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
                               f"Use another --output_dir or the same arguments.")
 
 
+def check_same_query_lr_mult(optimizer_state: Dict[str, Any], asked: float, path: Path) -> None:
+    """The slot queries' optimizer group (utils.get_params_groups) is part of the optimizer's
+    layout, so --sparo_query_lr_mult cannot change on resume."""
+    multipliers = [group["lr_mult"] for group in optimizer_state.get("param_groups", []) if "lr_mult" in group]
+    saved = multipliers[0] if multipliers else 1.0
+    if saved != asked:
+        raise utils.UserError(f"{path} was trained with --sparo_query_lr_mult {saved}: resume with "
+                              f"that value, or use another --output_dir")
+
+
 # Arguments a resumed run may change on purpose (the model's cannot change: see above).
 NOTED_ON_RESUME = ("lr", "min_lr", "data_path", "subset", "batch_size_per_gpu", "epochs",
                    "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher",
@@ -519,7 +538,8 @@ def build_training(args: argparse.Namespace) -> Tuple[Models, Optimisation]:
     teacher.requires_grad_(False)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
-    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
+    optimizer = utils.build_optimizer(args.optimizer,
+                                      utils.get_params_groups(student, args.sparo_query_lr_mult))
     return (Models(student, student, teacher, config, head_config),
             Optimisation(dino_loss, optimizer, *autocast_context(args)))
 
@@ -547,6 +567,7 @@ def resume_from_checkpoint(output_dir: Path, models: Models, optimisation: Optim
     check_resume_compatible(checkpoint, models.config, models.head_config, path)
     models.student_without_ddp.load_state_dict(checkpoint["student"])
     models.teacher.load_state_dict(checkpoint["teacher"])
+    check_same_query_lr_mult(checkpoint["optimizer"], args.sparo_query_lr_mult, path)
     try:
         optimisation.optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as error:  # e.g. a separate-values SPARO run saved with its key bias
@@ -711,10 +732,7 @@ class TrainStep:
             self.models.student_without_ddp
         if self.augment is not None:  # uint8 crops from MultiCropGeometry
             images = self.augment(images)
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr
-            if i == 0:  # only the first group is regularised
-                group["weight_decay"] = wd
+        utils.set_lr_and_wd(optimizer, lr, wd)
         self.global_crops = images[:2]  # what the teacher saw (slot statistics read them)
         with self.optimisation.autocast():
             with torch.no_grad():

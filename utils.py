@@ -705,17 +705,36 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 
 
 # ======================================================================== optimisation
-def get_params_groups(model: nn.Module) -> List[Dict[str, Any]]:
-    """DINO's two groups: biases and 1-D parameters (norms) get no weight decay."""
-    regularized, not_regularized = [], []
+SLOT_QUERY_PARAMETER = "sparo.queries"  # SparoReadout's q_l, as named inside a backbone
+
+def get_params_groups(model: nn.Module, slot_query_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
+    """DINO's two groups: biases and 1-D parameters (norms) get no weight decay. With
+    slot_query_lr_mult != 1, SPARO's slot queries get a third, weight-decayed group whose
+    learning rate is that multiple of the schedule's (its "lr_mult"); with the default the
+    groups are DINO's, so checkpoints keep their optimizer layout."""
+    regularized, not_regularized, queries = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim == 1:
+        if slot_query_lr_mult != 1.0 and name.endswith(SLOT_QUERY_PARAMETER):
+            queries.append(param)
+        elif name.endswith(".bias") or param.ndim == 1:
             not_regularized.append(param)
         else:
             regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    groups = [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    if queries:
+        groups.append({"params": queries, "lr_mult": slot_query_lr_mult, "decayed": True})
+    return groups
+
+
+def set_lr_and_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """One iteration's schedule values: every group's lr (times its lr_mult), and the weight
+    decay of the regularised groups (the first, DINO's, and any marked "decayed")."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        if i == 0 or group.get("decayed"):
+            group["weight_decay"] = wd
 
 
 def build_optimizer(name: str, params_groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
