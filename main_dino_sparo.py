@@ -278,6 +278,9 @@ def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, An
                 bottleneck_dim=args.head_bottleneck_dim)
 
 
+MAX_EPOCHS = 100_000  # DINO's longest recipe is 800
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag combinations that cannot train, with one clear line each. (The range of
     each single flag is checked where it is parsed, by its argparse type.)"""
@@ -289,6 +292,9 @@ def check_args(args: argparse.Namespace) -> None:
         low, high = getattr(args, name)
         if not 0 < low <= high:
             raise utils.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
+    if args.epochs > MAX_EPOCHS:  # the schedules hold a value per epoch and per step
+        raise utils.UserError(f"--epochs {args.epochs} is above {MAX_EPOCHS}: the schedules alone "
+                              f"would take {args.epochs * 8 / 2**30:.1f} GiB; give a real number of epochs")
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")

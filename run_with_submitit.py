@@ -346,10 +346,15 @@ def wait_for(job: submitit.Job, poll_s: float = 1.0) -> Any:
     follower.flush()
     try:
         return job.results()[0]  # task 0's result
+    except submitit.core.utils.FailedJobError as error:  # its traceback is in the log printed above
+        raise utils.UserError(f"job {job.job_id} failed (its error is printed above); its logs: "
+                              f"{job.paths.stdout.parent}") from error
     except submitit.core.utils.UncompletedJobError as error:
-        reason = str(error).strip().splitlines()
-        raise utils.UserError(f"job {job.job_id} did not finish ({reason[-1] if reason else 'no reason given'}); "
-                              f"its logs: {job.paths.stdout.parent}") from error
+        # submitit's message: a header, the state line, then the job's whole log; keep the state.
+        lines = [line.strip() for line in str(error).splitlines()]
+        state = next((line for line in lines if "has not produced any output" in line), "no result")
+        raise utils.UserError(f"job {job.job_id} did not finish ({state}); its logs: "
+                              f"{job.paths.stdout.parent}") from error
 
 
 def stop_with_the_launcher() -> None:
