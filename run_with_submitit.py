@@ -277,6 +277,9 @@ class SubmititJob:
         args = copy.deepcopy(self.job_args)  # the job adds rank, device, ...: keep ours clean
         try:
             result = run(args)
+        except job_utils.UserError as error:  # bad input found by the job: its one line, no traceback
+            print(f"error: {job_utils.capped(job_utils.user_error_message(error))}", file=sys.stderr, flush=True)
+            sys.exit(2)  # no result: the launcher repeats this line (wait_for)
         finally:
             job_utils.release_output_locks()
             job_utils.cleanup_distributed()
@@ -350,8 +353,12 @@ def wait_for(job: submitit.Job, poll_s: float = 1.0) -> Any:
         raise utils.UserError(f"job {job.job_id} failed (its error is printed above); its logs: "
                               f"{job.paths.stdout.parent}") from error
     except submitit.core.utils.UncompletedJobError as error:
-        # submitit's message: a header, the state line, then the job's whole log; keep the state.
+        # submitit's message: a header, the state line, then the job's whole log. A job that
+        # met bad input ended with its own `error:` line: that is the reason.
         lines = [line.strip() for line in str(error).splitlines()]
+        reason = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
+        if reason:
+            raise utils.UserError(f"job {job.job_id} stopped: {reason}") from error
         state = next((line for line in lines if "has not produced any output" in line), "no result")
         raise utils.UserError(f"job {job.job_id} did not finish ({state}); its logs: "
                               f"{job.paths.stdout.parent}") from error

@@ -123,12 +123,12 @@ def world(tmp_path_factory):
     feature_folder(root / "feat_empty_test", [0, 1, 0, 1], [])
     (root / "null.yaml").write_text("nb_knn: null\ntemperature:\n")
     (root / "int_keys.yaml").write_text("1: 2\nnb_knn: [1]\n")
-    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"]
-    for level, name in enumerate("bcdefgh"):
-        previous = "abcdefgh"[level]
-        bomb.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
-    bomb.append("nb_knn: *h")
-    (root / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    # 300 bytes that expand to 9**8 values inside one flag's value (each level defines its
+    # anchor in its first item and repeats it 8 times).
+    bomb = "&a [x, x, x, x, x, x, x, x, x]"
+    for previous, name in zip("abcdefg", "bcdefgh"):
+        bomb = f"&{name} [{bomb}, {', '.join([f'*{previous}'] * 8)}]"
+    (root / "bomb.yaml").write_text(f"nb_knn: {bomb}\n")
     (root / "a_file").write_text("not a folder")
     return root
 
@@ -313,7 +313,7 @@ def test_visualize_gives_every_image_its_own_grid(world, tmp_path):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / name)
     out = tmp_path / "grids"
     visualize_slots.main(["--pretrained_weights", str(world / "good.pth"), "--image_path", str(images),
-                          "--output_dir", str(out)])
+                          "--output_dir", str(out), "--display_size", "32"])
     assert len(list(out.glob("*.png"))) == len(names)
 
 
@@ -478,3 +478,17 @@ def test_failed_job_line_is_clean(tmp_path, capsys):
         run_with_submitit.wait_for(job, poll_s=0.2)
     message = str(refused.value)
     assert message.startswith(f"job {job.job_id} failed") and "  - " not in message and "\n" not in message
+
+
+def test_bad_input_found_inside_a_job_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """The job meets the bad input (weights giving NaN features) after it was submitted: the
+    job's log and the launcher each end in that one line, without a traceback."""
+    # A job without a result: submitit waits this long for one to appear (15 s, for slow
+    # shared file systems); a local job's folder is local.
+    monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 1)
+    status, _, stderr = run_main_in_process(run_with_submitit, [
+        "--job", "knn", "--cluster", "local", "--ngpus", "0", "--nodes", "1", "--shared_dir", tmp_path,
+        "--pretrained_weights", world / "all_nan.pth", "--data_path", world / "data_a", "--nb_knn", "1",
+        "--num_workers", "0"], capsys)
+    assert_one_error_line(status, stderr, "stopped: ")
+    assert "not finite" in stderr.splitlines()[-1]
