@@ -515,7 +515,7 @@ def check_head_config(saved: Dict[str, Any], wanted: Dict[str, Any], path: Path)
         raise utils.UserError(f"{path} holds linear heads trained on other data "
                               f"(--data_path {saved_data.get('data_path')} then, {data['data_path']} now, "
                               f"or other images or subsets). Use another --output_dir.")
-    differing = [f"{key} ({saved.get(key)!r} saved, {value!r} now)" for key, value in wanted.items()
+    differing = [f"{key} ({utils.shown(saved.get(key))} saved, {utils.shown(value)} now)" for key, value in wanted.items()
                  if key not in ("backbone_source", "data") and saved.get(key) != value]
     if differing:
         raise utils.UserError(f"{path} was trained on other features or another grid: "

@@ -456,9 +456,13 @@ def rewrite_log(path: Path, history: List[Dict[str, Any]]) -> None:
 
 def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
                             head_config: Dict[str, Any], path: Path) -> None:
-    saved = {**checkpoint.get("model_config", {}), **checkpoint.get("head_config", {})}
+    stored = [checkpoint.get(key) or {} for key in ("model_config", "head_config")]
+    if not all(isinstance(part, dict) for part in stored):
+        raise utils.UserError(f"{path}: its model_config or head_config is not a mapping (a damaged "
+                              f"checkpoint); use another --output_dir or restore the file")
+    saved = {**stored[0], **stored[1]}
     wanted = {**config, **head_config}
-    differing = [f"{k} ({saved[k]!r} saved, {wanted[k]!r} asked)" for k in wanted
+    differing = [f"{k} ({utils.shown(saved[k])} saved, {wanted[k]!r} asked)" for k in wanted
                  if k in saved and saved[k] != wanted[k]]
     if differing:
         raise utils.UserError(f"{path} belongs to a different run: {'; '.join(differing)}. "

@@ -121,6 +121,8 @@ def world(tmp_path_factory):
     feature_folder(root / "feat_negative", [0, 1, -1, 1], [0, 1])
     feature_folder(root / "feat_huge_label", [0, 1, 10**8, 1], [0, 1])
     feature_folder(root / "feat_empty_test", [0, 1, 0, 1], [])
+    feature_folder(root / "feat_bad_info", [0, 1, 0, 1], [0, 1])
+    (root / "feat_bad_info" / eval_knn.FEATURE_INFO).write_text('{"model_config": ')
     (root / "null.yaml").write_text("nb_knn: null\ntemperature:\n")
     (root / "int_keys.yaml").write_text("1: 2\nnb_knn: [1]\n")
     # 300 bytes that expand to 9**8 values inside one flag's value (each level defines its
@@ -190,6 +192,8 @@ def refusal_cases():
          "renumber the classes"),
         ("eval_knn: empty test set", eval_knn, lambda w, o: ["--load_features", w / "feat_empty_test"] + knn(w),
          "the test set is empty"),
+        ("eval_knn: damaged features_info.json", eval_knn,
+         lambda w, o: ["--load_features", w / "feat_bad_info"] + knn(w), "features_info.json"),
         ("YAML integer keys", eval_knn, lambda w, o: good(w) + data(w) + ["--config", w / "int_keys.yaml"],
          "keys must be flag names"),
         ("YAML alias bomb", eval_knn, lambda w, o: good(w) + data(w) + ["--config", w / "bomb.yaml"],
@@ -492,3 +496,10 @@ def test_bad_input_found_inside_a_job_is_one_line(world, tmp_path, capsys, monke
         "--num_workers", "0"], capsys)
     assert_one_error_line(status, stderr, "stopped: ")
     assert "not finite" in stderr.splitlines()[-1]
+
+
+def test_resume_refuses_a_damaged_model_config(tmp_path):
+    for damaged in ([1, 2], "vit_small"):
+        with pytest.raises(utils.UserError, match="not a mapping"):
+            main_dino_sparo.check_resume_compatible({"model_config": damaged}, {"arch": "vit_nano"}, {},
+                                                    tmp_path / "checkpoint.pth")
