@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import knn_monitor
 import utils
+from knn_monitor import read_baselines
 
 PANELS = [("train_loss", "DINO loss"), ("train_teacher_entropy", "teacher entropy"),
           ("train_lr", "learning rate"), ("knn_top1", "k-NN top-1 (%), student dotted")]
@@ -153,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise utils.UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
     check_output_format(args.output)
     labels = run_labels(args.run_dirs, [read_flags(run_dir) for run_dir in args.run_dirs])
-    plot(list(zip(labels, logs, [knn_monitor.read_baselines(run_dir) for run_dir in args.run_dirs])), args.output)
+    plot(list(zip(labels, logs, [read_baselines(run_dir) for run_dir in args.run_dirs])), args.output)
     print(f"Wrote {args.output} ({len(logs)} run{'s' if len(logs) > 1 else ''})")
 
 

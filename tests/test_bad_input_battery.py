@@ -503,3 +503,22 @@ def test_resume_refuses_a_damaged_model_config(tmp_path):
         with pytest.raises(utils.UserError, match="not a mapping"):
             main_dino_sparo.check_resume_compatible({"model_config": damaged}, {"arch": "vit_nano"}, {},
                                                     tmp_path / "checkpoint.pth")
+
+
+def test_checkpoint_writers_on_a_full_disk_keep_the_previous_file(tmp_path, full_disk):
+    """Training's writers (checkpoint.pth via atomic_save, config.yaml via atomic_write_text,
+    log lines): a full disk is one UserError naming the file; the previous file is intact
+    (training's error used to be `inline_container.cc:672 unexpected pos`)."""
+    utils.atomic_save({"epoch": 1, "w": torch.ones(3)}, tmp_path / "checkpoint.pth")
+    utils.atomic_write_text(tmp_path / "config.yaml", "epochs: 1\n")
+    before = digest(tmp_path)
+    full_disk.append(tmp_path)
+    with pytest.raises(utils.UserError, match="cannot write .*checkpoint.pth: No space left on device"):
+        utils.atomic_save({"epoch": 2, "w": torch.zeros(10**5)}, tmp_path / "checkpoint.pth")
+    with pytest.raises(utils.UserError, match="cannot write .*config.yaml: No space left"):
+        utils.atomic_write_text(tmp_path / "config.yaml", "epochs: 2\n")
+    with pytest.raises(utils.UserError, match="cannot write .*log.txt"):
+        utils.write_json_line(tmp_path / "log.txt", {"epoch": 2})
+    full_disk.clear()
+    assert {k: v for k, v in digest(tmp_path).items() if k != "log.txt"} == before
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
