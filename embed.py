@@ -94,7 +94,8 @@ def encode(model: torch.nn.Module, dataset: torch.utils.data.Dataset, args: argp
 def write_output(path: Path, features: np.ndarray, names: List[str], unreadable: List[str],
                  config: Dict[str, Any]) -> List[Path]:
     """Write the encodings and return the files written. FILE.npy and its names FILE.txt are
-    a pair: both go to temporary files first and are then renamed together, names first."""
+    a pair: both are written to temporary files first (a full disk leaves both as they were),
+    then renamed one right after the other, the names first."""
     if path.suffix == ".pt":
         utils.atomic_save(dict(features=torch.from_numpy(features), names=names, unreadable=unreadable,
                                model_config=config), path)

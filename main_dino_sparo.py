@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -449,9 +448,7 @@ def rewrite_log(path: Path, history: List[Dict[str, Any]]) -> None:
     lines = "".join(json.dumps(record) + "\n" for record in history)
     if (path.exists() and path.read_text() == lines) or (not lines and not path.exists()):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(lines)
-    os.replace(tmp, path)
+    utils.atomic_write_text(path, lines)  # a full disk: one line naming log.txt, the old one kept
 
 
 def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
