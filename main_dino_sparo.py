@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -284,6 +283,9 @@ def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, An
                 bottleneck_dim=args.head_bottleneck_dim)
 
 
+MAX_EPOCHS = 100_000  # DINO's longest recipe is 800
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag combinations that cannot train, with one clear line each. (The range of
     each single flag is checked where it is parsed, by its argparse type.)"""
@@ -295,6 +297,9 @@ def check_args(args: argparse.Namespace) -> None:
         low, high = getattr(args, name)
         if not 0 < low <= high:
             raise utils.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
+    if args.epochs > MAX_EPOCHS:  # the schedules hold a value per epoch and per step
+        raise utils.UserError(f"--epochs {args.epochs} is above {MAX_EPOCHS}: the schedules alone "
+                              f"would take {args.epochs * 8 / 2**30:.1f} GiB; give a real number of epochs")
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
@@ -452,16 +457,18 @@ def rewrite_log(path: Path, history: List[Dict[str, Any]]) -> None:
     lines = "".join(json.dumps(record) + "\n" for record in history)
     if (path.exists() and path.read_text() == lines) or (not lines and not path.exists()):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(lines)
-    os.replace(tmp, path)
+    utils.atomic_write_text(path, lines)  # a full disk: one line naming log.txt, the old one kept
 
 
 def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
                             head_config: Dict[str, Any], path: Path) -> None:
-    saved = {**checkpoint.get("model_config", {}), **checkpoint.get("head_config", {})}
+    stored = [checkpoint.get(key) or {} for key in ("model_config", "head_config")]
+    if not all(isinstance(part, dict) for part in stored):
+        raise utils.UserError(f"{path}: its model_config or head_config is not a mapping (a damaged "
+                              f"checkpoint); use another --output_dir or restore the file")
+    saved = {**stored[0], **stored[1]}
     wanted = {**config, **head_config}
-    differing = [f"{k} ({saved[k]!r} saved, {wanted[k]!r} asked)" for k in wanted
+    differing = [f"{k} ({utils.shown(saved[k])} saved, {wanted[k]!r} asked)" for k in wanted
                  if k in saved and saved[k] != wanted[k]]
     if differing:
         raise utils.UserError(f"{path} belongs to a different run: {'; '.join(differing)}. "
