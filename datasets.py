@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import PIL.Image
 import torch
 
 from utils import UserError, _short_list
@@ -237,7 +238,9 @@ class ImageFiles(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises on bad files
+# What PIL raises on bad files; a decompression bomb (an image of more than twice
+# Image.MAX_IMAGE_PIXELS pixels, mostly a hostile or broken header) is one more unreadable image.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 
 
 class SkipUnreadableImages(torch.utils.data.Dataset):
@@ -372,3 +375,30 @@ def dataset_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
     return np.asarray(dataset.targets, dtype=np.int64)
 
 
+
+
+def dataset_fingerprint(dataset: torch.utils.data.Dataset) -> str:
+    """SHA-256 of what a data set built by build_dataset serves, without decoding images: its
+    samples (the image bytes of a built-in set; the file names, relative to the folder, and
+    sizes of a folder's images: a copy or a move of the folder keeps them) and labels, in order. Saved results (eval_linear's heads) name the data they came from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    indices: Sequence[int] = range(len(dataset))
+    while True:  # unwrap Subset and the unreadable-image policies down to the samples
+        if isinstance(dataset, torch.utils.data.Subset):
+            indices = [int(dataset.indices[i]) for i in indices]
+            dataset = dataset.dataset
+        elif isinstance(dataset, SkipUnreadableImages):
+            dataset = dataset.dataset
+        else:
+            break
+    if isinstance(dataset, ArrayImageDataset):
+        digest.update(np.ascontiguousarray(dataset.images[np.asarray(indices, dtype=np.int64)]).tobytes())
+    else:
+        paths = [dataset.samples[i][0] for i in indices]
+        root = os.path.commonpath(paths) if paths else ""
+        digest.update("\n".join(f"{os.path.relpath(p, root)}\t{os.stat(p).st_size}"
+                                for p in paths).encode("utf-8", "surrogateescape"))
+    digest.update(np.asarray(dataset.targets, dtype=np.int64)[np.asarray(indices, dtype=np.int64)].tobytes())
+    return digest.hexdigest()

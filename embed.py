@@ -93,23 +93,42 @@ def encode(model: torch.nn.Module, dataset: torch.utils.data.Dataset, args: argp
 
 def write_output(path: Path, features: np.ndarray, names: List[str], unreadable: List[str],
                  config: Dict[str, Any]) -> List[Path]:
-    """Write the encodings (atomically) and return the files written."""
+    """Write the encodings and return the files written. FILE.npy and its names FILE.txt are
+    a pair: both are written to temporary files first (a full disk leaves both as they were),
+    then renamed one right after the other, the names first."""
     if path.suffix == ".pt":
         utils.atomic_save(dict(features=torch.from_numpy(features), names=names, unreadable=unreadable,
                                model_config=config), path)
         return [path]
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, features)
-    os.replace(tmp, path)
     written = [path, path.with_suffix(".txt")]
-    written[1].write_text("".join(f"{name}\n" for name in names))
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    try:
+        np.save(tmp, features)
+        utils.atomic_write_text(written[1], "".join(f"{name}\n" for name in names))
+        os.replace(tmp, path)
+    except OSError as error:
+        raise utils.UserError(utils.write_error(path, error)) from error
+    finally:
+        tmp.unlink(missing_ok=True)
     listing = path.with_suffix(".unreadable.txt")
     if unreadable:
-        listing.write_text("".join(f"{line}\n" for line in unreadable))
+        utils.atomic_write_text(listing, "".join(f"{line}\n" for line in unreadable))
         written.append(listing)
     else:
         listing.unlink(missing_ok=True)  # from an earlier run over the same output
     return written
+
+
+def check_names(names: List[str], output: Path) -> None:
+    """FILE.txt holds one name per line: a name with a line break would shift every later
+    name against its row of FILE.npy."""
+    if output.suffix == ".pt":
+        return
+    broken = [name for name in names if "\n" in name or "\r" in name]
+    if broken:
+        raise utils.UserError(f"{len(broken)} image file name(s) contain a line break (e.g. "
+                              f"{utils.shown(broken[0])}), which the one-name-per-line {output.with_suffix('.txt')} "
+                              f"cannot hold: rename them, or use --output FILE.pt (names kept as a list)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -127,6 +146,7 @@ def embed(args: argparse.Namespace) -> None:
         feats.require_sparo(config, "--per_slot")
     crop = feats.eval_crop_size(args, config)
     files = list_images(args.data_path)
+    check_names([p.relative_to(args.data_path).as_posix() for p in files], output)
     dataset = image_files(files, feats.eval_transform(crop, args.resize_size), crop)
     print(f"Encoding {len(files)} images from {args.data_path} at {crop} px.")
     features, readable = encode(model, dataset, args)

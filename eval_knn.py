@@ -179,6 +179,7 @@ def load_features(args: argparse.Namespace,
                                   f"{tuple(labels.shape)} do not match")
     if tensors["train"].shape[1] != tensors["test"].shape[1]:
         raise utils.UserError(f"{path}: train and test features differ in width")
+    check_labels(path, tensors)
     storage = storage_device(args)
     dtype = torch.float16 if args.knn_fp16 else torch.float32
     if shard is not None:
@@ -189,10 +190,34 @@ def load_features(args: argparse.Namespace,
         tensors[f"{split}_labels"] = tensors[f"{split}_labels"].long()
     config = {}
     if (path / FEATURE_INFO).is_file():
-        config = json.loads((path / FEATURE_INFO).read_text()).get("model_config", {})
+        try:
+            config = json.loads((path / FEATURE_INFO).read_text()).get("model_config", {})
+        except (OSError, ValueError, AttributeError) as error:
+            raise utils.UserError(f"cannot read {path / FEATURE_INFO}: {utils.capped(str(error), 200)}; "
+                                  f"delete it (it only names the model)") from error
+        if not isinstance(config, dict):
+            raise utils.UserError(f"{path / FEATURE_INFO}: its model_config is not a mapping")
     print(f"Features loaded from {path}: {tensors['train'].shape[0]} train and "
           f"{tensors['test'].shape[0]} test images, {tensors['train'].shape[1]} dimensions.")
     return tensors, config
+
+
+MAX_CLASSES = 1_000_000  # the k-NN vote table is (test images x classes): bounded before it exists
+
+
+def check_labels(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    """Labels of loaded features: integers from 0 to MAX_CLASSES - 1 (class indices, as the
+    dump writes them), and at least one test and one training row."""
+    for split in ("train", "test"):
+        labels = tensors[f"{split}_labels"]
+        if labels.numel() == 0:
+            raise utils.UserError(f"{path}: the {split} set is empty (no rows in {split}feat.pth)")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise utils.UserError(f"{path}: {split}labels.pth holds {labels.dtype} values, not class indices")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= MAX_CLASSES:
+            raise utils.UserError(f"{path}: {split}labels.pth holds labels from {low} to {high}; class "
+                                  f"indices from 0 to {MAX_CLASSES - 1} are needed (renumber the classes)")
 
 
 def _load_mapped(path: Path) -> object:

@@ -483,6 +483,14 @@ def head_config(args: argparse.Namespace, config: Dict[str, Any], slots: Optiona
                 backbone_source=f"{args.pretrained_weights} ({args.checkpoint_key})")
 
 
+def data_record(args: argparse.Namespace, evaluation: feats.Evaluation) -> Dict[str, Any]:
+    """What the heads are trained and tested on: fingerprints of the training and test images
+    (datasets.dataset_fingerprint; --train_subset and --test_subset included), so that a rerun
+    on another data set into the same --output_dir is refused instead of resumed."""
+    return dict(data_path=args.data_path, train_sha256=datasets.dataset_fingerprint(evaluation.train),
+                test_sha256=datasets.dataset_fingerprint(evaluation.test))
+
+
 def backbone_sha256(model: nn.Module) -> str:
     """SHA-256 of the backbone's weights (names and bytes): a head is only valid on the exact
     backbone it was trained on, wherever that checkpoint file has moved since."""
@@ -500,8 +508,15 @@ def check_head_config(saved: Dict[str, Any], wanted: Dict[str, Any], path: Path)
         raise utils.UserError(f"{path} holds a linear head trained on another backbone "
                               f"({saved.get('backbone_source', 'one not recorded')}) than "
                               f"{wanted['backbone_source']}. Use another --output_dir.")
-    differing = [f"{key} ({saved.get(key)!r} saved, {value!r} now)" for key, value in wanted.items()
-                 if key != "backbone_source" and saved.get(key) != value]
+    saved_data, data = saved.get("data"), wanted.get("data")
+    if saved_data is not None and data is not None and (  # heads saved before issue 32 lack it
+            saved_data.get("train_sha256") != data["train_sha256"]
+            or saved_data.get("test_sha256") != data["test_sha256"]):
+        raise utils.UserError(f"{path} holds linear heads trained on other data "
+                              f"(--data_path {saved_data.get('data_path')} then, {data['data_path']} now, "
+                              f"or other images or subsets). Use another --output_dir.")
+    differing = [f"{key} ({utils.shown(saved.get(key))} saved, {utils.shown(value)} now)" for key, value in wanted.items()
+                 if key not in ("backbone_source", "data") and saved.get(key) != value]
     if differing:
         raise utils.UserError(f"{path} was trained on other features or another grid: "
                               f"{'; '.join(differing)}. Use another --output_dir or the same flags.")
@@ -533,6 +548,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise utils.UserError("--holdout_fraction 1 leaves no training image")
     if not args.evaluate and utils.is_main_process():  # training writes its heads and log there
         utils.ensure_output_dir(args.output_dir, "--output_dir")
+        utils.lock_output_dir(args.output_dir, "a linear probe")  # two runs in one folder would resume each other's heads
     if args.output_json:
         utils.ensure_output_file(args.output_json, "--output_json")
 
@@ -627,7 +643,8 @@ def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     print(f"{num_labels} classes; features of width {layout.width}; {len(specs)} linear head(s).")
 
     probes = LinearProbes(specs, num_labels, args.seed).to(args.device)
-    wanted = head_config(args, config, slots, layout, specs, num_labels, model)
+    wanted = {**head_config(args, config, slots, layout, specs, num_labels, model),
+              "data": data_record(args, evaluation)}
     results: Dict[str, Any] = dict(pretrained_weights=args.pretrained_weights, data_path=args.data_path,
                                    head=wanted)
     scale = args.batch_size_per_gpu * utils.get_world_size() / 256.0  # lr scaling, as DINO
@@ -717,7 +734,10 @@ def finish(args: argparse.Namespace, probes: LinearProbes, specs: Sequence[Probe
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    return feats.run_script("Evaluation with linear classification", get_args_parser, eval_linear, argv)
+    try:
+        return feats.run_script("Evaluation with linear classification", get_args_parser, eval_linear, argv)
+    finally:
+        utils.release_output_locks()
 
 
 if __name__ == "__main__":

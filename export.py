@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from safetensors import SafetensorError
 
 import portable
 import utils
@@ -37,11 +38,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def probe_images(img_size: int) -> torch.Tensor:
+    return torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def check_finite_features(model: torch.nn.Module, what: str) -> None:
+    """Refuse, before anything is written, a backbone whose features are NaN or inf (a
+    diverged run): its export would load and give NaN everywhere."""
+    if not torch.isfinite(model.eval()(probe_images(model.config.img_size))).all():
+        raise utils.UserError(f"{what} gives non-finite features (NaN or inf): nothing exported; "
+                              f"export an earlier checkpoint of the run")
+
+
 @torch.no_grad()
 def check_round_trip(model: torch.nn.Module, path: Path, img_size: int) -> float:
-    """Largest feature difference between the model and the file loaded back (should be 0)."""
+    """Largest feature difference between the model and the file loaded back (should be 0;
+    nan, which no `== 0` check passes, when either gives a non-finite feature)."""
     loaded, _ = utils.load_backbone(str(path))
-    images = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    images = probe_images(img_size)
     return float((model.eval()(images) - loaded.eval()(images)).abs().max())
 
 
@@ -49,12 +64,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", parents=[get_args_parser()])
     args = utils.parse_args_with_config(parser, argv)
     model, _ = utils.load_backbone(args.pretrained_weights, args.checkpoint_key)
+    check_finite_features(model, f"{args.pretrained_weights} ({args.checkpoint_key})")
     output_dir = utils.ensure_output_dir(args.output_dir, "--output_dir")
     source = {"checkpoint": Path(args.pretrained_weights).name, "checkpoint_key": args.checkpoint_key}
-    paths = portable.write_export(model, output_dir, source)
+    try:
+        paths = portable.write_export(model, output_dir, source)
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, a read-only folder
+        raise utils.UserError(f"cannot write the export into {output_dir}: "
+                              f"{getattr(error, 'strerror', None) or utils.capped(str(error), 200)}; "
+                              f"the files already there are unchanged") from error
     for kind in ("safetensors", "pth"):
         difference = check_round_trip(model, paths[kind], model.config.img_size)
-        if difference > 0:
+        if not difference == 0:
             raise utils.UserError(f"{paths[kind]} does not reproduce the checkpoint's features "
                                   f"(max difference {difference:.3g})")
     print(f"Exported {portable.timm_name(model.config)} to {output_dir}: "

@@ -367,7 +367,7 @@ def _check_finite(finite: torch.Tensor) -> None:
 def write_json(path: Optional[str], results: Dict[str, Any]) -> None:
     """Results as indented JSON, written by the main process (nothing without a path)."""
     if path and utils.is_main_process():
-        Path(path).write_text(json.dumps(results, indent=1) + "\n")
+        utils.atomic_write_text(path, json.dumps(results, indent=1) + "\n")
 
 
 def run_script(description: str, get_args_parser: Callable[[], argparse.ArgumentParser],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -139,13 +140,36 @@ def student_figure(entry: Dict[str, Any]) -> str:
     return f" (student {entry['student_knn_top1']:.2f})" if entry.get("student_knn_top1") is not None else ""
 
 
+def read_baselines(output_dir: Path) -> Dict[str, Any]:
+    """OUTPUT_DIR/knn_baselines.json ({name: {"knn_top1": ...}, "description": ...}), or {}; a
+    damaged file is left out with a warning: it only adds figures to a summary or a plot, and
+    must not fail a finished run."""
+    path = Path(output_dir) / BASELINES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        baselines = json.loads(path.read_text())
+        if not isinstance(baselines, dict):
+            raise ValueError(f"a JSON {type(baselines).__name__}, not an object")
+        for name in ("raw pixels", "untrained"):
+            if name in baselines and not isinstance(baselines[name]["knn_top1"], (int, float)):
+                raise ValueError(f"{name}: a k-NN top-1 that is not a number")
+        if not isinstance(baselines.get("description", ""), str):
+            raise ValueError("a description that is not text")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
+        print(f"Warning: {path} left out, it cannot be read ({type(error).__name__}: "
+              f"{utils.capped(str(error), 200)})", file=sys.stderr, flush=True)
+        return {}
+    return baselines
+
+
 def summary(output_dir: Path, history: List[Dict[str, Any]]) -> Optional[str]:
     """What training bought, in k-NN top-1: raw pixels, untrained, then each evaluated epoch."""
     path = output_dir / BASELINES_FILE
     evaluated = [entry for entry in history if "knn_top1" in entry]
     if not evaluated:
         return None
-    baselines = json.loads(path.read_text()) if path.exists() else {}
+    baselines = read_baselines(output_dir)
     parts = [f"{name} {baselines[name]['knn_top1']:.2f}" for name in ("raw pixels", "untrained")
              if name in baselines]
     parts += [f"epoch {entry['epoch']} {entry['knn_top1']:.2f}" + student_figure(entry) for entry in evaluated]

@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -106,6 +105,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"),
                         help="adamw is DINO's recommendation for ViTs (its third choice, lars, "
                              "is for convnets only).")
+    parser.add_argument("--sparo_query_lr_mult", default=1.0, type=utils.positive_float,
+                        help="SPARO only: the slot queries' learning rate as a multiple of the "
+                             "schedule's (their own weight-decayed optimizer group; 1 = one group "
+                             "for all weights, as DINO). The queries start N(0, 1), about 50x "
+                             "the scale of the ViT's weights, so at equal lr they move relatively "
+                             "slowly; RESULTS.md measures 10.")
     parser.add_argument("--drop_path_rate", type=utils.unit_interval, default=0.1, help="Stochastic depth rate.")
     parser.add_argument("--compile", default=False, type=utils.bool_flag,
                         help="torch.compile the student and teacher (slow start, faster steps on GPU).")
@@ -278,6 +283,9 @@ def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, An
                 bottleneck_dim=args.head_bottleneck_dim)
 
 
+MAX_EPOCHS = 100_000  # DINO's longest recipe is 800
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag combinations that cannot train, with one clear line each. (The range of
     each single flag is checked where it is parsed, by its argparse type.)"""
@@ -289,9 +297,15 @@ def check_args(args: argparse.Namespace) -> None:
         low, high = getattr(args, name)
         if not 0 < low <= high:
             raise utils.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
+    if args.epochs > MAX_EPOCHS:  # the schedules hold a value per epoch and per step
+        raise utils.UserError(f"--epochs {args.epochs} is above {MAX_EPOCHS}: the schedules alone "
+                              f"would take {args.epochs * 8 / 2**30:.1f} GiB; give a real number of epochs")
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
+    if args.sparo_query_lr_mult != 1 and args.readout != "sparo":
+        raise utils.UserError(f"--sparo_query_lr_mult {args.sparo_query_lr_mult} scales SPARO's slot "
+                              f"queries, which --readout {args.readout} does not have")
     knn_monitor.check_args(args)
     warn_suspicious_args(args)
 
@@ -443,20 +457,32 @@ def rewrite_log(path: Path, history: List[Dict[str, Any]]) -> None:
     lines = "".join(json.dumps(record) + "\n" for record in history)
     if (path.exists() and path.read_text() == lines) or (not lines and not path.exists()):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(lines)
-    os.replace(tmp, path)
+    utils.atomic_write_text(path, lines)  # a full disk: one line naming log.txt, the old one kept
 
 
 def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
                             head_config: Dict[str, Any], path: Path) -> None:
-    saved = {**checkpoint.get("model_config", {}), **checkpoint.get("head_config", {})}
+    stored = [checkpoint.get(key) or {} for key in ("model_config", "head_config")]
+    if not all(isinstance(part, dict) for part in stored):
+        raise utils.UserError(f"{path}: its model_config or head_config is not a mapping (a damaged "
+                              f"checkpoint); use another --output_dir or restore the file")
+    saved = {**stored[0], **stored[1]}
     wanted = {**config, **head_config}
-    differing = [f"{k} ({saved[k]!r} saved, {wanted[k]!r} asked)" for k in wanted
+    differing = [f"{k} ({utils.shown(saved[k])} saved, {wanted[k]!r} asked)" for k in wanted
                  if k in saved and saved[k] != wanted[k]]
     if differing:
         raise utils.UserError(f"{path} belongs to a different run: {'; '.join(differing)}. "
                               f"Use another --output_dir or the same arguments.")
+
+
+def check_same_query_lr_mult(optimizer_state: Dict[str, Any], asked: float, path: Path) -> None:
+    """The slot queries' optimizer group (utils.get_params_groups) is part of the optimizer's
+    layout, so --sparo_query_lr_mult cannot change on resume."""
+    multipliers = [group["lr_mult"] for group in optimizer_state.get("param_groups", []) if "lr_mult" in group]
+    saved = multipliers[0] if multipliers else 1.0
+    if saved != asked:
+        raise utils.UserError(f"{path} was trained with --sparo_query_lr_mult {saved}: resume with "
+                              f"that value, or use another --output_dir")
 
 
 # Arguments a resumed run may change on purpose (the model's cannot change: see above).
@@ -519,7 +545,8 @@ def build_training(args: argparse.Namespace) -> Tuple[Models, Optimisation]:
     teacher.requires_grad_(False)
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                          args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
-    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
+    optimizer = utils.build_optimizer(args.optimizer,
+                                      utils.get_params_groups(student, args.sparo_query_lr_mult))
     return (Models(student, student, teacher, config, head_config),
             Optimisation(dino_loss, optimizer, *autocast_context(args)))
 
@@ -547,6 +574,7 @@ def resume_from_checkpoint(output_dir: Path, models: Models, optimisation: Optim
     check_resume_compatible(checkpoint, models.config, models.head_config, path)
     models.student_without_ddp.load_state_dict(checkpoint["student"])
     models.teacher.load_state_dict(checkpoint["teacher"])
+    check_same_query_lr_mult(checkpoint["optimizer"], args.sparo_query_lr_mult, path)
     try:
         optimisation.optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as error:  # e.g. a separate-values SPARO run saved with its key bias
@@ -711,10 +739,7 @@ class TrainStep:
             self.models.student_without_ddp
         if self.augment is not None:  # uint8 crops from MultiCropGeometry
             images = self.augment(images)
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr
-            if i == 0:  # only the first group is regularised
-                group["weight_decay"] = wd
+        utils.set_lr_and_wd(optimizer, lr, wd)
         self.global_crops = images[:2]  # what the teacher saw (slot statistics read them)
         with self.optimisation.autocast():
             with torch.no_grad():

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import utils
+from knn_monitor import read_baselines
 
 PANELS = [("train_loss", "DINO loss"), ("train_teacher_entropy", "teacher entropy"),
           ("train_lr", "learning rate"), ("knn_top1", "k-NN top-1 (%), student dotted")]
@@ -30,17 +33,13 @@ def read_log(run_dir: Path) -> List[Dict[str, Any]]:
                               f"epoch has finished there yet")
     try:
         entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as error:
-        raise utils.UserError(f"cannot read {path}: {error}") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise utils.UserError(f"cannot read {path}: {utils.capped(str(error), 200)}") from error
     if not entries:
         raise utils.UserError(f"{path} is empty: no epoch has finished yet")
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise utils.UserError(f"cannot read {path}: a line is not a JSON record of an epoch")
     return entries
-
-
-def read_baselines(run_dir: Path) -> Dict[str, Any]:
-    """The run's k-NN before training (knn_monitor.py's knn_baselines.json), or {}."""
-    path = run_dir / "knn_baselines.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any],
@@ -54,14 +53,12 @@ def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any],
 
 def read_flags(run_dir: Path) -> Dict[str, Any]:
     """The run's flags: config.yaml, else the args in checkpoint.pth; {} when neither exists."""
-    import torch
-    import yaml
-
     if (run_dir / "config.yaml").is_file():
-        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return utils.read_yaml_mapping(run_dir / "config.yaml", "the run's flags")
     if (run_dir / "checkpoint.pth").is_file():
-        checkpoint = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
-        return dict(checkpoint.get("args") or {})
+        args = utils.load_checkpoint(run_dir / "checkpoint.pth").get("args") or {}
+        return dict(vars(args) if isinstance(args, argparse.Namespace) else args) \
+            if isinstance(args, (dict, argparse.Namespace)) else {}
     return {}
 
 
@@ -117,8 +114,29 @@ def plot(runs: Sequence[Tuple[str, List[Dict[str, Any]], Dict[str, Any]]], outpu
     figure.legend(handles, labels, loc="upper center", ncol=min(len(runs), 3), fontsize=9,
                   frameon=False)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.06 * ((len(runs) + 2) // 3) * 2 / rows))
-    figure.savefig(output, dpi=120)
-    plt.close(figure)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:  # exactly the named file (savefig adds .png to a name without a suffix), whole or not at all
+        figure.savefig(tmp, dpi=120, format=output.suffix[1:].lower() or "png")
+        os.replace(tmp, output)
+    except OSError as error:
+        raise utils.UserError(utils.write_error(output, error)) from error
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_format(output: Path) -> None:
+    """A suffix matplotlib cannot write (or a folder) is an error before anything is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if output.is_dir():
+        raise utils.UserError(f"--output {output} is a folder; name a file such as runs.png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if output.suffix and output.suffix[1:].lower() not in formats:
+        raise utils.UserError(f"--output {output}: matplotlib cannot write {output.suffix} files; "
+                              f"use one of {', '.join('.' + f for f in sorted(formats))}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -133,6 +151,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     logs = [read_log(run_dir) for run_dir in args.run_dirs]  # every error before drawing
     if not args.output.parent.is_dir():
         raise utils.UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
+    check_output_format(args.output)
     labels = run_labels(args.run_dirs, [read_flags(run_dir) for run_dir in args.run_dirs])
     plot(list(zip(labels, logs, [read_baselines(run_dir) for run_dir in args.run_dirs])), args.output)
     print(f"Wrote {args.output} ({len(logs)} run{'s' if len(logs) > 1 else ''})")

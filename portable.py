@@ -16,7 +16,7 @@ import utils
 import vision_transformer as vits
 
 SAFETENSORS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = utils.EXPORT_CONFIG_NAME
 PTH_NAME = "backbone.pth"
 METADATA_KEY = utils.SAFETENSORS_METADATA_KEY
 PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes",
@@ -66,19 +66,30 @@ def backbone_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def write_export(model: torch.nn.Module, output_dir: Path,
                  source: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
-    """Write model.safetensors, config.json and backbone.pth of a backbone into output_dir."""
+    """Write model.safetensors, config.json and backbone.pth of a backbone into output_dir, as
+    a set: all three go to temporary files first, then are renamed, the weights before
+    config.json, so that a kill never leaves a config.json beside weights it does not describe
+    (between two renames the weights are new and config.json old: utils.config_json_mismatch
+    notices)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = export_config(model.config, source)
     state = backbone_state(model)
     paths = {"safetensors": output_dir / SAFETENSORS_NAME, "config": output_dir / CONFIG_NAME,
              "pth": output_dir / PTH_NAME}
-    paths["config"].write_text(json.dumps(meta, indent=2) + "\n")
-    tmp = paths["safetensors"].with_name(f".{SAFETENSORS_NAME}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-    shutil.copymode(paths["config"], tmp)  # safetensors creates its file private (0600)
-    tmp.replace(paths["safetensors"])
-    # DINO's released files are bare backbone state dicts; model_config (plain values) rides
-    # along so that settings the shapes cannot tell (sparo_norm) survive. DINO's own loader
-    # (load_state_dict(strict=False)) ignores that key.
-    utils.atomic_save({**state, "model_config": meta["model_config"]}, paths["pth"])
+    staged = {kind: path.with_name(f".{path.name}.export.tmp") for kind, path in paths.items()}
+    try:
+        save_file(state, str(staged["safetensors"]), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+        # DINO's released files are bare backbone state dicts; model_config (plain values) rides
+        # along so that settings the shapes cannot tell (sparo_norm) survive. DINO's own loader
+        # (load_state_dict(strict=False)) ignores that key.
+        with open(staged["pth"], "wb") as handle:
+            torch.save({**state, "model_config": meta["model_config"]}, handle)
+        staged["config"].write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.copymode(staged["config"], staged["safetensors"])  # safetensors creates it private (0600)
+        for kind in ("safetensors", "pth", "config"):
+            staged[kind].replace(paths[kind])
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     return paths
+

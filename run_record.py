@@ -84,9 +84,8 @@ def record_start(args: argparse.Namespace, output_dir: Path, parser: argparse.Ar
 
     flags = resolved_flags(args, parser)
     config_path = output_dir / CONFIG_NAME
-    if config_path.exists():
-        with open(config_path) as handle:
-            first = yaml.safe_load(handle) or {}
+    if config_path.exists():  # hand-edited or damaged: an error before this start is recorded
+        first = utils.read_yaml_mapping(config_path, "the first start's flags (restore or delete it)")
     else:
         first = flags
         utils.atomic_write_text(config_path, "# Every flag of this run's first start; see "

@@ -277,6 +277,9 @@ class SubmititJob:
         args = copy.deepcopy(self.job_args)  # the job adds rank, device, ...: keep ours clean
         try:
             result = run(args)
+        except job_utils.UserError as error:  # bad input found by the job: its one line, no traceback
+            print(f"error: {job_utils.capped(job_utils.user_error_message(error))}", file=sys.stderr, flush=True)
+            sys.exit(2)  # no result: the launcher repeats this line (wait_for)
         finally:
             job_utils.release_output_locks()
             job_utils.cleanup_distributed()
@@ -346,10 +349,19 @@ def wait_for(job: submitit.Job, poll_s: float = 1.0) -> Any:
     follower.flush()
     try:
         return job.results()[0]  # task 0's result
+    except submitit.core.utils.FailedJobError as error:  # its traceback is in the log printed above
+        raise utils.UserError(f"job {job.job_id} failed (its error is printed above); its logs: "
+                              f"{job.paths.stdout.parent}") from error
     except submitit.core.utils.UncompletedJobError as error:
-        reason = str(error).strip().splitlines()
-        raise utils.UserError(f"job {job.job_id} did not finish ({reason[-1] if reason else 'no reason given'}); "
-                              f"its logs: {job.paths.stdout.parent}") from error
+        # submitit's message: a header, the state line, then the job's whole log. A job that
+        # met bad input ended with its own `error:` line: that is the reason.
+        lines = [line.strip() for line in str(error).splitlines()]
+        reason = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
+        if reason:
+            raise utils.UserError(f"job {job.job_id} stopped: {reason}") from error
+        state = next((line for line in lines if "has not produced any output" in line), "no result")
+        raise utils.UserError(f"job {job.job_id} did not finish ({state}); its logs: "
+                              f"{job.paths.stdout.parent}") from error
 
 
 def stop_with_the_launcher() -> None:

@@ -6,12 +6,14 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
 import pickle
 import platform
 import random
+import reprlib
 import socket
 import subprocess
 import sys
@@ -43,16 +45,45 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr with a non-zero exit."""
 
 
+MAX_MESSAGE_CHARS = 2000  # a message quoting a huge value stays one readable line
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main(); a UserError becomes one clear line and exit status 2."""
+    """Run a script's main(); a UserError, or a full or read-only disk met by a writer without
+    its own message, becomes one clear line and exit status 2."""
     try:
         main()
     except UserError as error:
-        print(f"error: {user_error_message(error)}", file=sys.stderr)
+        print(f"error: {capped(user_error_message(error))}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in DISK_ERRORS:
+            raise
+        print(f"error: cannot write{f' {error.filename}' if error.filename else ''}: {error.strerror}; "
+              f"free space (or use a writable folder) and rerun", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def capped(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """message, cut to `limit` characters with a note of how much was left out."""
+    return message if len(message) <= limit else \
+        f"{message[:limit]}... ({len(message) - limit} more characters left out)"
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """repr() of a value read from a user's file for an error message, bounded in size and in
+    work (a YAML alias bomb's value is a small graph whose full repr is gigabytes)."""
+    return _SHOWN.repr(value)
 
 
 def user_error_message(error: UserError) -> str:
@@ -73,14 +104,14 @@ def bool_flag(value: str) -> bool:
         return True
     if lowered in {"off", "false", "0", "no"}:
         return False
-    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r}")
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {shown(value)}")
 
 
 def _number(value: Any, kind: Callable, what: str) -> Any:
     try:
         number = kind(str(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"must be {what}, got {shown(value)}") from None
     return number
 
 
@@ -155,12 +186,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
     known, _ = pre.parse_known_args(argv)
     if known.config:
         try:
-            with open(known.config) as handle:
-                values = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError) as error:
-            parser.error(f"cannot read config {known.config}: {error}")
-        if not isinstance(values, dict):
-            parser.error(f"config {known.config} must be a mapping of flag names to values")
+            values = read_yaml_mapping(known.config, "config")
+        except UserError as error:
+            parser.error(str(error))
         actions = {action.dest: action for action in parser._actions}
         unknown = sorted(set(values) - set(actions))
         if unknown:
@@ -170,44 +198,92 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
     return parser.parse_args(argv)
 
 
+YAML_MAX_NODES = 100_000  # far above any flag file; bounds an alias bomb before it is built
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> Dict[str, Any]:
+    """A YAML file of `name: value` pairs (flag files, OUTPUT_DIR/config.yaml), or a UserError
+    naming it: unreadable, not YAML, not a mapping with string keys, or more than
+    YAML_MAX_NODES values once its aliases are expanded (counted before anything is built)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loader = yaml.SafeLoader(handle)
+            try:
+                node = loader.get_single_node()
+                if node is not None:
+                    _count_yaml_nodes(node, f"{what} {path}")
+                values = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read {what} {path}: {capped(' '.join(str(error).split()), 300)}") from error
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise UserError(f"{what} {path} must be a mapping of flag names to values, got a {type(values).__name__}")
+    odd = [key for key in values if not isinstance(key, str)]
+    if odd:
+        raise UserError(f"{what} {path}: keys must be flag names, got {shown(odd)}")
+    return values
+
+
+def _count_yaml_nodes(root: Any, where: str) -> None:
+    import yaml
+
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > YAML_MAX_NODES:
+            raise UserError(f"{where} expands to more than {YAML_MAX_NODES} values (aliases "
+                            f"repeated inside each other?); write the values out")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+
+
 def _config_value(action: argparse.Action, value: Any, config: str,
                   parser: argparse.ArgumentParser) -> Any:
     """A config file's value for one flag, checked like the command line checks it: the
     flag's number of values, its type (the same argparse type function) and its choices."""
     flag = action.option_strings[-1] if action.option_strings else action.dest
     where = f"config {config}: {action.dest}"
-    if value is None:
-        return None
+    if value is None:  # `key:` or `key: null`: the flag's own default, as if the key were absent
+        return action.default
     if action.nargs == 0:  # store_true / store_false
         if not isinstance(value, bool):
-            parser.error(f"{where}: {flag} is a switch, give true or false, got {value!r}")
+            parser.error(f"{where}: {flag} is a switch, give true or false, got {shown(value)}")
         return value
     if isinstance(value, dict):
         parser.error(f"{where}: expects {'values' if action.nargs else 'one value'}, got a mapping")
     if action.nargs in (None, "?"):
         if isinstance(value, list):
-            parser.error(f"{where}: {flag} takes one value, got the list {value!r}")
+            parser.error(f"{where}: {flag} takes one value, got the list {shown(value)}")
         items = [value]
     else:
         items = value if isinstance(value, list) else [value]
         if isinstance(action.nargs, int) and len(items) != action.nargs:
-            parser.error(f"{where}: {flag} takes {action.nargs} values, e.g. [a, b], got {value!r}")
+            parser.error(f"{where}: {flag} takes {action.nargs} values, e.g. [a, b], got {shown(value)}")
     converted = []
     for item in items:
         if action.type is not None:
             try:
+                if isinstance(item, (list, dict)):
+                    raise TypeError(f"expects a plain value, got {shown(item)}")
                 item = action.type(item if isinstance(item, str) else str(item))
             except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
                 parser.error(f"{where}: {error}")
         if action.choices is not None and item not in action.choices:
-            parser.error(f"{where}: invalid choice {item!r} "
+            parser.error(f"{where}: invalid choice {shown(item)} "
                          f"(choose from {', '.join(map(str, action.choices))})")
         converted.append(item)
     return converted[0] if action.nargs in (None, "?") else converted
 
 
 def _one_line_error(message: str) -> None:
-    print(f"error: {message} (see --help)", file=sys.stderr)
+    print(f"error: {capped(message)} (see --help)", file=sys.stderr)
     sys.exit(2)
 
 
@@ -707,9 +783,15 @@ def fix_random_seeds(seed: int = 31) -> None:
 
 
 # =========================================================================== schedules
+MAX_SCHEDULE_STEPS = 200_000_000  # 1.5 GiB per schedule table: far above any real run
+
+
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
                      warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
     """One value per iteration: linear warm-up, then a cosine from base_value to final_value."""
+    if epochs * niter_per_ep > MAX_SCHEDULE_STEPS:
+        raise UserError(f"{epochs} epochs of {niter_per_ep} iterations are more than {MAX_SCHEDULE_STEPS} "
+                        f"steps; use fewer epochs or a larger batch")
     warmup_iters = min(warmup_epochs * niter_per_ep, epochs * niter_per_ep)
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     steps = np.arange(epochs * niter_per_ep - warmup_iters)
@@ -721,17 +803,36 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 
 
 # ======================================================================== optimisation
-def get_params_groups(model: nn.Module) -> List[Dict[str, Any]]:
-    """DINO's two groups: biases and 1-D parameters (norms) get no weight decay."""
-    regularized, not_regularized = [], []
+SLOT_QUERY_PARAMETER = "sparo.queries"  # SparoReadout's q_l, as named inside a backbone
+
+def get_params_groups(model: nn.Module, slot_query_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
+    """DINO's two groups: biases and 1-D parameters (norms) get no weight decay. With
+    slot_query_lr_mult != 1, SPARO's slot queries get a third, weight-decayed group whose
+    learning rate is that multiple of the schedule's (its "lr_mult"); with the default the
+    groups are DINO's, so checkpoints keep their optimizer layout."""
+    regularized, not_regularized, queries = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim == 1:
+        if slot_query_lr_mult != 1.0 and name.endswith(SLOT_QUERY_PARAMETER):
+            queries.append(param)
+        elif name.endswith(".bias") or param.ndim == 1:
             not_regularized.append(param)
         else:
             regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    groups = [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    if queries:
+        groups.append({"params": queries, "lr_mult": slot_query_lr_mult, "decayed": True})
+    return groups
+
+
+def set_lr_and_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """One iteration's schedule values: every group's lr (times its lr_mult), and the weight
+    decay of the regularised groups (the first, DINO's, and any marked "decayed")."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        if i == 0 or group.get("decayed"):
+            group["weight_decay"] = wd
 
 
 def build_optimizer(name: str, params_groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
@@ -793,6 +894,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(handle.fileno())
         torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # a full disk: torch says `unexpected pos`
+        raise UserError(write_error(path, error)) from error
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -807,11 +910,26 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename: never a torn file."""
+    """Write a small text file through a temporary file and a rename: never a torn file; a
+    full disk is a UserError naming the file, which keeps its previous content."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise UserError(write_error(path, error)) from error
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_error(path: Path, error: BaseException) -> str:
+    """One line for a file that could not be written (full disk, read-only folder, ...)."""
+    reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+    kept = " (its previous version is kept)" if path.exists() else ""
+    return f"cannot write {path}: {reason}{kept}; free space or choose a writable folder"
 
 
 def remove_stale_temporary_files(folder: Path) -> None:
@@ -852,6 +970,7 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
 
 
 SAFETENSORS_METADATA_KEY = "sparo_dino"  # the header entry of export.py's files with their config.json
+EXPORT_CONFIG_NAME = "config.json"  # written beside them
 
 
 def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
@@ -863,6 +982,23 @@ def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict
     return state, json.loads(meta).get("model_config") if meta else None
 
 
+def config_json_mismatch(path: Path, model_config: Optional[Dict[str, Any]]) -> Optional[str]:
+    """Why the config.json beside an exported weight file does not describe it, or None: an
+    export killed between its renames (or files copied from two exports) leaves a pair that
+    would otherwise load without a word."""
+    sibling = path.with_name(EXPORT_CONFIG_NAME)
+    if model_config is None or not sibling.is_file():
+        return None
+    try:
+        described = json.loads(sibling.read_text()).get("model_config")
+    except (OSError, ValueError, AttributeError):
+        described = "unreadable"
+    if described == model_config:
+        return None
+    return (f"{sibling} does not describe {path} (another export, or one interrupted): export "
+            f"again into an empty --output_dir, or delete {sibling}")
+
+
 def _load_safetensors(path: Path) -> Dict[str, Any]:
     """An exported backbone (export.py): its tensors plus `model_config` from the header."""
     try:
@@ -870,6 +1006,9 @@ def _load_safetensors(path: Path) -> Dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - a damaged or foreign file
         raise UserError(f"checkpoint {path} cannot be read as safetensors: "
                         f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from error
+    mismatch = config_json_mismatch(path, config)
+    if mismatch:
+        raise UserError(mismatch)
     return {**state, "model_config": config} if config else state
 
 
@@ -1019,7 +1158,7 @@ LOCK_WAIT_S = 15.0  # a requeued job may start while its pre-empted predecessor 
 _held_locks: Dict[str, Any] = {}  # resolved folder -> open lock file, for this process
 
 
-def lock_output_dir(folder: str | Path) -> None:
+def lock_output_dir(folder: str | Path, holder_name: str = "a training run") -> None:
     """Hold an exclusive lock on an output folder for the life of this process, so that two
     runs never write into one folder; a folder held by another process is an error naming it.
 
@@ -1056,7 +1195,7 @@ def lock_output_dir(folder: str | Path) -> None:
         handle.close()
     handle.seek(0)
     handle.truncate()
-    handle.write(f"a training run, pid {os.getpid()} on {socket.gethostname()}, "
+    handle.write(f"{holder_name}, pid {os.getpid()} on {socket.gethostname()}, "
                  f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
     _held_locks[key] = handle
@@ -1074,9 +1213,12 @@ def release_output_locks() -> None:
 
 
 def write_json_line(path: str | Path, record: Dict[str, Any]) -> None:
-    """Append one JSON record (one line) to a log file."""
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    """Append one JSON record (one line) to a log file; a full disk is a UserError."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as error:
+        raise UserError(write_error(Path(path), error)) from error
 
 
 # ===================================================================== loading weights
@@ -1093,16 +1235,22 @@ def checkpoint_backbone(checkpoint: Dict[str, Any], checkpoint_key: str, what: s
                     f"{', '.join(keys) or 'no state dicts'}); see {key_flag}")
 
 
-def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor]) -> vits.BackboneConfig:
+def checkpoint_config(checkpoint: Dict[str, Any], state: Dict[str, torch.Tensor],
+                      what: str = "the weight file") -> vits.BackboneConfig:
     """The BackboneConfig a file carries as `model_config`, else the one its backbone weights'
     shapes imply (official DINO files carry none)."""
     stored = checkpoint.get("model_config")
-    if isinstance(stored, dict):
-        return vits.BackboneConfig.from_dict(stored)
+    if stored is None:
+        try:
+            return vits.BackboneConfig.from_state_dict(state)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    if not isinstance(stored, dict):
+        raise UserError(f"{what}: its model_config is a {type(stored).__name__}, not a mapping")
     try:
-        return vits.BackboneConfig.from_state_dict(state)
+        return vits.BackboneConfig.from_dict(stored)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(f"{what}: its model_config is malformed: {capped(str(error), 300)}") from error
 
 
 class BackboneWeights(NamedTuple):
@@ -1135,7 +1283,7 @@ def read_backbone(path: str | Path, checkpoint_key: str = "teacher", what: Optio
     or full checkpoints with `args` as a Namespace). `what` names the file in errors."""
     checkpoint = load_checkpoint(path)
     state, head, source = backbone_tensors(checkpoint, checkpoint_key, what or str(path), key_flag)
-    return BackboneWeights(state, checkpoint_config(checkpoint, state), source, head)
+    return BackboneWeights(state, checkpoint_config(checkpoint, state, what or str(path)), source, head)
 
 
 def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
@@ -1149,23 +1297,24 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
     disagreement = config.disagreement(expected or {})
     if disagreement:
         raise UserError(f"{pretrained_weights} {disagreement}")
-    model = config.build()
-    own = model.state_dict()
+    with torch.device("meta"):  # shapes first: sizes from a file are checked before allocating
+        own = config.build().state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape},
-                                   strict=False)
     problems = []
     if wrong_shape:
         shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]
         problems.append(f"shape mismatch (file vs model): {_short_list(shapes)}")
-    missing = [k for k in result.missing_keys if k not in wrong_shape]
+    missing = [k for k in own if k not in state]
     if missing:
         problems.append(f"missing keys: {_short_list(missing)}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys: {_short_list(result.unexpected_keys)}")
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        problems.append(f"unexpected keys: {_short_list(unexpected)}")
     if problems:
         raise UserError(f"{pretrained_weights} does not fit a {config.arch} "
                         f"readout={config.readout} backbone; {'; '.join(problems)}")
+    model = config.build()
+    model.load_state_dict(state)
     print(f"Loaded {source} from {pretrained_weights}: {config.arch}/{config.patch_size} readout={config.readout}")
     return model, config.to_dict()
 

@@ -149,7 +149,19 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, config: Dict[str, Any]) -> "BackboneConfig":
-        """A stored `model_config`; fields it lacks (older checkpoints) take their defaults."""
+        """A stored `model_config`; fields it lacks (older checkpoints) take their defaults. An
+        unknown key or a value of the wrong type is a ValueError (files are hand-edited too)."""
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(str(key) for key in config if key not in fields)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)[:200]}")
+        for name, value in config.items():
+            default = fields[name]
+            kind = bool if isinstance(default, bool) else str if isinstance(default, str) else int
+            fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if not (fits or (default is None and value is None)):
+                wanted = {bool: "true or false", str: "a string", int: "an integer"}[kind]
+                raise ValueError(f"{name} must be {wanted}, got {type(value).__name__} {str(value)[:40]!r}")
         return cls(**config)
 
     @classmethod

@@ -15,8 +15,11 @@ visualize_attention.py; so are they for the controls gap and cls_proj, which kee
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -223,6 +226,25 @@ def output_name(path: Path, root: Path, readout: str) -> str:
     return stem + OUTPUT_SUFFIXES[0 if readout == "sparo" else 1]
 
 
+def output_names(paths: Sequence[Path], root: Path, readout: str) -> List[str]:
+    """output_name of every image, made unique: images whose names meet after the extension is
+    dropped and odd characters are replaced (cat.jpg and cat.png, `a b.png` and a_b.png, ä.png
+    and ö.png), also in letter case, get a short hash of their own relative path added, so
+    that no grid overwrites another."""
+    names = [output_name(path, root, readout) for path in paths]
+    meets = Counter(name.casefold() for name in names)
+    for i, (path, name) in enumerate(zip(paths, names)):
+        if meets[name.casefold()] > 1:
+            relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+            tag = hashlib.sha256(os.fsencode(relative)).hexdigest()[:8]
+            suffix = OUTPUT_SUFFIXES[0 if readout == "sparo" else 1]
+            names[i] = f"{name[:-len(suffix)]}_{tag}{suffix}"
+    if len({name.casefold() for name in names}) < len(names):  # a hash that meets another name
+        raise utils.UserError(f"--image_path {root}: the images' grid names collide even with a hash "
+                              f"added; rename the images")
+    return names
+
+
 def visualize_image(model: torch.nn.Module, config: dict, path: Path,
                     args: argparse.Namespace, slots: Optional[List[int]] = None):
     """The PNG grid of one image, as a PIL image."""
@@ -267,9 +289,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     # ============ drawing one grid per image ... ============
     output_dir = Path(args.output_dir)
     root = Path(args.image_path)
-    for path in images:
+    for path, name in zip(images, output_names(images, root, config["readout"])):
         grid = visualize_image(model, config, path, args, slots)
-        target = output_dir / output_name(path, root, config["readout"])
+        target = output_dir / name
         grid.save(target, optimize=True)
         print(f"{path} -> {target} ({grid.width}x{grid.height})")
 

@@ -141,6 +141,42 @@ def test_train_step_updates_teacher_by_ema_and_freezes_last_layer():
     assert moved.abs().max() > 0
 
 
+def test_slot_query_lr_multiplier_scales_only_the_queries_first_adamw_step():
+    """--sparo_query_lr_mult: AdamW's first step moves each coordinate by about lr (g / |g|),
+    so with the multiplier the queries move that many times further and every other weight
+    exactly as without it; the default keeps DINO's two groups (checkpoint layout)."""
+    moved = {}
+    for mult in (1.0, 10.0):
+        torch.manual_seed(0)
+        args = tiny_args(["--sparo_query_lr_mult", str(mult), "--freeze_last_layer", "0"])
+        models, optimisation = dino.build_training(args)
+        assert len(optimisation.optimizer.param_groups) == (2 if mult == 1 else 3)
+        before = {k: v.clone() for k, v in models.student.state_dict().items()}
+        torch.manual_seed(1)
+        images = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
+        dino.TrainStep(models, optimisation, args)(images, epoch=0, lr=1e-3, wd=0.04, momentum=0.9)
+        moved[mult] = {k: (v - before[k]).abs() for k, v in models.student.state_dict().items()
+                       if v.is_floating_point()}
+    queries = "backbone.sparo.queries"
+    ratio = moved[10.0][queries].sum() / moved[1.0][queries].sum()
+    assert ratio == pytest.approx(10.0, rel=0.01)
+    for name, delta in moved[1.0].items():
+        if name != queries:
+            torch.testing.assert_close(moved[10.0][name], delta)
+
+
+def test_slot_query_lr_multiplier_refused_without_slots_and_on_changed_resume(tmp_path):
+    with pytest.raises(utils.UserError, match="--readout cls"):
+        dino.check_args(tiny_args(["--readout", "cls", "--sparo_query_lr_mult", "10"]))
+    saved = {"param_groups": [{"lr": 0.1}, {"lr": 0.1}, {"lr": 1.0, "lr_mult": 10.0}]}
+    dino.check_same_query_lr_mult(saved, 10.0, tmp_path / "checkpoint.pth")
+    for asked in (1.0, 5.0):
+        with pytest.raises(utils.UserError, match="trained with --sparo_query_lr_mult 10.0"):
+            dino.check_same_query_lr_mult(saved, asked, tmp_path / "checkpoint.pth")
+    with pytest.raises(utils.UserError, match="trained with --sparo_query_lr_mult 1.0"):
+        dino.check_same_query_lr_mult({"param_groups": [{}, {}]}, 10.0, tmp_path / "checkpoint.pth")
+
+
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("arch: vit_tiny\nepochs: 7\nlocal_crops_scale: [0.1, 0.3]\n")
