@@ -102,6 +102,10 @@ def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained:
         if disagreement:
             raise ValueError(f"{overlay['file']} {disagreement}")
         config = weights.config
+        try:  # before timm allocates anything of the file's sizes
+            utils.check_state_fits(weights.state, config, overlay["file"])
+        except utils.UserError as error:
+            raise ValueError(str(error)) from None
         overlay.setdefault("input_size", (3, config.img_size, config.img_size))
     model = build_model_with_cfg(TimmVisionTransformer, name, pretrained and weights is None,
                                  pretrained_cfg_overlay=overlay, pretrained_filter_fn=_filter_state,

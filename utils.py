@@ -1286,18 +1286,10 @@ def read_backbone(path: str | Path, checkpoint_key: str = "teacher", what: Optio
     return BackboneWeights(state, checkpoint_config(checkpoint, state, what or str(path)), source, head)
 
 
-def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
-                  expected: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build a backbone and load a file's weights (read_backbone) into it strictly; returns
-    (model, model_config dict). `expected` holds configuration values the caller asks for
-    (e.g. arch, patch_size from the command line); one that differs from the file is an error,
-    never a silent rebuild.
-    """
-    state, config, source, _ = read_backbone(pretrained_weights, checkpoint_key)
-    disagreement = config.disagreement(expected or {})
-    if disagreement:
-        raise UserError(f"{pretrained_weights} {disagreement}")
-    with torch.device("meta"):  # shapes first: sizes from a file are checked before allocating
+def check_state_fits(state: Dict[str, torch.Tensor], config: vits.BackboneConfig, path: str | Path) -> None:
+    """A UserError unless `state` loads strictly into the backbone `config` describes. The model
+    is built on the meta device: sizes read from a file are checked before anything is allocated."""
+    with torch.device("meta"):
         own = config.build().state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     problems = []
@@ -1311,8 +1303,22 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
     if unexpected:
         problems.append(f"unexpected keys: {_short_list(unexpected)}")
     if problems:
-        raise UserError(f"{pretrained_weights} does not fit a {config.arch} "
-                        f"readout={config.readout} backbone; {'; '.join(problems)}")
+        raise UserError(f"{path} does not fit a {config.arch} readout={config.readout} backbone; "
+                        f"{'; '.join(problems)}")
+
+
+def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher",
+                  expected: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build a backbone and load a file's weights (read_backbone) into it strictly; returns
+    (model, model_config dict). `expected` holds configuration values the caller asks for
+    (e.g. arch, patch_size from the command line); one that differs from the file is an error,
+    never a silent rebuild.
+    """
+    state, config, source, _ = read_backbone(pretrained_weights, checkpoint_key)
+    disagreement = config.disagreement(expected or {})
+    if disagreement:
+        raise UserError(f"{pretrained_weights} {disagreement}")
+    check_state_fits(state, config, pretrained_weights)
     model = config.build()
     model.load_state_dict(state)
     print(f"Loaded {source} from {pretrained_weights}: {config.arch}/{config.patch_size} readout={config.readout}")

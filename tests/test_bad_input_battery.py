@@ -522,3 +522,18 @@ def test_checkpoint_writers_on_a_full_disk_keep_the_previous_file(tmp_path, full
     full_disk.clear()
     assert {k: v for k, v in digest(tmp_path).items() if k != "log.txt"} == before
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+
+def test_timm_refuses_a_file_whose_image_size_does_not_fit_before_allocating(tmp_path):
+    """timm.create_model(..., pretrained_cfg_overlay=dict(file=...)) reads model_config from the
+    file; a 4-million-pixel image size there would allocate a position table of 10^11 entries.
+    The shapes are compared on the meta device first: a ValueError naming the file."""
+    import timm
+    import timm_models  # noqa: F401  (registers the names)
+    config = dict(arch="vit_nano", patch_size=7, img_size=28, readout="sparo")
+    path = save_checkpoint(tmp_path / "huge.pth", config=config, edit=damaged_config(img_size=4 * 10**6))
+    with pytest.raises(ValueError, match="huge.pth does not fit .*shape mismatch"):
+        timm.create_model("vit_nano_patch7_28_sparo", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    good = save_checkpoint(tmp_path / "good.pth", config=config)  # the check lets a fitting file through
+    model = timm.create_model("vit_nano_patch7_28_sparo", pretrained=True, pretrained_cfg_overlay=dict(file=str(good)))
+    assert model.pos_embed.shape[1] == 17
