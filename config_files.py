@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from errors import UserError, capped, shown
 
+
 def parse_args_with_config(parser: argparse.ArgumentParser,
                            argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags, taking defaults from `--config FILE.yaml` (keys are flag names).

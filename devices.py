@@ -14,6 +14,7 @@ import torch
 
 from errors import UserError
 
+
 def choose_gpu(local_rank: int, local_world: int, own_gpu_per_task: bool = False) -> int:
     """This process's GPU: its local rank among the visible GPUs. More local processes than
     visible GPUs would put two ranks on one GPU: an error on every rank. Under srun a single

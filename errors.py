@@ -8,6 +8,7 @@ import reprlib
 import sys
 from typing import Any, Callable, List
 
+
 class UserError(Exception):
     """Bad input from the user: reported as one line on stderr with a non-zero exit."""
 
@@ -61,6 +62,7 @@ def user_error_message(error: UserError) -> str:
         return type(error).__name__
     last = lines[-1].strip()
     return last.split("UserError: ", 1)[1] if "UserError: " in last else lines[0]
+
 
 def short_list(keys: List[str], limit: int = 5) -> str:
     """The first `limit` keys, comma-separated, and how many more there are."""

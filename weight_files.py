@@ -16,6 +16,7 @@ from torch import nn
 import vision_transformer as vits
 from errors import UserError, capped, short_list
 
+
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     """Safe load (weights_only=True) with clear errors for missing, torn or foreign files.
 
@@ -85,7 +86,6 @@ def _load_safetensors(path: Path) -> Dict[str, Any]:
     return {**state, "model_config": config} if config else state
 
 
-# ===================================================================== loading weights
 def checkpoint_backbone(checkpoint: Dict[str, Any], checkpoint_key: str, what: str,
                         key_flag: str = "--checkpoint_key") -> Tuple[Dict[str, Any], str]:
     """(backbone state dict as stored, what it is) of a loaded file: the `checkpoint_key`
