@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
+import devices
 import utils
 
 # ------------------------------------------------------------ DINO's parameters (one source)
@@ -416,7 +417,7 @@ class PhotometricAugmentation:
 
     def __call__(self, crops: List[torch.Tensor]) -> List[torch.Tensor]:
         # exact fp32 convolutions (the blur) whatever TF32 setting training runs with
-        with utils.tf32_allowed(False):
+        with devices.tf32_allowed(False):
             return self.augment_all(crops)
 
     def augment_all(self, crops: List[torch.Tensor]) -> List[torch.Tensor]:

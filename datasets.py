@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from utils import UserError, _short_list
+from errors import UserError, short_list
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_INSTALL = ("apt-get install dataset-fashion-mnist (as root), or "
@@ -163,7 +163,7 @@ def image_folder(root: str, transform: Optional[Callable] = None,
     names = list(class_names) if class_names is not None else classes
     unknown = [c for c in classes if c not in names]
     if unknown:
-        raise UserError(f"{root} has classes that the training split lacks: {_short_list(unknown)}; "
+        raise UserError(f"{root} has classes that the training split lacks: {short_list(unknown)}; "
                         f"a classifier can only predict training classes")
     seen: set = set()
     samples, empty = [], []
@@ -173,7 +173,7 @@ def image_folder(root: str, transform: Optional[Callable] = None,
         label = names.index(name)
         samples += [(f, label) for f in files]
     if empty:
-        raise UserError(f"data folder {root} holds no images in {_short_list(empty)} (extensions: "
+        raise UserError(f"data folder {root} holds no images in {short_list(empty)} (extensions: "
                         f"{' '.join(IMAGE_EXTENSIONS)})")
     return ImageFiles(samples, names, transform, loader)
 

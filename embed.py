@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import datasets
+import errors
 import features as feats
 import utils
 
@@ -55,12 +56,12 @@ def list_images(root: str) -> List[Path]:
     """Every image file under root (recursively, hidden files left out), in sorted order."""
     folder = Path(root)
     if not folder.is_dir():
-        raise utils.UserError(f"--data_path {root} is not a folder")
+        raise errors.UserError(f"--data_path {root} is not a folder")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in datasets.IMAGE_EXTENSIONS
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
-        raise utils.UserError(f"--data_path {root} holds no images (extensions: "
-                              f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
+        raise errors.UserError(f"--data_path {root} holds no images (extensions: "
+                               f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -107,7 +108,7 @@ def write_output(path: Path, features: np.ndarray, names: List[str], unreadable:
         utils.atomic_write_text(written[1], "".join(f"{name}\n" for name in names))
         os.replace(tmp, path)
     except OSError as error:
-        raise utils.UserError(utils.write_error(path, error)) from error
+        raise errors.UserError(utils.write_error(path, error)) from error
     finally:
         tmp.unlink(missing_ok=True)
     listing = path.with_suffix(".unreadable.txt")
@@ -126,14 +127,14 @@ def check_names(names: List[str], output: Path) -> None:
         return
     broken = [name for name in names if "\n" in name or "\r" in name]
     if broken:
-        raise utils.UserError(f"{len(broken)} image file name(s) contain a line break (e.g. "
-                              f"{utils.shown(broken[0])}), which the one-name-per-line {output.with_suffix('.txt')} "
-                              f"cannot hold: rename them, or use --output FILE.pt (names kept as a list)")
+        raise errors.UserError(f"{len(broken)} image file name(s) contain a line break (e.g. "
+                               f"{errors.shown(broken[0])}), which the one-name-per-line {output.with_suffix('.txt')} "
+                               f"cannot hold: rename them, or use --output FILE.pt (names kept as a list)")
 
 
 def check_args(args: argparse.Namespace) -> None:
     if Path(args.output).suffix not in OUTPUT_SUFFIXES:
-        raise utils.UserError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {args.output}")
+        raise errors.UserError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {args.output}")
     if utils.is_main_process():
         utils.ensure_output_file(args.output, "--output")
 
@@ -172,4 +173,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

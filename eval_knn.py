@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import devices
+import errors
 import features as feats
 import knn
 import utils
@@ -161,24 +163,24 @@ def load_features(args: argparse.Namespace,
     tensors = {}
     for key, name in zip(("train", "test", "train_labels", "test_labels"), FEATURE_FILES):
         if not (path / name).is_file():
-            raise utils.UserError(f"--load_features {path} has no {name} (expected "
-                                  f"{', '.join(FEATURE_FILES)})")
+            raise errors.UserError(f"--load_features {path} has no {name} (expected "
+                                   f"{', '.join(FEATURE_FILES)})")
         try:
             tensor = _load_mapped(path / name)
         except Exception as error:  # noqa: BLE001 - any failure means an unusable file
-            raise utils.UserError(f"cannot read {path / name}: {str(error).splitlines()[0]}") from error
+            raise errors.UserError(f"cannot read {path / name}: {str(error).splitlines()[0]}") from error
         if not isinstance(tensor, torch.Tensor):
-            raise utils.UserError(f"{path / name} holds a {type(tensor).__name__}, not a tensor")
+            raise errors.UserError(f"{path / name} holds a {type(tensor).__name__}, not a tensor")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise utils.UserError(f"{path / name} holds features that are not finite (NaN or inf)")
+            raise errors.UserError(f"{path / name} holds features that are not finite (NaN or inf)")
         tensors[key] = tensor
     for split in ("train", "test"):
         rows, labels = tensors[split], tensors[f"{split}_labels"]
         if rows.dim() != 2 or labels.dim() != 1 or rows.shape[0] != labels.shape[0]:
-            raise utils.UserError(f"{path}: {split} features {tuple(rows.shape)} and labels "
-                                  f"{tuple(labels.shape)} do not match")
+            raise errors.UserError(f"{path}: {split} features {tuple(rows.shape)} and labels "
+                                   f"{tuple(labels.shape)} do not match")
     if tensors["train"].shape[1] != tensors["test"].shape[1]:
-        raise utils.UserError(f"{path}: train and test features differ in width")
+        raise errors.UserError(f"{path}: train and test features differ in width")
     check_labels(path, tensors)
     storage = storage_device(args)
     dtype = torch.float16 if args.knn_fp16 else torch.float32
@@ -193,10 +195,10 @@ def load_features(args: argparse.Namespace,
         try:
             config = json.loads((path / FEATURE_INFO).read_text()).get("model_config", {})
         except (OSError, ValueError, AttributeError) as error:
-            raise utils.UserError(f"cannot read {path / FEATURE_INFO}: {utils.capped(str(error), 200)}; "
-                                  f"delete it (it only names the model)") from error
+            raise errors.UserError(f"cannot read {path / FEATURE_INFO}: {errors.capped(str(error), 200)}; "
+                                   f"delete it (it only names the model)") from error
         if not isinstance(config, dict):
-            raise utils.UserError(f"{path / FEATURE_INFO}: its model_config is not a mapping")
+            raise errors.UserError(f"{path / FEATURE_INFO}: its model_config is not a mapping")
     print(f"Features loaded from {path}: {tensors['train'].shape[0]} train and "
           f"{tensors['test'].shape[0]} test images, {tensors['train'].shape[1]} dimensions.")
     return tensors, config
@@ -211,13 +213,13 @@ def check_labels(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
     for split in ("train", "test"):
         labels = tensors[f"{split}_labels"]
         if labels.numel() == 0:
-            raise utils.UserError(f"{path}: the {split} set is empty (no rows in {split}feat.pth)")
+            raise errors.UserError(f"{path}: the {split} set is empty (no rows in {split}feat.pth)")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise utils.UserError(f"{path}: {split}labels.pth holds {labels.dtype} values, not class indices")
+            raise errors.UserError(f"{path}: {split}labels.pth holds {labels.dtype} values, not class indices")
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= MAX_CLASSES:
-            raise utils.UserError(f"{path}: {split}labels.pth holds labels from {low} to {high}; class "
-                                  f"indices from 0 to {MAX_CLASSES - 1} are needed (renumber the classes)")
+            raise errors.UserError(f"{path}: {split}labels.pth holds labels from {low} to {high}; class "
+                                   f"indices from 0 to {MAX_CLASSES - 1} are needed (renumber the classes)")
 
 
 def _load_mapped(path: Path) -> object:
@@ -259,9 +261,9 @@ def apply_slots(features: torch.Tensor, config: Dict, slots: Optional[List[int]]
 
 def check_args(args: argparse.Namespace) -> None:
     if args.select_slots and args.slots:
-        raise utils.UserError("use either --slots or --select_slots, not both")
+        raise errors.UserError("use either --slots or --select_slots, not both")
     if args.load_features and args.dump_features:
-        raise utils.UserError("--load_features and --dump_features exclude each other")
+        raise errors.UserError("--load_features and --dump_features exclude each other")
     if args.dump_features:
         utils.ensure_output_dir(args.dump_features, "--dump_features")
     if args.output_json:
@@ -273,8 +275,8 @@ def check_args(args: argparse.Namespace) -> None:
 def check_slot_config(args: argparse.Namespace, config: Dict) -> Optional[List[int]]:
     """The --slots list, after checking that --slots/--select_slots fit this checkpoint."""
     if (args.slots or args.select_slots) and not config:
-        raise utils.UserError(f"--slots/--select_slots with --load_features need "
-                              f"{FEATURE_INFO} (written by --dump_features) to know the slots")
+        raise errors.UserError(f"--slots/--select_slots with --load_features need "
+                               f"{FEATURE_INFO} (written by --dump_features) to know the slots")
     slots = feats.parse_slots(args.slots, config)
     feats.require_slot_count(args.select_slots or None, config, "--select_slots")
     return slots
@@ -282,13 +284,13 @@ def check_slot_config(args: argparse.Namespace, config: Dict) -> Optional[List[i
 
 def check_bank_size(nb_knn: List[int], bank_size: int) -> None:
     if max(nb_knn) > bank_size:
-        raise utils.UserError(f"--nb_knn {max(nb_knn)} exceeds the {bank_size} training images")
+        raise errors.UserError(f"--nb_knn {max(nb_knn)} exceeds the {bank_size} training images")
 
 
 def eval_knn(args: argparse.Namespace) -> Dict:
     feats.start(args, check_args)
     # exact fp32 similarities: TF32 off (torch's default turns it on for cudnn), as knn_monitor
-    with utils.tf32_allowed(False):
+    with devices.tf32_allowed(False):
         return evaluate(args)
 
 
@@ -330,4 +332,4 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

@@ -38,9 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import datasets
+import devices
+import errors
 import features as feats
 import utils
 import vision_transformer as vits
+import weight_files
 from sparo_head import select_slots
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
@@ -266,8 +269,8 @@ def holdout_split(count: int, fraction: float, seed: int) -> Tuple[torch.Tensor,
     training images is held out (the same on every rank: a CPU generator)."""
     held = max(1, round(fraction * count)) if fraction > 0 else 0  # a tiny set still holds one out
     if fraction > 0 and held >= count:
-        raise utils.UserError(f"--holdout_fraction {fraction} of {count} training images leaves "
-                              f"{held} held out and {count - held} to train on: both need one")
+        raise errors.UserError(f"--holdout_fraction {fraction} of {count} training images leaves "
+                               f"{held} held out and {count - held} to train on: both need one")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     return order[held:].sort().values, order[:held].sort().values
 
@@ -323,7 +326,7 @@ def train_one_epoch(probes: nn.Module, optimizer: torch.optim.Optimizer, batches
         # stop before the step (no NaN head is saved) when the one head, or the features
         # themselves, are not finite; a grid only retires its diverging heads
         if not finite.all() and (len(losses) == 1 or not finite_everywhere(features.float().sum())):
-            raise utils.UserError(nonfinite_loss_message(losses[~finite][0].item(), features, epoch))
+            raise errors.UserError(nonfinite_loss_message(losses[~finite][0].item(), features, epoch))
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # d(sum)/d(loss_i) = 1: each head gets its own gradient
         for index in torch.nonzero(~finite).flatten().tolist():
@@ -332,7 +335,7 @@ def train_one_epoch(probes: nn.Module, optimizer: torch.optim.Optimizer, batches
         alive = [loss for loss, group in zip(losses.tolist(), optimizer.param_groups)
                  if not group.get("diverged")]
         if not alive:
-            raise utils.UserError("every head of the learning-rate grid diverged: try lower --lr_grid values")
+            raise errors.UserError("every head of the learning-rate grid diverged: try lower --lr_grid values")
         metric_logger.update(loss=min(alive), lr=max(group["lr"] for group in optimizer.param_groups))
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
@@ -424,7 +427,7 @@ def score(predictions: torch.Tensor, labels: torch.Tensor, across_ranks: bool = 
     if across_ranks:  # every process stops, not only the one holding the image
         nonfinite = utils.min_max_over_ranks(nonfinite)[1]
     if nonfinite:  # an accuracy from NaN logits would look like a result
-        raise utils.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
+        raise errors.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
     top1, top5 = accuracy(predictions, labels, across_ranks)
     return dict(acc1=top1, acc5=top5)
 
@@ -434,7 +437,7 @@ def choose_head(heldout_top1: Sequence[Optional[float]]) -> int:
     head has None. Only held-out figures come in: the test set cannot influence the choice."""
     candidates = [(top1, -index) for index, top1 in enumerate(heldout_top1) if top1 is not None]
     if not candidates:
-        raise utils.UserError("every head of the learning-rate grid diverged: try lower --lr_grid values")
+        raise errors.UserError("every head of the learning-rate grid diverged: try lower --lr_grid values")
     return -max(candidates)[1]
 
 
@@ -505,27 +508,27 @@ def check_head_config(saved: Dict[str, Any], wanted: Dict[str, Any], path: Path)
     """Refuse heads trained on another backbone or other features (where the backbone was
     read from, backbone_source, only names it: the weights' hash decides)."""
     if saved.get("backbone_sha256") != wanted["backbone_sha256"]:
-        raise utils.UserError(f"{path} holds a linear head trained on another backbone "
-                              f"({saved.get('backbone_source', 'one not recorded')}) than "
-                              f"{wanted['backbone_source']}. Use another --output_dir.")
+        raise errors.UserError(f"{path} holds a linear head trained on another backbone "
+                               f"({saved.get('backbone_source', 'one not recorded')}) than "
+                               f"{wanted['backbone_source']}. Use another --output_dir.")
     saved_data, data = saved.get("data"), wanted.get("data")
     if saved_data is not None and data is not None and (  # heads saved before issue 32 lack it
             saved_data.get("train_sha256") != data["train_sha256"]
             or saved_data.get("test_sha256") != data["test_sha256"]):
-        raise utils.UserError(f"{path} holds linear heads trained on other data "
-                              f"(--data_path {saved_data.get('data_path')} then, {data['data_path']} now, "
-                              f"or other images or subsets). Use another --output_dir.")
-    differing = [f"{key} ({utils.shown(saved.get(key))} saved, {utils.shown(value)} now)" for key, value in wanted.items()
+        raise errors.UserError(f"{path} holds linear heads trained on other data "
+                               f"(--data_path {saved_data.get('data_path')} then, {data['data_path']} now, "
+                               f"or other images or subsets). Use another --output_dir.")
+    differing = [f"{key} ({errors.shown(saved.get(key))} saved, {errors.shown(value)} now)" for key, value in wanted.items()
                  if key not in ("backbone_source", "data") and saved.get(key) != value]
     if differing:
-        raise utils.UserError(f"{path} was trained on other features or another grid: "
-                              f"{'; '.join(differing)}. Use another --output_dir or the same flags.")
+        raise errors.UserError(f"{path} was trained on other features or another grid: "
+                               f"{'; '.join(differing)}. Use another --output_dir or the same flags.")
 
 
 def load_heads(path: Path, probes: LinearProbes, wanted: Dict[str, Any]) -> Dict[str, Any]:
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = weight_files.load_checkpoint(path)
     if "state_dict" not in checkpoint or "head_config" not in checkpoint:
-        raise utils.UserError(f"{path} is not a linear head saved by eval_linear.py")
+        raise errors.UserError(f"{path} is not a linear head saved by eval_linear.py")
     check_head_config(checkpoint["head_config"], wanted, path)
     probes.load_state_dict(checkpoint["state_dict"])
     return checkpoint
@@ -534,18 +537,18 @@ def load_heads(path: Path, probes: LinearProbes, wanted: Dict[str, Any]) -> Dict
 # ================================================================================ script
 def check_args(args: argparse.Namespace) -> None:
     if args.cache_features and args.train_augmentation != "none":
-        raise utils.UserError("--cache_features needs --train_augmentation none: cached features "
-                              "cannot be re-augmented each epoch")
+        raise errors.UserError("--cache_features needs --train_augmentation none: cached features "
+                               "cannot be re-augmented each epoch")
     if args.lr is not None and args.lr_grid:
-        raise utils.UserError("--lr trains one head and --lr_grid a grid of them: give one of the two")
+        raise errors.UserError("--lr trains one head and --lr_grid a grid of them: give one of the two")
     if args.holdout_fraction is None:
         args.holdout_fraction = 0.0 if args.lr is not None else DEFAULT_HOLDOUT
     grid = args.lr is None
     if grid and args.holdout_fraction == 0 and len(args.lr_grid or LR_GRID) > 1:
-        raise utils.UserError("the learning-rate grid chooses its head on held-out training images: "
-                              "--holdout_fraction must be above 0 (or train one head with --lr)")
+        raise errors.UserError("the learning-rate grid chooses its head on held-out training images: "
+                               "--holdout_fraction must be above 0 (or train one head with --lr)")
     if args.holdout_fraction == 1:
-        raise utils.UserError("--holdout_fraction 1 leaves no training image")
+        raise errors.UserError("--holdout_fraction 1 leaves no training image")
     if not args.evaluate and utils.is_main_process():  # training writes its heads and log there
         utils.ensure_output_dir(args.output_dir, "--output_dir")
         utils.lock_output_dir(args.output_dir, "a linear probe")  # two runs in one folder would resume each other's heads
@@ -556,8 +559,8 @@ def check_args(args: argparse.Namespace) -> None:
 def check_model(args: argparse.Namespace, model: nn.Module, config: Dict[str, Any]) -> None:
     feats.parse_slots(args.slots, config)
     if config["readout"] == "cls" and (args.n_last_blocks or 0) > len(model.blocks):
-        raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
-                              f"{len(model.blocks)} blocks of the model")
+        raise errors.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
+                               f"{len(model.blocks)} blocks of the model")
 
 
 def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> int:
@@ -565,8 +568,8 @@ def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> in
     if args.num_labels is None:
         return needed
     if args.num_labels < needed:
-        raise utils.UserError(f"--num_labels {args.num_labels} is too small: the training labels "
-                              f"go up to {needed - 1}")
+        raise errors.UserError(f"--num_labels {args.num_labels} is too small: the training labels "
+                               f"go up to {needed - 1}")
     return args.num_labels
 
 
@@ -628,7 +631,7 @@ def grid_edge_warning(specs: Sequence[ProbeSpec], chosen: int) -> Optional[str]:
 
 def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
     feats.start(args, check_args)
-    utils.enable_fast_fp32(args.device)  # TF32 for the default fp32 backbone passes, as DINO
+    devices.enable_fast_fp32(args.device)  # TF32 for the default fp32 backbone passes, as DINO
     utils.fix_random_seeds(args.seed)
     output_dir = Path(args.output_dir)
     evaluation = feats.setup_evaluation(args, lambda model, config: check_model(args, model, config),
@@ -741,4 +744,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

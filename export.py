@@ -22,8 +22,11 @@ from typing import List, Optional
 import torch
 from safetensors import SafetensorError
 
+import config_files
+import errors
 import portable
 import utils
+import weight_files
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,40 +50,40 @@ def check_finite_features(model: torch.nn.Module, what: str) -> None:
     """Refuse, before anything is written, a backbone whose features are NaN or inf (a
     diverged run): its export would load and give NaN everywhere."""
     if not torch.isfinite(model.eval()(probe_images(model.config.img_size))).all():
-        raise utils.UserError(f"{what} gives non-finite features (NaN or inf): nothing exported; "
-                              f"export an earlier checkpoint of the run")
+        raise errors.UserError(f"{what} gives non-finite features (NaN or inf): nothing exported; "
+                               f"export an earlier checkpoint of the run")
 
 
 @torch.no_grad()
 def check_round_trip(model: torch.nn.Module, path: Path, img_size: int) -> float:
     """Largest feature difference between the model and the file loaded back (should be 0;
     nan, which no `== 0` check passes, when either gives a non-finite feature)."""
-    loaded, _ = utils.load_backbone(str(path))
+    loaded, _ = weight_files.load_backbone(str(path))
     images = probe_images(img_size)
     return float((model.eval()(images) - loaded.eval()(images)).abs().max())
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", parents=[get_args_parser()])
-    args = utils.parse_args_with_config(parser, argv)
-    model, _ = utils.load_backbone(args.pretrained_weights, args.checkpoint_key)
+    args = config_files.parse_args_with_config(parser, argv)
+    model, _ = weight_files.load_backbone(args.pretrained_weights, args.checkpoint_key)
     check_finite_features(model, f"{args.pretrained_weights} ({args.checkpoint_key})")
     output_dir = utils.ensure_output_dir(args.output_dir, "--output_dir")
     source = {"checkpoint": Path(args.pretrained_weights).name, "checkpoint_key": args.checkpoint_key}
     try:
         paths = portable.write_export(model, output_dir, source)
     except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, a read-only folder
-        raise utils.UserError(f"cannot write the export into {output_dir}: "
-                              f"{getattr(error, 'strerror', None) or utils.capped(str(error), 200)}; "
-                              f"the files already there are unchanged") from error
+        raise errors.UserError(f"cannot write the export into {output_dir}: "
+                               f"{getattr(error, 'strerror', None) or errors.capped(str(error), 200)}; "
+                               f"the files already there are unchanged") from error
     for kind in ("safetensors", "pth"):
         difference = check_round_trip(model, paths[kind], model.config.img_size)
         if not difference == 0:
-            raise utils.UserError(f"{paths[kind]} does not reproduce the checkpoint's features "
-                                  f"(max difference {difference:.3g})")
+            raise errors.UserError(f"{paths[kind]} does not reproduce the checkpoint's features "
+                                   f"(max difference {difference:.3g})")
     print(f"Exported {portable.timm_name(model.config)} to {output_dir}: "
           f"{', '.join(p.name for p in paths.values())} (features checked: identical)")
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

@@ -16,10 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import config_files
 import datasets
+import devices
 import utils
 import vision_transformer as vits
-from utils import UserError
+import weight_files
+from errors import UserError
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -57,7 +60,7 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> Non
                              "are rescaled to keep unit norm).")
     parser.add_argument("--output_json", default=None, type=str,
                         help="Also write every result to this JSON file.")
-    parser.add_argument("--device", default="auto", choices=utils.DEVICE_CHOICES,
+    parser.add_argument("--device", default="auto", choices=devices.DEVICE_CHOICES,
                         help="auto: CUDA when usable; an error when GPUs are visible but CUDA "
                              "cannot use them. cuda: require a GPU. cpu: never use a GPU.")
 
@@ -157,8 +160,8 @@ def load_eval_backbone(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, A
     on args.device in eval mode with gradients off."""
     if not args.pretrained_weights:
         raise UserError("--pretrained_weights is required (no weights are downloaded)")
-    model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key,
-                                        expected=dict(arch=getattr(args, "arch", None),
+    model, config = weight_files.load_backbone(args.pretrained_weights, args.checkpoint_key,
+                                               expected=dict(arch=getattr(args, "arch", None),
                                                       patch_size=getattr(args, "patch_size", None),
                                                       readout=getattr(args, "readout", None)))
     model.to(args.device).eval()
@@ -228,7 +231,7 @@ def feature_autocast(device: torch.device, enabled: bool) -> Any:
     """Autocast for frozen-feature extraction on CUDA (bf16 on capability 8.0+, else fp16)."""
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=utils.amp_dtype(device))
+    return torch.autocast("cuda", dtype=devices.amp_dtype(device))
 
 
 def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
@@ -375,7 +378,7 @@ def run_script(description: str, get_args_parser: Callable[[], argparse.Argument
     """The tail of every evaluation script's main(): parse (with --config), run, and always
     leave the process group."""
     parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
-    args = utils.parse_args_with_config(parser, argv)
+    args = config_files.parse_args_with_config(parser, argv)
     try:
         return run(args)
     finally:

@@ -35,8 +35,8 @@ def _own_module_names() -> Iterator[None]:
 
 
 with _own_module_names():
-    import utils
     import vision_transformer as vits
+    import weight_files
 
 
 def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> Callable[..., Any]:
@@ -55,8 +55,8 @@ def _entry_point(arch: str, readout: str, patch_size: Optional[int] = None) -> C
         asked = vits.BackboneConfig.take_fields(kwargs)  # the rest are model options
         if pretrained_weights is None:
             return vits.BackboneConfig(arch=arch, readout=readout, **asked).build(**kwargs)
-        model, _ = utils.load_backbone(str(pretrained_weights), checkpoint_key,
-                                       expected={"arch": arch, "readout": readout, **asked})
+        model, _ = weight_files.load_backbone(str(pretrained_weights), checkpoint_key,
+                                              expected={"arch": arch, "readout": readout, **asked})
         if kwargs:  # e.g. drop_path_rate for fine-tuning: rebuild around the same weights
             rebuilt = model.config.build(**kwargs)
             rebuilt.load_state_dict(model.state_dict(), strict=True)

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+import errors
 import features as feats
 import utils
 
@@ -38,11 +39,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "torch"
         return "faiss-cpu" if faiss is not None else "torch"
     if backend.startswith("faiss") and faiss is None:
-        raise utils.UserError(f"--knn_backend {backend} needs FAISS: pip install faiss-cpu "
-                              f"(or a FAISS GPU build)")
+        raise errors.UserError(f"--knn_backend {backend} needs FAISS: pip install faiss-cpu "
+                               f"(or a FAISS GPU build)")
     if backend == "faiss-gpu" and not has_gpu_faiss:
-        raise utils.UserError("--knn_backend faiss-gpu needs CUDA and a FAISS GPU build "
-                              "(this FAISS has no GPU support); use faiss-cpu or torch")
+        raise errors.UserError("--knn_backend faiss-gpu needs CUDA and a FAISS GPU build "
+                               "(this FAISS has no GPU support); use faiss-cpu or torch")
     return backend
 
 
@@ -131,7 +132,7 @@ def _faiss_search(train: torch.Tensor, test: torch.Tensor, k: int, use_gpu: bool
         resources = faiss.StandardGpuResources()
         index = faiss.GpuIndexFlatIP(resources, dim, config)
         if k > 2048:
-            raise utils.UserError(f"FAISS on GPU searches at most 2048 neighbours, asked {k}")
+            raise errors.UserError(f"FAISS on GPU searches at most 2048 neighbours, asked {k}")
     elif half:  # exact search over fp16-stored vectors, half the memory of a flat index
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
                                            faiss.METRIC_INNER_PRODUCT)
@@ -301,7 +302,7 @@ def heldout_split(num_images: int, fraction: float, seed: int,
     """(held-out, bank) indices into the training set: a seeded random sample of at most
     max_images (0: all), of which `fraction` is held out."""
     if not 0 < fraction < 1:
-        raise utils.UserError(f"--select_heldout must lie strictly between 0 and 1, got {fraction}")
+        raise errors.UserError(f"--select_heldout must lie strictly between 0 and 1, got {fraction}")
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
     if max_images and max_images < num_images:
         order = order[:max_images]
@@ -367,11 +368,11 @@ def greedy_select_slots(train_features: torch.Tensor, train_labels: torch.Tensor
     Returns the slots in the order chosen and the held-out top-1 after each addition.
     """
     if not 1 <= count <= num_slots:
-        raise utils.UserError(f"--select_slots must lie between 1 and L={num_slots}, got {count}")
+        raise errors.UserError(f"--select_slots must lie between 1 and L={num_slots}, got {count}")
     heldout, bank = heldout_split(train_features.shape[0], heldout_fraction, seed, max_images)
     if k > len(bank):
-        raise utils.UserError(f"--select_k {k} exceeds the {len(bank)} training images left "
-                              f"after holding out {len(heldout)}")
+        raise errors.UserError(f"--select_k {k} exceeds the {len(bank)} training images left "
+                               f"after holding out {len(heldout)}")
     device = device or train_features.device  # where the sampled images are scored
     labels = train_labels.long().to(train_features.device)
     num_classes = int(labels.max()) + 1

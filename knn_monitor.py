@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import datasets
+import devices
+import errors
 import features
 import knn
 import utils
@@ -55,8 +57,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.eval_every and not args.eval_data_path:
-        raise utils.UserError("--eval_every needs --eval_data_path (a folder with train/ and val/, "
-                              "or fashion_mnist/digits)")
+        raise errors.UserError("--eval_every needs --eval_data_path (a folder with train/ and val/, "
+                               "or fashion_mnist/digits)")
 
 
 class KnnMonitor:
@@ -69,8 +71,8 @@ class KnnMonitor:
         self.queries = datasets.build_dataset(args.eval_data_path, "test", transform,
                                               subset=args.eval_test_subset or None)
         if len(self.bank) < NB_KNN:
-            raise utils.UserError(f"--eval_data_path {args.eval_data_path} has {len(self.bank)} "
-                                  f"training images; the {NB_KNN}-NN needs at least {NB_KNN}")
+            raise errors.UserError(f"--eval_data_path {args.eval_data_path} has {len(self.bank)} "
+                                   f"training images; the {NB_KNN}-NN needs at least {NB_KNN}")
         self.bank_labels = torch.as_tensor(datasets.dataset_labels(self.bank))
         self.query_labels = torch.as_tensor(datasets.dataset_labels(self.queries))
         self.every, self.epochs = args.eval_every, args.epochs
@@ -87,7 +89,7 @@ class KnnMonitor:
         """knn_top1, knn_top5 (None for fewer than 5 classes) and knn_seconds of the
         L2-normalised forward(images), on every rank, in exact fp32 as in eval_knn.py (training
         runs in TF32 on GPUs: its settings are back when this returns)."""
-        with utils.tf32_allowed(False):
+        with devices.tf32_allowed(False):
             return self._measure(forward)
 
     def _measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Optional[float]]:
@@ -158,7 +160,7 @@ def read_baselines(output_dir: Path) -> Dict[str, Any]:
             raise ValueError("a description that is not text")
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
         print(f"Warning: {path} left out, it cannot be read ({type(error).__name__}: "
-              f"{utils.capped(str(error), 200)})", file=sys.stderr, flush=True)
+              f"{errors.capped(str(error), 200)})", file=sys.stderr, flush=True)
         return {}
     return baselines
 

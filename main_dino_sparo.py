@@ -27,13 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import augmentations
+import config_files
 import datasets
+import devices
+import errors
 import knn_monitor
 import run_record
 import tensorboard_log
 import utils
 import vision_transformer as vits
 import warm_start
+import weight_files
 from augmentations import DataAugmentationDINO
 from vision_transformer import DINOHead, MultiCropWrapper
 
@@ -151,7 +155,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "View with `tensorboard --logdir OUTPUT_DIR`.")
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL to set up distributed training (torchrun and Slurm set the environment).")
-    parser.add_argument("--device", default="auto", choices=utils.DEVICE_CHOICES,
+    parser.add_argument("--device", default="auto", choices=devices.DEVICE_CHOICES,
                         help="auto: CUDA when usable; an error when GPUs are visible but CUDA "
                              "cannot use them. cuda: require a GPU. cpu: never use a GPU.")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
@@ -292,20 +296,20 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("global_crops_size", "local_crops_size"):
         size = getattr(args, name)
         if size % args.patch_size:
-            raise utils.UserError(f"--{name} {size} is not a multiple of --patch_size {args.patch_size}")
+            raise errors.UserError(f"--{name} {size} is not a multiple of --patch_size {args.patch_size}")
     for name in ("global_crops_scale", "local_crops_scale"):
         low, high = getattr(args, name)
         if not 0 < low <= high:
-            raise utils.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
+            raise errors.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
     if args.epochs > MAX_EPOCHS:  # the schedules hold a value per epoch and per step
-        raise utils.UserError(f"--epochs {args.epochs} is above {MAX_EPOCHS}: the schedules alone "
-                              f"would take {args.epochs * 8 / 2**30:.1f} GiB; give a real number of epochs")
+        raise errors.UserError(f"--epochs {args.epochs} is above {MAX_EPOCHS}: the schedules alone "
+                               f"would take {args.epochs * 8 / 2**30:.1f} GiB; give a real number of epochs")
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
     if args.sparo_query_lr_mult != 1 and args.readout != "sparo":
-        raise utils.UserError(f"--sparo_query_lr_mult {args.sparo_query_lr_mult} scales SPARO's slot "
-                              f"queries, which --readout {args.readout} does not have")
+        raise errors.UserError(f"--sparo_query_lr_mult {args.sparo_query_lr_mult} scales SPARO's slot "
+                               f"queries, which --readout {args.readout} does not have")
     knn_monitor.check_args(args)
     warn_suspicious_args(args)
 
@@ -342,12 +346,12 @@ def check_model_fits(args: argparse.Namespace) -> None:
         student = build_student_teacher(args)[0]
     head = sum(p.numel() for p in student.head.parameters())
     total = sum(p.numel() for p in student.parameters())
-    needed, available = total * 4 * WEIGHT_COPIES, utils.device_memory_bytes(args.device)
+    needed, available = total * 4 * WEIGHT_COPIES, devices.device_memory_bytes(args.device)
     if needed > available:
         width = f"{student.backbone.num_features}"
         if args.readout in vits.WIDE_READOUTS:
             width = f"--sparo_slots {args.sparo_slots} x --sparo_dim {args.sparo_dim} = {width}"
-        raise utils.UserError(
+        raise errors.UserError(
             f"the model does not fit: the DINO head has {head / 1e6:.0f}M of its {total / 1e6:.0f}M "
             f"parameters (input width {width}, --out_dim {args.out_dim}); training needs "
             f"{needed / 2**30:.1f} GiB for weights, gradients, teacher and AdamW state, more than "
@@ -358,7 +362,7 @@ def autocast_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
     """The precision of the network passes under autocast, None for fp32: on CUDA bf16 or DINO's
     fp16 by compute capability (--use_fp16), on CPU bf16 with --cpu_bf16."""
     if args.device.type == "cuda" and args.use_fp16:
-        return utils.amp_dtype(args.device)
+        return devices.amp_dtype(args.device)
     return torch.bfloat16 if args.device.type == "cpu" and args.cpu_bf16 else None
 
 
@@ -385,7 +389,7 @@ def fall_back_from_emulated_bf16(args: argparse.Namespace) -> Optional[str]:
     the checkpoint records what trained). Returns the reason, or None."""
     if not (args.cpu_bf16 and args.device.type == "cpu"):
         return None
-    shortfall = utils.cpu_bf16_shortfall()
+    shortfall = devices.cpu_bf16_shortfall()
     if shortfall is not None:
         if utils.is_main_process():  # once per run, not once per process
             print(f"Warning: --cpu_bf16 ignored: {shortfall}; bf16 would be emulated, far slower "
@@ -407,8 +411,8 @@ def build_data_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
         pin_memory=args.device.type == "cuda", drop_last=True)
     if len(loader) == 0:
-        raise utils.UserError(f"--batch_size_per_gpu {args.batch_size_per_gpu} x {args.world_size} "
-                              f"process(es) is larger than the data set ({len(dataset)} images)")
+        raise errors.UserError(f"--batch_size_per_gpu {args.batch_size_per_gpu} x {args.world_size} "
+                               f"process(es) is larger than the data set ({len(dataset)} images)")
     print(f"Data loaded: there are {len(dataset)} images.")
     return loader
 
@@ -438,16 +442,16 @@ def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, A
     candidates = [p for p in [output_dir / "checkpoint.pth"] + numbered if p.exists()]
     for path in candidates:
         try:
-            checkpoint = utils.load_checkpoint(path)
-        except utils.UserError as error:
+            checkpoint = weight_files.load_checkpoint(path)
+        except errors.UserError as error:
             print(f"Skipping unreadable checkpoint: {error}")
             continue
         if {"student", "teacher", "epoch"} <= set(checkpoint):
             return path, checkpoint
         print(f"Skipping {path}: not a training checkpoint (no student/teacher/epoch)")
     if candidates:
-        raise utils.UserError(f"{output_dir} holds checkpoints but none is readable "
-                              f"({', '.join(p.name for p in candidates)}); move them away to start over")
+        raise errors.UserError(f"{output_dir} holds checkpoints but none is readable "
+                               f"({', '.join(p.name for p in candidates)}); move them away to start over")
     return None
 
 
@@ -464,15 +468,15 @@ def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
                             head_config: Dict[str, Any], path: Path) -> None:
     stored = [checkpoint.get(key) or {} for key in ("model_config", "head_config")]
     if not all(isinstance(part, dict) for part in stored):
-        raise utils.UserError(f"{path}: its model_config or head_config is not a mapping (a damaged "
-                              f"checkpoint); use another --output_dir or restore the file")
+        raise errors.UserError(f"{path}: its model_config or head_config is not a mapping (a damaged "
+                               f"checkpoint); use another --output_dir or restore the file")
     saved = {**stored[0], **stored[1]}
     wanted = {**config, **head_config}
-    differing = [f"{k} ({utils.shown(saved[k])} saved, {wanted[k]!r} asked)" for k in wanted
+    differing = [f"{k} ({errors.shown(saved[k])} saved, {wanted[k]!r} asked)" for k in wanted
                  if k in saved and saved[k] != wanted[k]]
     if differing:
-        raise utils.UserError(f"{path} belongs to a different run: {'; '.join(differing)}. "
-                              f"Use another --output_dir or the same arguments.")
+        raise errors.UserError(f"{path} belongs to a different run: {'; '.join(differing)}. "
+                               f"Use another --output_dir or the same arguments.")
 
 
 def check_same_query_lr_mult(optimizer_state: Dict[str, Any], asked: float, path: Path) -> None:
@@ -481,8 +485,8 @@ def check_same_query_lr_mult(optimizer_state: Dict[str, Any], asked: float, path
     multipliers = [group["lr_mult"] for group in optimizer_state.get("param_groups", []) if "lr_mult" in group]
     saved = multipliers[0] if multipliers else 1.0
     if saved != asked:
-        raise utils.UserError(f"{path} was trained with --sparo_query_lr_mult {saved}: resume with "
-                              f"that value, or use another --output_dir")
+        raise errors.UserError(f"{path} was trained with --sparo_query_lr_mult {saved}: resume with "
+                               f"that value, or use another --output_dir")
 
 
 # Arguments a resumed run may change on purpose (the model's cannot change: see above).
@@ -511,7 +515,7 @@ def prepare_output_dir(output_dir: Path) -> None:
             utils.ensure_output_dir(output_dir, "--output_dir")
             utils.lock_output_dir(output_dir)  # before anything in it is read or changed
             utils.remove_stale_temporary_files(output_dir)
-        except utils.UserError as raised:
+        except errors.UserError as raised:
             error = raised
     utils.stop_together(error)
 
@@ -578,9 +582,9 @@ def resume_from_checkpoint(output_dir: Path, models: Models, optimisation: Optim
     try:
         optimisation.optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as error:  # e.g. a separate-values SPARO run saved with its key bias
-        raise utils.UserError(f"{path}: its optimizer state does not fit this model's "
-                              f"parameters ({error}); was it written by an older version of this "
-                              f"code? Resume it with that version, or use another --output_dir") from None
+        raise errors.UserError(f"{path}: its optimizer state does not fit this model's "
+                               f"parameters ({error}); was it written by an older version of this "
+                               f"code? Resume it with that version, or use another --output_dir") from None
     optimisation.dino_loss.load_state_dict(checkpoint["dino_loss"])
     if checkpoint.get("fp16_scaler"):
         optimisation.fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])  # ignored when disabled
@@ -605,7 +609,7 @@ def set_up_training(args: argparse.Namespace, output_dir: Path) -> Tuple[Models,
     start_epoch, history = resume_from_checkpoint(output_dir, models, optimisation, args)
     first, last = utils.min_max_over_ranks(start_epoch)
     if first != last:
-        raise utils.UserError(
+        raise errors.UserError(
             f"the processes found different checkpoints in {output_dir} (epochs {first:.0f} to "
             f"{last:.0f}; this rank: {start_epoch}): --output_dir must be one folder shared by all nodes")
     if args.distributed:
@@ -629,7 +633,7 @@ def checkpoint_state(models: Models, optimisation: Optimisation, epoch: int, arg
 
 def train_dino(args: argparse.Namespace) -> None:
     utils.init_distributed_mode(args)
-    utils.enable_fast_fp32(args.device)
+    devices.enable_fast_fp32(args.device)
     check_args(args)
     bf16_shortfall = fall_back_from_emulated_bf16(args)
     check_model_fits(args)
@@ -858,8 +862,8 @@ def explain_out_of_memory(args: argparse.Namespace, first_step: bool) -> Any:
     except torch.OutOfMemoryError as error:
         peak = torch.cuda.max_memory_allocated(args.device)
         total = torch.cuda.get_device_properties(args.device).total_memory
-        raise utils.UserError(out_of_memory_message(str(error), base, peak, total,
-                                                    args.batch_size_per_gpu)) from None
+        raise errors.UserError(out_of_memory_message(str(error), base, peak, total,
+                                                     args.batch_size_per_gpu)) from None
 
 
 def out_of_memory_message(error: str, base: int, peak: int, total: int, batch: int) -> str:
@@ -888,7 +892,7 @@ def warn_if_collapsed(teacher_entropy: float, out_dim: int, epoch: int) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser("SPARO-DINO", parents=[get_args_parser()])
-    args = utils.parse_args_with_config(parser, argv)
+    args = config_files.parse_args_with_config(parser, argv)
     try:
         train_dino(args)
     except NonFiniteLoss as error:
@@ -903,4 +907,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

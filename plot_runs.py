@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import config_files
+import errors
 import utils
+import weight_files
 from knn_monitor import read_baselines
 
 PANELS = [("train_loss", "DINO loss"), ("train_teacher_entropy", "teacher entropy"),
@@ -29,16 +32,16 @@ NOT_A_DIFFERENCE = {"output_dir", "dist_url", "local_rank", "num_workers", "prin
 def read_log(run_dir: Path) -> List[Dict[str, Any]]:
     path = run_dir / "log.txt"
     if not path.is_file():
-        raise utils.UserError(f"{run_dir} has no log.txt: not a training --output_dir, or no "
-                              f"epoch has finished there yet")
+        raise errors.UserError(f"{run_dir} has no log.txt: not a training --output_dir, or no "
+                               f"epoch has finished there yet")
     try:
         entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise utils.UserError(f"cannot read {path}: {utils.capped(str(error), 200)}") from error
+        raise errors.UserError(f"cannot read {path}: {errors.capped(str(error), 200)}") from error
     if not entries:
-        raise utils.UserError(f"{path} is empty: no epoch has finished yet")
+        raise errors.UserError(f"{path} is empty: no epoch has finished yet")
     if not all(isinstance(entry, dict) for entry in entries):
-        raise utils.UserError(f"cannot read {path}: a line is not a JSON record of an epoch")
+        raise errors.UserError(f"cannot read {path}: a line is not a JSON record of an epoch")
     return entries
 
 
@@ -54,9 +57,9 @@ def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any],
 def read_flags(run_dir: Path) -> Dict[str, Any]:
     """The run's flags: config.yaml, else the args in checkpoint.pth; {} when neither exists."""
     if (run_dir / "config.yaml").is_file():
-        return utils.read_yaml_mapping(run_dir / "config.yaml", "the run's flags")
+        return config_files.read_yaml_mapping(run_dir / "config.yaml", "the run's flags")
     if (run_dir / "checkpoint.pth").is_file():
-        args = utils.load_checkpoint(run_dir / "checkpoint.pth").get("args") or {}
+        args = weight_files.load_checkpoint(run_dir / "checkpoint.pth").get("args") or {}
         return dict(vars(args) if isinstance(args, argparse.Namespace) else args) \
             if isinstance(args, (dict, argparse.Namespace)) else {}
     return {}
@@ -119,7 +122,7 @@ def plot(runs: Sequence[Tuple[str, List[Dict[str, Any]], Dict[str, Any]]], outpu
         figure.savefig(tmp, dpi=120, format=output.suffix[1:].lower() or "png")
         os.replace(tmp, output)
     except OSError as error:
-        raise utils.UserError(utils.write_error(output, error)) from error
+        raise errors.UserError(utils.write_error(output, error)) from error
     finally:
         plt.close(figure)
         tmp.unlink(missing_ok=True)
@@ -132,11 +135,11 @@ def check_output_format(output: Path) -> None:
     from matplotlib.backend_bases import FigureCanvasBase
 
     if output.is_dir():
-        raise utils.UserError(f"--output {output} is a folder; name a file such as runs.png")
+        raise errors.UserError(f"--output {output} is a folder; name a file such as runs.png")
     formats = FigureCanvasBase.get_supported_filetypes()
     if output.suffix and output.suffix[1:].lower() not in formats:
-        raise utils.UserError(f"--output {output}: matplotlib cannot write {output.suffix} files; "
-                              f"use one of {', '.join('.' + f for f in sorted(formats))}")
+        raise errors.UserError(f"--output {output}: matplotlib cannot write {output.suffix} files; "
+                               f"use one of {', '.join('.' + f for f in sorted(formats))}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -147,10 +150,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = utils.parse_args_with_config(get_args_parser(), argv)
+    args = config_files.parse_args_with_config(get_args_parser(), argv)
     logs = [read_log(run_dir) for run_dir in args.run_dirs]  # every error before drawing
     if not args.output.parent.is_dir():
-        raise utils.UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
+        raise errors.UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
     check_output_format(args.output)
     labels = run_labels(args.run_dirs, [read_flags(run_dir) for run_dir in args.run_dirs])
     plot(list(zip(labels, logs, [read_baselines(run_dir) for run_dir in args.run_dirs])), args.output)
@@ -158,4 +161,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

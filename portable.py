@@ -1,6 +1,6 @@
 """The portable form of a trained backbone, written by export.py (README, "Export"):
 `model.safetensors` + `config.json` (timm's layout) and a DINO-style backbone-only `.pth`.
-utils.read_backbone reads them back."""
+weight_files.read_backbone reads them back."""
 from __future__ import annotations
 
 import json
@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 import timm_models
-import utils
 import vision_transformer as vits
+import weight_files
 
 SAFETENSORS_NAME = "model.safetensors"
-CONFIG_NAME = utils.EXPORT_CONFIG_NAME
+CONFIG_NAME = weight_files.EXPORT_CONFIG_NAME
 PTH_NAME = "backbone.pth"
-METADATA_KEY = utils.SAFETENSORS_METADATA_KEY
+METADATA_KEY = weight_files.SAFETENSORS_METADATA_KEY
 PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes",
                        "first_conv", "classifier")
 
@@ -69,7 +69,7 @@ def write_export(model: torch.nn.Module, output_dir: Path,
     """Write model.safetensors, config.json and backbone.pth of a backbone into output_dir, as
     a set: all three go to temporary files first, then are renamed, the weights before
     config.json, so that a kill never leaves a config.json beside weights it does not describe
-    (between two renames the weights are new and config.json old: utils.config_json_mismatch
+    (between two renames the weights are new and config.json old: weight_files.config_json_mismatch
     notices)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = export_config(model.config, source)

@@ -21,6 +21,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+import config_files
+import devices
 import utils
 
 CONFIG_NAME = "config.yaml"
@@ -72,7 +74,7 @@ def environment() -> Dict[str, Any]:
                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None,
                 host=socket.gethostname(),
                 devices=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                if cuda else [utils.cpu_name()])
+                if cuda else [devices.cpu_name()])
 
 
 def record_start(args: argparse.Namespace, output_dir: Path, parser: argparse.ArgumentParser,
@@ -85,7 +87,7 @@ def record_start(args: argparse.Namespace, output_dir: Path, parser: argparse.Ar
     flags = resolved_flags(args, parser)
     config_path = output_dir / CONFIG_NAME
     if config_path.exists():  # hand-edited or damaged: an error before this start is recorded
-        first = utils.read_yaml_mapping(config_path, "the first start's flags (restore or delete it)")
+        first = config_files.read_yaml_mapping(config_path, "the first start's flags (restore or delete it)")
     else:
         first = flags
         utils.atomic_write_text(config_path, "# Every flag of this run's first start; see "

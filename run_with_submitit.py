@@ -35,6 +35,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import submitit
 
+import config_files
+import errors
 import utils
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -119,11 +121,11 @@ def import_job_script(job: str) -> Any:
     except ModuleNotFoundError as error:
         if error.name != kind.script:
             raise
-        raise utils.UserError(f"--job {job} needs {kind.script}.py next to run_with_submitit.py, "
-                              f"and this checkout has none") from error
+        raise errors.UserError(f"--job {job} needs {kind.script}.py next to run_with_submitit.py, "
+                               f"and this checkout has none") from error
     if not callable(getattr(module, kind.run, None)) or not callable(getattr(module, "get_args_parser", None)):
-        raise utils.UserError(f"{kind.script}.py has no {kind.run}(args) or get_args_parser(), "
-                              f"so --job {job} cannot run it")
+        raise errors.UserError(f"{kind.script}.py has no {kind.run}(args) or get_args_parser(), "
+                               f"so --job {job} cannot run it")
     return module
 
 
@@ -147,7 +149,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     """(launcher arguments, the job script's arguments) from the command line and --config."""
     argv = list(sys.argv[1:] if argv is None else argv)
     job = job_kind_from_argv(argv)
-    args = utils.parse_args_with_config(build_parser(job), argv)
+    args = config_files.parse_args_with_config(build_parser(job), argv)
     launcher_names = {action.dest for action in get_args_parser()._actions}
     job_names = set(job_arg_names(job))
     launcher = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in launcher_names})
@@ -160,27 +162,27 @@ def check_launcher_args(args: argparse.Namespace) -> None:
     """Refuse resource requests that cannot run, with one clear line each. (The range of each
     single flag is checked where it is parsed, by its argparse type.)"""
     if args.ntasks_per_node is not None and args.ngpus and args.ntasks_per_node != args.ngpus:
-        raise utils.UserError(f"with GPUs there is one task per GPU: --ntasks_per_node "
-                              f"{args.ntasks_per_node} differs from --ngpus {args.ngpus}")
+        raise errors.UserError(f"with GPUs there is one task per GPU: --ntasks_per_node "
+                               f"{args.ntasks_per_node} differs from --ngpus {args.ngpus}")
     if args.use_volta32 and args.constraint and args.constraint != "volta32gb":
-        raise utils.UserError(f"--use_volta32 and --constraint {args.constraint} ask for different nodes")
+        raise errors.UserError(f"--use_volta32 and --constraint {args.constraint} ask for different nodes")
     if args.cluster in ("local", "debug") and args.nodes != 1:
-        raise utils.UserError(f"--cluster {args.cluster} runs on this machine only: use --nodes 1")
+        raise errors.UserError(f"--cluster {args.cluster} runs on this machine only: use --nodes 1")
     if args.cluster == "debug" and tasks_per_node(args) != 1:
-        raise utils.UserError("--cluster debug runs a single task in this process: use --ngpus 1 "
-                              "or --ngpus 0 with --ntasks_per_node 1 (or --cluster local)")
+        raise errors.UserError("--cluster debug runs a single task in this process: use --ngpus 1 "
+                               "or --ngpus 0 with --ntasks_per_node 1 (or --cluster local)")
     if args.cluster in ("local", "debug") and args.ngpus:
         import torch
 
         available = torch.cuda.device_count()
         if args.ngpus > available:
-            raise utils.UserError(f"--ngpus {args.ngpus} but this machine has {available} CUDA "
-                                  f"GPU(s); use --ngpus 0 for CPU tasks")
+            raise errors.UserError(f"--ngpus {args.ngpus} but this machine has {available} CUDA "
+                                   f"GPU(s); use --ngpus 0 for CPU tasks")
     if args.cluster == "slurm":
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
         if missing:
-            raise utils.UserError(f"--cluster slurm needs Slurm's {' and '.join(missing)} (run this "
-                                  f"on a login node), or use --cluster local to run here")
+            raise errors.UserError(f"--cluster slurm needs Slurm's {' and '.join(missing)} (run this "
+                                   f"on a login node), or use --cluster local to run here")
 
 
 def check_job_args(job: str, job_args: argparse.Namespace) -> None:
@@ -209,8 +211,8 @@ def resolve_folders(args: argparse.Namespace, job_args: argparse.Namespace) -> P
         log_dir = Path(job_args.output_dir).expanduser().absolute()
     else:
         what = "--output_dir or --shared_dir" if has_output_dir else "--shared_dir"
-        raise utils.UserError(f"give {what}: a folder every node can reach, for the job's logs "
-                              f"(%j becomes the job id)")
+        raise errors.UserError(f"give {what}: a folder every node can reach, for the job's logs "
+                               f"(%j becomes the job id)")
     if has_output_dir:
         job_args.output_dir = str(Path(job_args.output_dir).expanduser().absolute())
     return log_dir
@@ -272,13 +274,13 @@ class SubmititJob:
         # This process may have started in another folder: the project's modules are imported
         # by name only now that repo_dir is on sys.path (a reference to the launcher's `utils`
         # here would be pickled with the job and imported before that, or from elsewhere).
-        job_utils = importlib.import_module("utils")
+        job_errors, job_utils = importlib.import_module("errors"), importlib.import_module("utils")
         run = getattr(importlib.import_module(JOBS[self.job].script), JOBS[self.job].run)
         args = copy.deepcopy(self.job_args)  # the job adds rank, device, ...: keep ours clean
         try:
             result = run(args)
-        except job_utils.UserError as error:  # bad input found by the job: its one line, no traceback
-            print(f"error: {job_utils.capped(job_utils.user_error_message(error))}", file=sys.stderr, flush=True)
+        except job_errors.UserError as error:  # bad input found by the job: its one line, no traceback
+            print(f"error: {job_errors.capped(job_errors.user_error_message(error))}", file=sys.stderr, flush=True)
             sys.exit(2)  # no result: the launcher repeats this line (wait_for)
         finally:
             job_utils.release_output_locks()
@@ -350,18 +352,18 @@ def wait_for(job: submitit.Job, poll_s: float = 1.0) -> Any:
     try:
         return job.results()[0]  # task 0's result
     except submitit.core.utils.FailedJobError as error:  # its traceback is in the log printed above
-        raise utils.UserError(f"job {job.job_id} failed (its error is printed above); its logs: "
-                              f"{job.paths.stdout.parent}") from error
+        raise errors.UserError(f"job {job.job_id} failed (its error is printed above); its logs: "
+                               f"{job.paths.stdout.parent}") from error
     except submitit.core.utils.UncompletedJobError as error:
         # submitit's message: a header, the state line, then the job's whole log. A job that
         # met bad input ended with its own `error:` line: that is the reason.
         lines = [line.strip() for line in str(error).splitlines()]
         reason = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
         if reason:
-            raise utils.UserError(f"job {job.job_id} stopped: {reason}") from error
+            raise errors.UserError(f"job {job.job_id} stopped: {reason}") from error
         state = next((line for line in lines if "has not produced any output" in line), "no result")
-        raise utils.UserError(f"job {job.job_id} did not finish ({state}); its logs: "
-                              f"{job.paths.stdout.parent}") from error
+        raise errors.UserError(f"job {job.job_id} did not finish ({state}); its logs: "
+                               f"{job.paths.stdout.parent}") from error
 
 
 def stop_with_the_launcher() -> None:
@@ -439,4 +441,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

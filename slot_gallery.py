@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import errors
 import features as feats
 import knn
 import slot_drawing as drawing
@@ -179,7 +180,7 @@ def gallery_row(model: torch.nn.Module, dataset: torch.utils.data.Dataset, recor
 # ================================================================================ script
 def check_args(args: argparse.Namespace) -> None:
     if args.thumbnail_size < 16:
-        raise utils.UserError(f"--thumbnail_size must be at least 16, got {args.thumbnail_size}")
+        raise errors.UserError(f"--thumbnail_size must be at least 16, got {args.thumbnail_size}")
     utils.ensure_output_dir(args.output_dir, "--output_dir")
     if args.output_json:
         utils.ensure_output_file(args.output_json, "--output_json")
@@ -254,4 +255,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

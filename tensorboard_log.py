@@ -25,6 +25,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
+import errors
 import utils
 
 
@@ -40,8 +41,8 @@ class TrainingBoard:
             folder = Path(output_dir) / "tensorboard"
             try:  # a file or a read-only folder in its place: one line now, not a traceback later
                 utils.ensure_output_dir(folder, "the TensorBoard folder")
-            except utils.UserError as error:
-                raise utils.UserError(f"{error} (or turn it off: --tensorboard false)") from error
+            except errors.UserError as error:
+                raise errors.UserError(f"{error} (or turn it off: --tensorboard false)") from error
             wait_for_a_new_second(folder)
             # purge_step also at 0: a run killed in its first epoch restarts there
             self.writer = SummaryWriter(str(folder), purge_step=first_step)

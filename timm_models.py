@@ -15,8 +15,10 @@ from torch import nn
 import timm
 from timm.models import build_model_with_cfg, register_model
 
+import errors
 import utils
 import vision_transformer as vits
+import weight_files
 
 # (arch, patch size, default image size) of every registered name, with both read-outs.
 VARIANTS = [(arch, patch, 224) for arch in ("vit_nano", "vit_tiny", "vit_small", "vit_base")
@@ -75,7 +77,7 @@ def _resampled(state: Dict[str, torch.Tensor], model: TimmVisionTransformer) -> 
 def _filter_state(state: Dict[str, Any], model: TimmVisionTransformer) -> Dict[str, torch.Tensor]:
     """The backbone tensors of a file timm read itself (a `local-dir:` folder)."""
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return _resampled(utils.backbone_tensors(tensors)[0], model)
+    return _resampled(weight_files.backbone_tensors(tensors)[0], model)
 
 
 def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained: bool = False,
@@ -92,7 +94,7 @@ def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained:
     config = vits.BackboneConfig(arch=arch, patch_size=patch_size, img_size=img_size, readout=readout)
     weights = None
     if pretrained and overlay.get("file"):  # read here, once; timm gets the model to load into
-        weights = utils.read_backbone(str(overlay["file"]))
+        weights = weight_files.read_backbone(str(overlay["file"]))
         for key in ("arch", "readout", "patch_size"):
             if getattr(weights.config, key) != getattr(config, key):
                 raise ValueError(f"{overlay['file']} holds a model with {key}={getattr(weights.config, key)!r}, "
@@ -103,8 +105,8 @@ def _create(arch: str, patch_size: int, img_size: int, readout: str, pretrained:
             raise ValueError(f"{overlay['file']} {disagreement}")
         config = weights.config
         try:  # before timm allocates anything of the file's sizes
-            utils.check_state_fits(weights.state, config, overlay["file"])
-        except utils.UserError as error:
+            weight_files.check_state_fits(weights.state, config, overlay["file"])
+        except errors.UserError as error:
             raise ValueError(str(error)) from None
         overlay.setdefault("input_size", (3, config.img_size, config.img_size))
     model = build_model_with_cfg(TimmVisionTransformer, name, pretrained and weights is None,

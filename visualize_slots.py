@@ -28,9 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+import config_files
 import datasets
+import devices
+import errors
 import features as feats
 import utils
+import weight_files
 from slot_drawing import (CONTOUR_COLOR, compose_grid, describe_model, display_size, heat_overlay,
                           mask_contour, patch_entropy, titled, upsample_nearest)
 
@@ -139,7 +143,7 @@ def list_images(image_path: str, output_dir: Optional[str] = None) -> List[Path]
     into output_dir (so a second run does not draw the grids of the first)."""
     path = Path(image_path)
     if not path.exists():
-        raise utils.UserError(f"--image_path {image_path} does not exist")
+        raise errors.UserError(f"--image_path {image_path} does not exist")
     if path.is_file():
         return [path]
     skip = Path(output_dir).resolve() if output_dir else None
@@ -148,8 +152,8 @@ def list_images(image_path: str, output_dir: Optional[str] = None) -> List[Path]
                    and not (skip and p.resolve().is_relative_to(skip)
                             and p.name.endswith(OUTPUT_SUFFIXES)))
     if not files:
-        raise utils.UserError(f"--image_path {image_path} holds no images (extensions: "
-                              f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
+        raise errors.UserError(f"--image_path {image_path} holds no images (extensions: "
+                               f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -157,7 +161,7 @@ def open_image(path: Path):
     try:
         return datasets.load_rgb_image(str(path))
     except Exception as error:  # noqa: BLE001 - PIL raises many types for unreadable files
-        raise utils.UserError(f"cannot read image {path}: {error}") from error
+        raise errors.UserError(f"cannot read image {path}: {error}") from error
 
 
 def input_size(width: int, height: int, image_size: Optional[Sequence[int]],
@@ -211,11 +215,11 @@ def check_args(args: argparse.Namespace, config: dict) -> Optional[List[int]]:
     feats.require_slot_count(args.top_k, config, "--top_k")
     slots = feats.parse_slots(args.slots, config)
     if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise utils.UserError(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
+        raise errors.UserError(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
     if args.image_size is not None and len(args.image_size) > 2:
-        raise utils.UserError("--image_size takes one positive value (shorter side) or two (height width)")
+        raise errors.UserError("--image_size takes one positive value (shorter side) or two (height width)")
     if args.display_size < 32:
-        raise utils.UserError(f"--display_size must be at least 32, got {args.display_size}")
+        raise errors.UserError(f"--display_size must be at least 32, got {args.display_size}")
     return slots
 
 
@@ -240,8 +244,8 @@ def output_names(paths: Sequence[Path], root: Path, readout: str) -> List[str]:
             suffix = OUTPUT_SUFFIXES[0 if readout == "sparo" else 1]
             names[i] = f"{name[:-len(suffix)]}_{tag}{suffix}"
     if len({name.casefold() for name in names}) < len(names):  # a hash that meets another name
-        raise utils.UserError(f"--image_path {root}: the images' grid names collide even with a hash "
-                              f"added; rename the images")
+        raise errors.UserError(f"--image_path {root}: the images' grid names collide even with a hash "
+                               f"added; rename the images")
     return names
 
 
@@ -273,17 +277,17 @@ def visualize_image(model: torch.nn.Module, config: dict, path: Path,
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser("Visualize SPARO slots", parents=[get_args_parser()])
-    args = utils.parse_args_with_config(parser, argv)
+    args = config_files.parse_args_with_config(parser, argv)
 
     # ============ checking the inputs ... ============
     images = list_images(args.image_path, args.output_dir)
     utils.ensure_output_dir(args.output_dir, "--output_dir")
 
     # ============ building network ... ============
-    model, config = utils.load_backbone(args.pretrained_weights, args.checkpoint_key,
-                                        expected={"arch": args.arch, "patch_size": args.patch_size})
+    model, config = weight_files.load_backbone(args.pretrained_weights, args.checkpoint_key,
+                                               expected={"arch": args.arch, "patch_size": args.patch_size})
     slots = check_args(args, config)
-    device = torch.device("cuda" if utils.resolve_use_cuda("auto") else "cpu")  # no silent CPU on a GPU node
+    device = torch.device("cuda" if devices.resolve_use_cuda("auto") else "cpu")  # no silent CPU on a GPU node
     model.to(device).eval()
 
     # ============ drawing one grid per image ... ============
@@ -297,4 +301,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

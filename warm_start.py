@@ -9,8 +9,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+import errors
 import utils
 import vision_transformer as vits
+import weight_files
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +39,8 @@ def _non_negative(value: str) -> int:
 def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher") -> Dict[str, List[str]]:
     """Load the DINO backbone parts of `path` into `backbone`; returns the names loaded,
     dropped and freshly initialised. Any other mismatch is a one-line UserError."""
-    state, _, _, dropped_head = utils.read_backbone(path, checkpoint_key, f"--init_backbone {path}",
-                                                    "--init_checkpoint_key")
+    state, _, _, dropped_head = weight_files.read_backbone(path, checkpoint_key, f"--init_backbone {path}",
+                                                           "--init_checkpoint_key")
     own = backbone.state_dict()
     replaced = _replaced_block(backbone)
     load: Dict[str, torch.Tensor] = {}
@@ -59,11 +61,11 @@ def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher
             load[key] = value
     fresh = [k for k in own if k.startswith(vits.READOUT_MODULES)]
     missing = [k for k in own if k not in load and k not in fresh]
-    problems = [f"{what}: {utils._short_list(keys)}" for what, keys in
+    problems = [f"{what}: {errors.short_list(keys)}" for what, keys in
                 (("shape mismatch (file vs model)", wrong_shape), ("missing keys", missing),
                  ("unexpected keys", unexpected)) if keys]
     if problems:
-        raise utils.UserError(f"--init_backbone {path} does not fit this backbone; {'; '.join(problems)}")
+        raise errors.UserError(f"--init_backbone {path} does not fit this backbone; {'; '.join(problems)}")
     backbone.load_state_dict(load, strict=False)
     report = dict(loaded=sorted(load), dropped=dropped_blocks + dropped_readout + dropped_head,
                   fresh=fresh)

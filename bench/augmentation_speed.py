@@ -42,9 +42,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import augmentations  # noqa: E402
+import config_files  # noqa: E402
 import datasets  # noqa: E402
+import errors  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
-import utils  # noqa: E402
 from bench.dino_original import load_dino  # noqa: E402
 from bench.measure import describe_device  # noqa: E402
 
@@ -82,7 +83,7 @@ def time_path(dataset: torch.utils.data.Dataset, count: int) -> float:
 
 
 def main(argv: List[str] | None = None) -> Dict[str, float]:
-    args = utils.parse_args_with_config(get_args_parser(), argv)
+    args = config_files.parse_args_with_config(get_args_parser(), argv)
     if args.suite == "jpeg":
         return jpeg_suite(args)
     transform = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
@@ -159,8 +160,8 @@ def write_photo(spec: Tuple[str, int, Tuple[int, int], Tuple[float, ...], int]) 
 def load_dino_augmentation(dino_ref: Optional[str]) -> Any:
     """DINO's own DataAugmentationDINO class, imported from the original code (bench/dino_original.py)."""
     if not dino_ref:
-        raise utils.UserError("the jpeg suite at 224/96 px times DINO's own pipeline: give its code "
-                              "with --dino_ref PATH or the DINO_REPO environment variable")
+        raise errors.UserError("the jpeg suite at 224/96 px times DINO's own pipeline: give its code "
+                               "with --dino_ref PATH or the DINO_REPO environment variable")
     return load_dino(dino_ref).main_dino.DataAugmentationDINO
 
 
@@ -276,4 +277,4 @@ def jpeg_suite(args: argparse.Namespace) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import utils
+import errors
 
 DINO_FILES = ("utils", "vision_transformer", "main_dino")
 # Where the tests look for a clone (DINO_REPO overrides); they skip when there is none.
@@ -34,7 +34,7 @@ def load_dino(repo: str | Path) -> types.SimpleNamespace:
         return _loaded[root]
     missing = [f"{name}.py" for name in DINO_FILES if not (root / f"{name}.py").is_file()]
     if missing:
-        raise utils.UserError(f"{repo} is not a clone of facebookresearch/dino (no {', '.join(missing)})")
+        raise errors.UserError(f"{repo} is not a clone of facebookresearch/dino (no {', '.join(missing)})")
     saved = {name: sys.modules.get(name) for name in DINO_FILES}
     modules = {}
     try:
@@ -80,7 +80,7 @@ class OriginalDinoStep:
 
         vits, dino_utils = dino.vision_transformer, dino.utils
         if not callable(getattr(vits, args.arch, None)):
-            raise utils.UserError(f"DINO's code has no {args.arch}")
+            raise errors.UserError(f"DINO's code has no {args.arch}")
         # DINO trains at 224 px only; its position table is sized for the global crops here,
         # as this project's is, so that both models have the same parameters.
         size = dict(patch_size=args.patch_size, img_size=[args.global_crops_size])

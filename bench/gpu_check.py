@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
+import devices  # noqa: E402
+import errors  # noqa: E402
 import utils  # noqa: E402
 from bench.dino_original import dino_available  # noqa: E402
 
@@ -220,7 +222,7 @@ def versions(dino_repo: str) -> Dict[str, Any]:
     found = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                  cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                  timm=timm_version, arch_list=torch.cuda.get_arch_list(), driver=nvidia_driver(),
-                 cpu=utils.cpu_name(), cpu_cores=len(os.sched_getaffinity(0)), commit=git_commit(REPO),
+                 cpu=devices.cpu_name(), cpu_cores=len(os.sched_getaffinity(0)), commit=git_commit(REPO),
                  dino_repo=dino_repo, dino_commit=git_commit(Path(dino_repo)),
                  gpus=[dict(name=torch.cuda.get_device_name(i),
                             capability=".".join(map(str, torch.cuda.get_device_capability(i))),
@@ -461,8 +463,8 @@ FORMATTERS: Dict[str, Callable[[Dict[str, Any]], str]] = dict(
 def usable_gpu(dry: bool) -> bool:
     """Whether the parts run on the GPU; GPUs that are visible but unusable are an error."""
     try:
-        usable = utils.resolve_use_cuda("auto")
-    except utils.UserError as error:
+        usable = devices.resolve_use_cuda("auto")
+    except errors.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         print("FAIL: GPUs visible but unusable")
         sys.exit(1)
@@ -473,9 +475,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     dry = not usable_gpu(args.dry)
     if not args.dino_repo or not dino_available(args.dino_repo):
-        raise utils.UserError(f"the check times the original DINO step and needs its code: --dino_repo PATH or "
-                              f"DINO_REPO=PATH, a copy of facebookresearch/dino (got {args.dino_repo!r}; "
-                              f"README, GPUs: how to carry it to a GPU node)")
+        raise errors.UserError(f"the check times the original DINO step and needs its code: --dino_repo PATH or "
+                               f"DINO_REPO=PATH, a copy of facebookresearch/dino (got {args.dino_repo!r}; "
+                               f"README, GPUs: how to carry it to a GPU node)")
     dino_repo = str(Path(args.dino_repo).resolve())
     check = Check(args, dry)
     found = versions(dino_repo)
@@ -500,4 +502,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    utils.run_main(lambda: sys.exit(main()))
+    errors.run_main(lambda: sys.exit(main()))

@@ -42,8 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import augmentations  # noqa: E402
+import devices  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
-import utils  # noqa: E402
 
 aten = torch.ops.aten
 # Indexing reads the size of a boolean mask on the host; with integer indices it does not.
@@ -238,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     # The training step's op count does not depend on the batch: a small one keeps it cheap on CPU.
     parser.set_defaults(batch_size_per_gpu=4)
     args = parser.parse_args(argv)
-    args.device = torch.device("cuda" if utils.resolve_use_cuda(args.device) else "cpu")
+    args.device = torch.device("cuda" if devices.resolve_use_cuda(args.device) else "cpu")
     args.distributed, args.augment_on_device = False, True
     torch.manual_seed(0)
     results = measure(args)

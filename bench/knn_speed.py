@@ -26,8 +26,8 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import errors  # noqa: E402
 import knn  # noqa: E402
-import utils  # noqa: E402
 from bench.measure import PeakMemory, describe_device, gemm_peak_gflops, synchronize  # noqa: E402
 
 METHODS = ("torch", "faiss-cpu", "faiss-gpu", "dino")
@@ -102,7 +102,7 @@ def main(argv: List[str] | None = None) -> Dict:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise utils.UserError("--device cuda needs a CUDA GPU")
+        raise errors.UserError("--device cuda needs a CUDA GPU")
     start = time.perf_counter()
     train, labels, test = make_features(args, device)
     synchronize(device)
@@ -149,4 +149,4 @@ def main(argv: List[str] | None = None) -> Dict:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

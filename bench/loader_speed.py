@@ -34,6 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import augmentations  # noqa: E402
+import config_files  # noqa: E402
+import devices  # noqa: E402
+import errors  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 from bench.augmentation_speed import write_photos  # noqa: E402
@@ -57,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_crops_number", type=utils.non_negative_int, default=8)
     parser.add_argument("--passes", type=utils.positive_int, default=3,
                         help="Passes over the photos per measurement (one loader, workers kept).")
-    parser.add_argument("--device", default="auto", choices=utils.DEVICE_CHOICES)
+    parser.add_argument("--device", default="auto", choices=devices.DEVICE_CHOICES)
     parser.add_argument("--output_json", default=None)
     return parser
 
@@ -82,7 +85,7 @@ def measure(train_args: argparse.Namespace, passes: int) -> Dict[str, float]:
         pin_memory=train_args.device.type == "cuda", drop_last=True)
     workers = train_args.num_workers
     if len(loader) <= workers:
-        raise utils.UserError(f"{len(loader)} batches cannot time {workers} workers: give more --photos or --passes")
+        raise errors.UserError(f"{len(loader)} batches cannot time {workers} workers: give more --photos or --passes")
     stage = augmentations.PhotometricAugmentation(train_args.local_crops_number, train_args.global_crops_size) \
         if train_args.augment_on_device else None
     non_blocking = train_args.device.type == "cuda"
@@ -101,9 +104,9 @@ def measure(train_args: argparse.Namespace, passes: int) -> Dict[str, float]:
 
 
 def main(argv: List[str] | None = None) -> Dict:
-    args = utils.parse_args_with_config(get_args_parser(), argv)
-    args.device = torch.device("cuda" if utils.resolve_use_cuda(args.device) else "cpu")
-    utils.enable_fast_fp32(args.device)  # cudnn.benchmark for the stage's blurs, as in training
+    args = config_files.parse_args_with_config(get_args_parser(), argv)
+    args.device = torch.device("cuda" if devices.resolve_use_cuda(args.device) else "cpu")
+    devices.enable_fast_fp32(args.device)  # cudnn.benchmark for the stage's blurs, as in training
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.photos_dir or scratch)
         if not args.photos_dir or not folder.exists():
@@ -127,7 +130,7 @@ def main(argv: List[str] | None = None) -> Dict:
                 print(f"{pipeline:>6} pipeline, {workers:2d} workers: {results[name]['images_per_s']:8.1f} images/s "
                       f"(start-up {results[name]['startup_s']:.1f} s, {results[name]['timed_images']} images timed)",
                       flush=True)
-    summary = dict(device=describe_device(args.device), torch=torch.__version__, cpu=utils.cpu_name(),
+    summary = dict(device=describe_device(args.device), torch=torch.__version__, cpu=devices.cpu_name(),
                    config=utils.plain(vars(args)), results=results)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(summary, indent=2))
@@ -135,4 +138,4 @@ def main(argv: List[str] | None = None) -> Dict:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-import utils
+import devices
 
 
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {utils.cpu_name()}, {torch.get_num_threads()} threads"
+    return f"CPU {devices.cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def synchronize(device: torch.device) -> None:

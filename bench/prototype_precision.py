@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
+import devices  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 
 # (name, head input width, hidden, bottleneck, prototypes, images, crops)
@@ -68,7 +68,7 @@ def main(argv=None) -> Dict:
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    dtype = utils.amp_dtype(device) if device.type == "cuda" else torch.bfloat16
+    dtype = devices.amp_dtype(device) if device.type == "cuda" else torch.bfloat16
     results = {}
     for name, in_dim, hidden, bottleneck, out_dim, images, crops in HEADS:
         images = args.images or images

@@ -46,7 +46,10 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import config_files  # noqa: E402
 import datasets  # noqa: E402
+import devices  # noqa: E402
+import errors  # noqa: E402
 import knn  # noqa: E402
 import main_dino_sparo  # noqa: E402
 import utils  # noqa: E402
@@ -165,23 +168,23 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 def check_args(args: argparse.Namespace) -> None:
     if args.eval_split == "heldout":
         if not 0 < args.pretrain_subset <= HELDOUT_START:
-            raise utils.UserError(f"--eval_split heldout needs --pretrain_subset between 1 and "
-                                  f"{HELDOUT_START}, so that the held-out images are never pre-trained on")
+            raise errors.UserError(f"--eval_split heldout needs --pretrain_subset between 1 and "
+                                   f"{HELDOUT_START}, so that the held-out images are never pre-trained on")
         if args.test_size > 60000 - HELDOUT_START:
-            raise utils.UserError(f"--test_size {args.test_size}: only {60000 - HELDOUT_START} "
-                                  f"held-out training images exist")
+            raise errors.UserError(f"--test_size {args.test_size}: only {60000 - HELDOUT_START} "
+                                   f"held-out training images exist")
     if args.bank_size < 20 or args.bank_size > (HELDOUT_START if args.eval_split == "heldout" else 60000):
-        raise utils.UserError(f"--bank_size {args.bank_size} is out of range")
+        raise errors.UserError(f"--bank_size {args.bank_size} is out of range")
     if not 1 <= args.test_size <= 10000:
-        raise utils.UserError(f"--test_size must lie between 1 and 10000, got {args.test_size}")
+        raise errors.UserError(f"--test_size must lie between 1 and 10000, got {args.test_size}")
     if args.select_slots and "sparo" not in args.variants:
-        raise utils.UserError("--select_slots selects SPARO slots: add sparo to --variants")
+        raise errors.UserError("--select_slots selects SPARO slots: add sparo to --variants")
     if args.control_seeds < 1:
-        raise utils.UserError("--control_seeds must be at least 1")
+        raise errors.UserError("--control_seeds must be at least 1")
     if any(k < 1 for k in args.select_slots):
-        raise utils.UserError("--select_slots values must be positive")
+        raise errors.UserError("--select_slots values must be positive")
     if args.epochs < 1:
-        raise utils.UserError("--epochs must be at least 1")
+        raise errors.UserError("--epochs must be at least 1")
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
@@ -190,7 +193,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
     try:
         return yaml.safe_load(Path(path).read_text()) or {}
     except OSError as error:
-        raise utils.UserError(f"cannot read {path}: {error.strerror}") from error
+        raise errors.UserError(f"cannot read {path}: {error.strerror}") from error
 
 
 # ============================================================================= data
@@ -269,7 +272,7 @@ def variant_model_config(name: str, recipe: str, train_args: Sequence[str] = ())
     """The backbone configuration variant `name` pre-trains (recipe + its flags + --train_args),
     read by main_dino_sparo.py's own parser, so that its untrained network is the same model."""
     parser = argparse.ArgumentParser("SPARO-DINO", parents=[main_dino_sparo.get_args_parser()])
-    args = utils.parse_args_with_config(parser, ["--config", recipe, *VARIANTS[name][1], *train_args])
+    args = config_files.parse_args_with_config(parser, ["--config", recipe, *VARIANTS[name][1], *train_args])
     return vits.BackboneConfig.from_args(args).to_dict()
 
 
@@ -297,8 +300,8 @@ def run_logged(command: List[str], log: Path, threads: int) -> float:
     seconds = time.time() - start
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise utils.UserError(f"{command[0]} failed with exit code {process.returncode} "
-                              f"(log: {log}):\n{tail}")
+        raise errors.UserError(f"{command[0]} failed with exit code {process.returncode} "
+                               f"(log: {log}):\n{tail}")
     return seconds
 
 
@@ -537,9 +540,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         test_size=args.test_size, recipe=recipe, recipe_file=os.path.relpath(args.recipe, REPO),
         pretrain_subset=args.pretrain_subset, epochs=args.epochs, train_args=args.train_args,
         linear_config=load_yaml(args.linear_config),
-        machine=f"{utils.cpu_name()}, {args.threads} threads, {args.jobs} "
+        machine=f"{devices.cpu_name()}, {args.threads} threads, {args.jobs} "
                 f"jobs at once, torch {torch.__version__}, "
-                f"{'bf16 autocast' if recipe.get('cpu_bf16') and not utils.cpu_bf16_shortfall() else 'fp32'} on CPU",
+                f"{'bf16 autocast' if recipe.get('cpu_bf16') and not devices.cpu_bf16_shortfall() else 'fp32'} on CPU",
         quick=args.quick), variants={}, untrained={})
 
     # ============ preparing data ... ============
@@ -613,4 +616,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

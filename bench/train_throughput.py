@@ -11,7 +11,7 @@ Inputs are random tensors of the crop shapes. Every variant runs in this one pro
 warm-up steps, on the same inputs. Peak memory: CUDA's allocator peak on GPU; on CPU the growth
 of the process's peak resident set (VmHWM, reset between variants) over its size before.
 
-As in training: TF32 and cudnn.benchmark on CUDA (utils.enable_fast_fp32), and the device stage
+As in training: TF32 and cudnn.benchmark on CUDA (devices.enable_fast_fp32), and the device stage
 of the augmentation (--augment_on_device, default on with CUDA): this project's steps then take
 uint8 crops and run the photometric stage inside the step, as training does, while the
 reference steps take float crops (their loaders augment on the CPU); the stage's own cost per
@@ -36,6 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import augmentations  # noqa: E402
+import config_files  # noqa: E402
+import devices  # noqa: E402
+import errors  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
@@ -180,19 +183,19 @@ def join_single_process_group() -> bool:
 
 
 def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
-    args = utils.parse_args_with_config(get_args_parser(), argv)
-    use_cuda = utils.resolve_use_cuda(args.device)  # --device comes from main_dino_sparo's flags
+    args = config_files.parse_args_with_config(get_args_parser(), argv)
+    use_cuda = devices.resolve_use_cuda(args.device)  # --device comes from main_dino_sparo's flags
     args.device = torch.device("cuda" if use_cuda else "cpu")
     args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0 if use_cuda else None, False
     dino.check_args(args)
-    utils.enable_fast_fp32(args.device)  # TF32 and cudnn.benchmark, as training sets them
+    devices.enable_fast_fp32(args.device)  # TF32 and cudnn.benchmark, as training sets them
     if args.augment_on_device is None:  # training's default: the device stage on with CUDA
         args.augment_on_device = augmentations.default_on_device(args.device)
     if args.variants is None:
         args.variants = ["sparo", "cls", "dino" if args.dino_repo else "reference"]
     if "dino" in args.variants:
         if not args.dino_repo:
-            raise utils.UserError("the dino variant needs --dino_repo PATH (a clone of facebookresearch/dino)")
+            raise errors.UserError("the dino variant needs --dino_repo PATH (a clone of facebookresearch/dino)")
         load_dino(args.dino_repo)  # a wrong path fails here, before any timing
         if join_single_process_group():
             try:
@@ -263,4 +266,4 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    errors.run_main(main)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config_files  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 from helpers import TINY_TRAIN_ARGS  # noqa: E402
@@ -36,7 +37,7 @@ def main(output_dir: str, names: List[str]) -> None:
         for name in names or VARIANTS:
             flags = VARIANTS[name]
             print(f"=== variant {name}", flush=True)
-            args = utils.parse_args_with_config(
+            args = config_files.parse_args_with_config(
                 parser, [*TINY_TRAIN_ARGS, *SHORT_RUN, *flags, "--output_dir", str(Path(output_dir) / name)])
             dino.train_dino(args)  # joins the process group once and stays in it
     finally:

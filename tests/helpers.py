@@ -81,10 +81,10 @@ def read_log(path):
 def fashion_mnist_installed():
     """Whether utils finds Fashion-MNIST (the Debian package, or FASHION_MNIST_DIR)."""
     import datasets
-    import utils
+    import errors
     try:
         datasets.fashion_mnist_dir()
-    except utils.UserError:
+    except errors.UserError:
         return False
     return True
 

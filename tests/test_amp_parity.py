@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import augmentations
+import devices
 import main_dino_sparo as dino
-import utils
 from helpers import TINY_TRAIN_ARGS
 
 # Loss: relative error; teacher probabilities: mean total-variation distance; the student's
@@ -61,7 +61,7 @@ def one_step(images, device, precision):
     scaler = torch.amp.GradScaler(args.device.type, enabled=precision == "fp16")
     center, temperature = loss_fn.center.clone(), float(loss_fn.teacher_temp_schedule[0])
     torch.manual_seed(1)  # the same stochastic-depth draws in every precision
-    with utils.tf32_allowed(precision == "tf32"):
+    with devices.tf32_allowed(precision == "tf32"):
         with autocast:
             teacher_output = models.teacher(images[:2])
             loss = loss_fn(models.student(images), teacher_output, 0)

@@ -19,6 +19,7 @@ from torchvision.transforms import functional as TF
 import augmentations as A
 import datasets
 import utils
+import weight_files
 
 N = 1000  # draws per crop position: rates to +-0.07 at 4.5 sigma
 
@@ -364,7 +365,7 @@ def train_and_check(tmp_path, data_path, extra, on_device, device_name="cpu"):
                          *extra, gpu=device_name == "cuda")
     expected = f"photometric on {device_name}" if on_device else "PIL in the loader"
     assert f"Starting DINO training! (augmentation: {expected})" in process.stdout
-    checkpoint = utils.load_checkpoint(out / "checkpoint.pth")
+    checkpoint = weight_files.load_checkpoint(out / "checkpoint.pth")
     assert checkpoint["args"]["augment_on_device"] is on_device  # the checkpoint says which pipeline
     assert all(math.isfinite(record["train_loss"]) for record in read_log(out / "log.txt"))
 

@@ -2,7 +2,7 @@
 exit status 2, no traceback, and no existing file touched.
 
 Each script gets the same table of hostile inputs (data folders, images, checkpoints, flags,
-output paths). The cases run in this process through utils.run_main, the exact wrapper the
+output paths). The cases run in this process through errors.run_main, the exact wrapper the
 command line uses, so the test sees the real exit status and stderr without paying for an
 interpreter start-up per case; one case per script also runs as a real subprocess.
 main_dino_sparo.py's own table is in test_reliability_training.py, the launcher's in
@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 import datasets
+import errors
 import eval_knn
 import eval_linear
 import slot_gallery
-import utils
 import visualize_slots
 from helpers import Payload, run_script
 
@@ -83,7 +83,7 @@ def world(tmp_path_factory, tiny_sparo_checkpoint):
 def run_main_in_process(module, argv, capsys):
     """Run module.main(argv) the way the command line does; return (exit status, stderr)."""
     with pytest.raises(SystemExit) as stopped:
-        utils.run_main(lambda: module.main([str(a) for a in argv]))
+        errors.run_main(lambda: module.main([str(a) for a in argv]))
     return stopped.value.code, capsys.readouterr().err
 
 

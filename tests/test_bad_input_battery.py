@@ -10,7 +10,7 @@ Two kinds of case:
 - refusals: one table of (script, argv, expected words); each case must end with exit status 2
   and one `error:` line naming the problem, without a traceback.
 
-Every case runs in this process through utils.run_main, as the command line does; the models
+Every case runs in this process through errors.run_main, as the command line does; the models
 are untrained vit_nano backbones built here (no training run), so the battery takes seconds.
 """
 import builtins
@@ -29,8 +29,10 @@ import submitit
 import torch
 from PIL import Image
 
+import config_files
 import datasets
 import embed
+import errors
 import eval_knn
 import eval_linear
 import export
@@ -41,8 +43,9 @@ import run_record
 import run_with_submitit
 import tensorboard_log
 import utils
-import visualize_slots
 import vision_transformer as vits
+import visualize_slots
+import weight_files
 from helpers import needs_fashion_mnist
 
 CONFIG = dict(arch="vit_nano", patch_size=4, img_size=16, readout="sparo", sparo_slots=4, sparo_dim=4)
@@ -138,7 +141,7 @@ def world(tmp_path_factory):
 def run_main_in_process(module, argv, capsys):
     """Run module.main(argv) the way the command line does; return (exit status, stdout, stderr)."""
     with pytest.raises(SystemExit) as stopped:
-        utils.run_main(lambda: module.main([str(a) for a in argv]))
+        errors.run_main(lambda: module.main([str(a) for a in argv]))
     captured = capsys.readouterr()
     return stopped.value.code, captured.out, captured.err
 
@@ -299,8 +302,8 @@ def test_export_killed_mid_way_never_leaves_a_config_json_describing_other_weigh
     described = json.loads((out / "config.json").read_text())["model_config"]
     for name in ("model.safetensors", "backbone.pth"):
         try:
-            _, config = utils.load_backbone(str(out / name))
-        except utils.UserError as error:
+            _, config = weight_files.load_backbone(str(out / name))
+        except errors.UserError as error:
             assert "does not describe" in str(error) or name == "backbone.pth", str(error)
             continue
         if name == "model.safetensors":
@@ -379,14 +382,14 @@ def test_decompression_bomb_is_an_unreadable_image(tmp_path, monkeypatch, capsys
     assert len(served) == 13 and "skipping unreadable image" in capsys.readouterr().err
     evaluation = datasets.build_dataset(str(root), "train")
     bomb = [i for i, (path, _) in enumerate(evaluation.dataset.samples) if path.endswith("bomb.png")][0]
-    with pytest.raises(utils.UserError, match="bomb.png"):
+    with pytest.raises(errors.UserError, match="bomb.png"):
         evaluation[bomb]
 
 
 # ---------------------------------------------------------------------- YAML flags
 def test_yaml_null_means_the_flags_default(world):
     parser = eval_knn.argparse.ArgumentParser("k-NN", parents=[eval_knn.get_args_parser()])
-    args = utils.parse_args_with_config(parser, ["--config", str(world / "null.yaml")])
+    args = config_files.parse_args_with_config(parser, ["--config", str(world / "null.yaml")])
     assert args.nb_knn == [10, 20, 100, 200] and args.temperature == 0.07
 
 
@@ -395,7 +398,7 @@ def test_corrupt_config_yaml_on_resume_is_one_error(tmp_path):
     args = parser.parse_args(["--output_dir", str(tmp_path)])
     for text in ("epochs: [1\n", "- a list\n", "1: 2\n"):
         (tmp_path / run_record.CONFIG_NAME).write_text(text)
-        with pytest.raises(utils.UserError, match="config.yaml"):
+        with pytest.raises(errors.UserError, match="config.yaml"):
             run_record.record_start(args, tmp_path, parser, start_epoch=1)
 
 
@@ -403,28 +406,28 @@ def test_corrupt_config_yaml_on_resume_is_one_error(tmp_path):
 def test_sizes_from_input_are_bounded_before_allocating():
     parser = main_dino_sparo.get_args_parser()
     args = parser.parse_args(["--epochs", "1000000000"])
-    with pytest.raises(utils.UserError, match="--epochs 1000000000"):
+    with pytest.raises(errors.UserError, match="--epochs 1000000000"):
         main_dino_sparo.check_args(args)
-    with pytest.raises(utils.UserError, match="steps"):
+    with pytest.raises(errors.UserError, match="steps"):
         utils.cosine_scheduler(0.1, 0.0, 100_000, 10_000)
 
 
 def test_error_lines_are_capped(capsys):
     with pytest.raises(SystemExit):
-        utils.run_main(lambda: (_ for _ in ()).throw(utils.UserError("x" * 10**6)))
+        errors.run_main(lambda: (_ for _ in ()).throw(errors.UserError("x" * 10**6)))
     assert len(capsys.readouterr().err) < 2500
 
 
 # ------------------------------------------------------------------ unwritable outputs
 def test_tensorboard_folder_that_is_a_file_or_read_only(tmp_path):
     (tmp_path / "tensorboard").write_text("a file")
-    with pytest.raises(utils.UserError, match="--tensorboard false"):
+    with pytest.raises(errors.UserError, match="--tensorboard false"):
         tensorboard_log.TrainingBoard(tmp_path, first_step=0)
     if os.geteuid() != 0:  # root writes into read-only folders
         other = tmp_path / "other"
         (other / "tensorboard").mkdir(parents=True)
         (other / "tensorboard").chmod(0o500)
-        with pytest.raises(utils.UserError, match="not writable"):
+        with pytest.raises(errors.UserError, match="not writable"):
             tensorboard_log.TrainingBoard(other, first_step=0)
 
 
@@ -478,7 +481,7 @@ def test_failed_job_line_is_clean(tmp_path, capsys):
     executor = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="local")
     executor.update_parameters(timeout_min=1)
     job = executor.submit(int, "not a number")
-    with pytest.raises(utils.UserError) as refused:
+    with pytest.raises(errors.UserError) as refused:
         run_with_submitit.wait_for(job, poll_s=0.2)
     message = str(refused.value)
     assert message.startswith(f"job {job.job_id} failed") and "  - " not in message and "\n" not in message
@@ -500,7 +503,7 @@ def test_bad_input_found_inside_a_job_is_one_line(world, tmp_path, capsys, monke
 
 def test_resume_refuses_a_damaged_model_config(tmp_path):
     for damaged in ([1, 2], "vit_small"):
-        with pytest.raises(utils.UserError, match="not a mapping"):
+        with pytest.raises(errors.UserError, match="not a mapping"):
             main_dino_sparo.check_resume_compatible({"model_config": damaged}, {"arch": "vit_nano"}, {},
                                                     tmp_path / "checkpoint.pth")
 
@@ -513,11 +516,11 @@ def test_checkpoint_writers_on_a_full_disk_keep_the_previous_file(tmp_path, full
     utils.atomic_write_text(tmp_path / "config.yaml", "epochs: 1\n")
     before = digest(tmp_path)
     full_disk.append(tmp_path)
-    with pytest.raises(utils.UserError, match="cannot write .*checkpoint.pth: No space left on device"):
+    with pytest.raises(errors.UserError, match="cannot write .*checkpoint.pth: No space left on device"):
         utils.atomic_save({"epoch": 2, "w": torch.zeros(10**5)}, tmp_path / "checkpoint.pth")
-    with pytest.raises(utils.UserError, match="cannot write .*config.yaml: No space left"):
+    with pytest.raises(errors.UserError, match="cannot write .*config.yaml: No space left"):
         utils.atomic_write_text(tmp_path / "config.yaml", "epochs: 2\n")
-    with pytest.raises(utils.UserError, match="cannot write .*log.txt"):
+    with pytest.raises(errors.UserError, match="cannot write .*log.txt"):
         utils.write_json_line(tmp_path / "log.txt", {"epoch": 2})
     full_disk.clear()
     assert {k: v for k, v in digest(tmp_path).items() if k != "log.txt"} == before

@@ -6,8 +6,8 @@ are imported under private names by bench/dino_original.py and never copied.
 import pytest
 import torch
 
-import utils
 import vision_transformer as vits
+import weight_files
 from bench.dino_original import DEFAULT_DINO_REPO, load_dino
 from helpers import needs_dino
 
@@ -30,7 +30,7 @@ def official_checkpoint(tmp_path_factory):
         original.pos_embed.normal_()
     path = tmp_path_factory.mktemp("dino") / "dino_deittiny16_pretrain.pth"
     torch.save(original.state_dict(), path)
-    model, config = utils.load_backbone(str(path))  # the project's loader, as users call it
+    model, config = weight_files.load_backbone(str(path))  # the project's loader, as users call it
     assert config["readout"] == "cls" and config["img_size"] == 224
     return original, model.eval()
 

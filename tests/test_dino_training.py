@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config_files
 import datasets
+import devices
+import errors
 import main_dino_sparo as dino
 import utils
 import vision_transformer as vits
@@ -166,14 +169,14 @@ def test_slot_query_lr_multiplier_scales_only_the_queries_first_adamw_step():
 
 
 def test_slot_query_lr_multiplier_refused_without_slots_and_on_changed_resume(tmp_path):
-    with pytest.raises(utils.UserError, match="--readout cls"):
+    with pytest.raises(errors.UserError, match="--readout cls"):
         dino.check_args(tiny_args(["--readout", "cls", "--sparo_query_lr_mult", "10"]))
     saved = {"param_groups": [{"lr": 0.1}, {"lr": 0.1}, {"lr": 1.0, "lr_mult": 10.0}]}
     dino.check_same_query_lr_mult(saved, 10.0, tmp_path / "checkpoint.pth")
     for asked in (1.0, 5.0):
-        with pytest.raises(utils.UserError, match="trained with --sparo_query_lr_mult 10.0"):
+        with pytest.raises(errors.UserError, match="trained with --sparo_query_lr_mult 10.0"):
             dino.check_same_query_lr_mult(saved, asked, tmp_path / "checkpoint.pth")
-    with pytest.raises(utils.UserError, match="trained with --sparo_query_lr_mult 1.0"):
+    with pytest.raises(errors.UserError, match="trained with --sparo_query_lr_mult 1.0"):
         dino.check_same_query_lr_mult({"param_groups": [{}, {}]}, 10.0, tmp_path / "checkpoint.pth")
 
 
@@ -181,11 +184,11 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("arch: vit_tiny\nepochs: 7\nlocal_crops_scale: [0.1, 0.3]\n")
     parser = dino.get_args_parser()
-    args = utils.parse_args_with_config(parser, ["--config", str(config), "--epochs", "3"])
+    args = config_files.parse_args_with_config(parser, ["--config", str(config), "--epochs", "3"])
     assert args.arch == "vit_tiny" and args.epochs == 3 and list(args.local_crops_scale) == [0.1, 0.3]
     (tmp_path / "bad.yaml").write_text("arch: vit_tiny\nnot_a_flag: 1\n")
     with pytest.raises(SystemExit):
-        utils.parse_args_with_config(dino.get_args_parser(), ["--config", str(tmp_path / "bad.yaml")])
+        config_files.parse_args_with_config(dino.get_args_parser(), ["--config", str(tmp_path / "bad.yaml")])
 
 
 def test_shipped_configs_parse():
@@ -193,7 +196,7 @@ def test_shipped_configs_parse():
                *sorted((REPO / "configs" / "quality").glob("recipe*.yaml"))]
     assert len(recipes) >= 5
     for path in recipes:
-        args = utils.parse_args_with_config(dino.get_args_parser(), ["--config", str(path)])
+        args = config_files.parse_args_with_config(dino.get_args_parser(), ["--config", str(path)])
         assert args.arch in vits.ARCHS, path
 
 
@@ -252,17 +255,17 @@ def test_model_fits_check_counts_every_weight_of_the_real_model(monkeypatch):
     the real model) against the device's memory: refused one byte short, accepted at the limit."""
     args = tiny_args()
     needed = 5 * 4 * sum(p.numel() for p in dino.build_student_teacher(args)[0].parameters())
-    monkeypatch.setattr(utils, "device_memory_bytes", lambda device: needed)
+    monkeypatch.setattr(devices, "device_memory_bytes", lambda device: needed)
     dino.check_model_fits(args)
-    monkeypatch.setattr(utils, "device_memory_bytes", lambda device: needed - 1)
-    with pytest.raises(utils.UserError, match="the model does not fit: the DINO head has"):
+    monkeypatch.setattr(devices, "device_memory_bytes", lambda device: needed - 1)
+    with pytest.raises(errors.UserError, match="the model does not fit: the DINO head has"):
         dino.check_model_fits(args)
 
 
 @pytest.mark.parametrize("flags, native", [({"avx2", "fma"}, False), ({"avx2", "avx512_bf16"}, True),
                                            ({"amx_bf16"}, True)])
 def test_cpu_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys, flags, native):
-    monkeypatch.setattr(utils, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     args = tiny_args(["--cpu_bf16", "true"])
     reason = dino.fall_back_from_emulated_bf16(args)

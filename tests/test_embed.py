@@ -11,8 +11,9 @@ from PIL import Image
 
 import datasets
 import embed
+import errors
 import features as feats
-import utils
+import weight_files
 from helpers import REPO
 
 
@@ -33,7 +34,7 @@ def image_folder(tmp_path_factory):
 
 def reference_encodings(checkpoint, root, names):
     """One image at a time through the evaluation pre-processing, in name order."""
-    model, config = utils.load_backbone(str(checkpoint))
+    model, config = weight_files.load_backbone(str(checkpoint))
     transform = feats.eval_transform(int(config["img_size"]))
     with torch.no_grad():
         return torch.cat([model.eval()(transform(datasets.load_rgb_image(str(root / n)))[None]) for n in names])
@@ -79,16 +80,16 @@ def test_unreadable_image_policies_skip_fail_or_mark(image_folder):
         assert label == position and torch.equal(image, labelled[position][0])
     image, label = datasets.SkipUnreadableImages(labelled)[1]
     assert label == 2 and torch.equal(image, labelled[2][0])
-    with pytest.raises(utils.UserError, match="cannot read image .*broken.png"):
+    with pytest.raises(errors.UserError, match="cannot read image .*broken.png"):
         datasets.FailOnUnreadableImages(labelled)[1]
 
 
 def test_bad_requests_are_one_line_errors(tiny_sparo_checkpoint, image_folder, tmp_path):
     root, _ = image_folder
     common = ["--pretrained_weights", str(tiny_sparo_checkpoint)]
-    with pytest.raises(utils.UserError, match="must end in .npy or .pt"):
+    with pytest.raises(errors.UserError, match="must end in .npy or .pt"):
         embed.main([*common, "--data_path", str(root), "--output", str(tmp_path / "emb.csv")])
-    with pytest.raises(utils.UserError, match="holds no images"):
+    with pytest.raises(errors.UserError, match="holds no images"):
         (tmp_path / "empty").mkdir()
         embed.main([*common, "--data_path", str(tmp_path / "empty"), "--output", str(tmp_path / "e.npy")])
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import datasets
+import errors
 import eval_knn
 import features as feats
 import knn
-import utils
 from helpers import REPO, cls_vit_tiny, run_script, run_two_gloo_ranks
 from sparo_head import select_slots
 
@@ -329,7 +329,7 @@ def test_slot_flags_are_errors_for_the_cls_readout(cls_checkpoint):
     assert out.stderr.strip() == ("error: --slots needs a SPARO checkpoint; this one has "
                                   "readout='cls', which has no slots")
     assert "Extracting features" not in out.stdout
-    with pytest.raises(utils.UserError, match="--select_slots needs a SPARO checkpoint"):
+    with pytest.raises(errors.UserError, match="--select_slots needs a SPARO checkpoint"):
         run_knn("--pretrained_weights", cls_checkpoint, "--data_path", "digits", "--select_slots", "2")
 
 
@@ -341,7 +341,7 @@ def test_slot_flags_are_errors_for_the_cls_readout(cls_checkpoint):
 ])
 def test_bad_slot_requests_are_clear_errors(sparo_features, flags, message):
     folder, _ = sparo_features
-    with pytest.raises(utils.UserError, match=re.escape(message)):
+    with pytest.raises(errors.UserError, match=re.escape(message)):
         run_knn("--load_features", folder, *flags)
 
 

@@ -10,9 +10,11 @@ import re
 import pytest
 import torch
 
+import errors
 import eval_linear
 import utils
 import vision_transformer as vits
+import weight_files
 from helpers import cls_vit_tiny, read_log, run_script, run_two_gloo_ranks
 
 ACCURACY_LINE = re.compile(r"Accuracy at epoch (\d+) of the network on the (\d+) test images: ([\d.]+)%")
@@ -56,7 +58,7 @@ def test_cls_feature_is_dinos_concatenation():
 
 
 def test_sparo_feature_with_slots_is_the_rescaled_subset(tiny_sparo_checkpoint):
-    model, config = utils.load_backbone(str(tiny_sparo_checkpoint))
+    model, config = weight_files.load_backbone(str(tiny_sparo_checkpoint))
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         full = eval_linear.frozen_features(model.eval(), images, config, 4, False, None, False)
@@ -108,7 +110,7 @@ def test_learns_from_images_resumes_and_evaluates_its_head(tiny_sparo_checkpoint
     assert "Epoch: [" not in evaluated  # no training
 
     # the head belongs to the teacher's features: the student's are refused
-    with pytest.raises(utils.UserError, match="another backbone"):
+    with pytest.raises(errors.UserError, match="another backbone"):
         run_linear(*common, "--evaluate", "--checkpoint_key", "student")
 
 
@@ -118,14 +120,14 @@ def test_learns_from_images_resumes_and_evaluates_its_head(tiny_sparo_checkpoint
     (["--slots", "0,99"], "between 0 and 15"),
 ])
 def test_refusals(tiny_sparo_checkpoint, tmp_path, flags, message):
-    with pytest.raises(utils.UserError, match=re.escape(message)):
+    with pytest.raises(errors.UserError, match=re.escape(message)):
         run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
                    "--output_dir", tmp_path, *flags)
     assert not (tmp_path / "linear_checkpoint.pth").exists()
 
 
 def test_evaluate_without_a_saved_head_is_a_clear_error(tiny_sparo_checkpoint, tmp_path):
-    with pytest.raises(utils.UserError, match="linear_checkpoint.pth does not exist"):
+    with pytest.raises(errors.UserError, match="linear_checkpoint.pth does not exist"):
         run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
                    "--output_dir", tmp_path, "--evaluate")
 
@@ -317,7 +319,7 @@ def test_heldout_rows_are_seeded_and_never_trained_on():
     assert torch.equal(held, eval_linear.holdout_split(1000, 0.1, seed=3)[1])
     assert not torch.equal(held, eval_linear.holdout_split(1000, 0.1, seed=4)[1])
     assert [len(part) for part in eval_linear.holdout_split(3, 0.1, seed=0)] == [2, 1]  # a tiny set holds one out
-    with pytest.raises(utils.UserError, match="leaves 1 held out and 0 to train on"):
+    with pytest.raises(errors.UserError, match="leaves 1 held out and 0 to train on"):
         eval_linear.holdout_split(1, 0.1, seed=0)
     features, labels = torch.arange(1000.0)[:, None], torch.arange(1000)
     batches = eval_linear.CachedBatches(features, labels, torch.arange(1000), train, 1000, 64, seed=0)
@@ -328,7 +330,7 @@ def test_heldout_rows_are_seeded_and_never_trained_on():
 def test_choose_head_takes_the_best_heldout_and_skips_retired_heads():
     assert eval_linear.choose_head([50.0, 70.0, 70.0, 60.0]) == 1
     assert eval_linear.choose_head([None, 10.0, None]) == 1
-    with pytest.raises(utils.UserError, match="every head of the learning-rate grid diverged"):
+    with pytest.raises(errors.UserError, match="every head of the learning-rate grid diverged"):
         eval_linear.choose_head([None, None])
 
 
@@ -356,7 +358,7 @@ def test_grid_resumes_and_evaluates_its_chosen_head(tiny_sparo_checkpoint, tmp_p
     assert {row["n_last_blocks"] for row in result["grid"]} == {None}
     evaluated = run_linear(*common, "--evaluate")
     assert f"Accuracy of the network on the 360 test images: {result['top1']:.1f}%" in evaluated
-    with pytest.raises(utils.UserError, match="another grid"):
+    with pytest.raises(errors.UserError, match="another grid"):
         run_linear(*common, "--evaluate", "--lr_grid", "0.1", "1")
 
 
@@ -366,7 +368,7 @@ def test_grid_resumes_and_evaluates_its_chosen_head(tiny_sparo_checkpoint, tmp_p
     (["--holdout_fraction", "1"], "leaves no training image"),
 ])
 def test_grid_refusals(tiny_sparo_checkpoint, tmp_path, flags, message):
-    with pytest.raises(utils.UserError, match=re.escape(message)):
+    with pytest.raises(errors.UserError, match=re.escape(message)):
         run_linear("--pretrained_weights", tiny_sparo_checkpoint, "--data_path", "digits",
                    "--output_dir", tmp_path, *flags)
 

@@ -7,10 +7,12 @@ import pytest
 import timm
 import torch
 
+import errors
 import export
 import timm_models  # noqa: F401 - registers the timm names
 import utils
 import vision_transformer as vits
+import weight_files
 from bench.dino_original import DEFAULT_DINO_REPO, load_dino
 from helpers import REPO, Payload, cls_vit_tiny, dino_vit_tiny, needs_dino
 
@@ -46,7 +48,7 @@ def cpu_recipe_checkpoint(tmp_path, readout="sparo"):
 
 def test_trained_checkpoint_exports_to_files_every_loader_reads(tiny_sparo_checkpoint, tmp_path):
     out = export_to(tmp_path, tiny_sparo_checkpoint)
-    teacher, config = utils.load_backbone(str(tiny_sparo_checkpoint))
+    teacher, config = weight_files.load_backbone(str(tiny_sparo_checkpoint))
     images = torch.randn(3, 3, 16, 16)
     expected = features(teacher, images)
     meta = json.loads((out / "config.json").read_text())
@@ -58,7 +60,7 @@ def test_trained_checkpoint_exports_to_files_every_loader_reads(tiny_sparo_check
     assert meta["model_config"] == config and meta["num_features"] == 256
     for name in ("model.safetensors", "backbone.pth"):
         path = str(out / name)
-        loaded, loaded_config = utils.load_backbone(path)  # what eval_knn/eval_linear call
+        loaded, loaded_config = weight_files.load_backbone(path)  # what eval_knn/eval_linear call
         assert loaded_config == config
         torch.testing.assert_close(features(loaded, images), expected, rtol=0, atol=0)
         torch.testing.assert_close(features(hub_load("sparo_vit_tiny", pretrained_weights=path), images),
@@ -81,7 +83,7 @@ def test_student_export_and_cpu_recipe_shapes(tmp_path):
     images = torch.randn(2, 3, 28, 28)
     # sparo_norm=global cannot be read from the shapes: it travels in both files
     for name in ("model.safetensors", "backbone.pth"):
-        loaded, config = utils.load_backbone(str(out / name))
+        loaded, config = weight_files.load_backbone(str(out / name))
         assert config["sparo_norm"] == "global"
         torch.testing.assert_close(features(loaded, images), features(student, images), rtol=0, atol=0)
     model = timm.create_model("vit_nano_patch7_28_sparo", pretrained=True,
@@ -95,11 +97,11 @@ def test_student_export_and_cpu_recipe_shapes(tmp_path):
 
 
 def test_timm_reads_a_weight_file_once_through_utils(tmp_path, monkeypatch):
-    """timm's path shares the one reader (utils.read_backbone) and does not read the file again."""
+    """timm's path shares the one reader (weight_files.read_backbone) and does not read the file again."""
     path, _, teacher = cpu_recipe_checkpoint(tmp_path)
     reads = []
-    real = utils.load_checkpoint
-    monkeypatch.setattr(utils, "load_checkpoint", lambda file: reads.append(file) or real(file))
+    real = weight_files.load_checkpoint
+    monkeypatch.setattr(weight_files, "load_checkpoint", lambda file: reads.append(file) or real(file))
     monkeypatch.setattr(timm.models._builder, "load_state_dict",
                         lambda *args, **kwargs: pytest.fail("timm read the weight file again"))
     model = timm.create_model("vit_nano_patch7_28_sparo", pretrained=True,
@@ -121,7 +123,7 @@ def test_control_exports_load_back_with_their_readout(tmp_path, readout, width):
     expected = features(teacher, images)
     assert expected.shape == (2, width)
     for name in ("model.safetensors", "backbone.pth"):
-        loaded, config = utils.load_backbone(str(out / name))
+        loaded, config = weight_files.load_backbone(str(out / name))
         assert config["readout"] == loaded.readout == readout
         torch.testing.assert_close(features(loaded, images), expected, rtol=0, atol=0)
     model = timm.create_model(meta["architecture"], pretrained=True,
@@ -151,8 +153,8 @@ def test_safetensors_loading_never_unpickles(tmp_path):
     marker = tmp_path / "ran"
     fake = tmp_path / "model.safetensors"
     fake.write_bytes(pickle.dumps({"pos_embed": Payload(marker)}))
-    with pytest.raises(utils.UserError, match="cannot be read as safetensors"):
-        utils.load_backbone(str(fake))
+    with pytest.raises(errors.UserError, match="cannot be read as safetensors"):
+        weight_files.load_backbone(str(fake))
     assert not marker.exists()
 
 

@@ -1,4 +1,4 @@
-"""One failing rank ends every rank within seconds (utils.FailureWatch), whatever launched
+"""One failing rank ends every rank within seconds (failure_watch.FailureWatch), whatever launched
 them: two plain processes joined in a gloo group, as srun starts them (no torchrun agent to
 stop the others)."""
 import json
@@ -19,6 +19,8 @@ from helpers import REPO, TINY_TRAIN_ARGS, run_two_gloo_ranks
 FAILING_RANK = """
 import atexit, os, sys, time
 import torch
+import errors
+import failure_watch
 import main_dino_sparo
 import utils
 
@@ -34,7 +36,7 @@ def forward_or_fail(self, *args, **kwargs):
     return loss_forward(self, *args, **kwargs)
 
 main_dino_sparo.DINOLoss.forward = forward_or_fail
-utils.run_main(main_dino_sparo.main)
+errors.run_main(main_dino_sparo.main)
 """
 
 
@@ -86,6 +88,8 @@ def _long_computation_on_rank_0(out, share):
     from pathlib import Path
 
     import torch.distributed as dist
+    import errors
+    import failure_watch
     import utils
 
     rank = int(os.environ["RANK"])
@@ -116,6 +120,8 @@ def test_a_computation_on_rank_0_may_outlast_the_collective_timeout(tmp_path):
     """utils.result_from_main: the other ranks wait on the store, so a long selection on rank 0
     (eval_knn --select_slots over ImageNet) is not cut off by the 30-min collective timeout;
     here a 3-s computation under a 2-s timeout."""
+    import errors
+    import failure_watch
     import utils
 
     run_two_gloo_ranks(_long_computation_on_rank_0, str(tmp_path), utils.result_from_main)

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import datasets
+import devices
+import errors
 import eval_knn
 import features as feats
 import knn
@@ -50,7 +52,7 @@ def _set_up_rank(output_dirs, results, save_to):
         if save_to and rank == 0:  # a checkpoint at epoch 1 for the resume case
             torch.save(main_dino_sparo.checkpoint_state(models, optimisation, 0, args, [{"epoch": 0}]),
                        Path(save_to) / "checkpoint.pth")
-    except utils.UserError as error:
+    except errors.UserError as error:
         (Path(results) / f"rank{rank}.err").write_text(str(error))
     finally:
         utils.cleanup_distributed()
@@ -100,7 +102,7 @@ def test_bf16_only_from_compute_capability_8(monkeypatch, capability, dtype):
     args = argparse.Namespace(device=torch.device("cuda", 0), use_fp16=True, cpu_bf16=False)
     _, scaler = main_dino_sparo.autocast_context(args)
     assert scaler.is_enabled() == (dtype == torch.float16)  # loss scaling with fp16 only
-    assert utils.amp_dtype(args.device) == dtype
+    assert devices.amp_dtype(args.device) == dtype
     seen = {}
     monkeypatch.setattr(torch, "autocast", lambda device, dtype: seen.update(dtype=dtype))
     feats.feature_autocast(args.device, True)  # the evaluation scripts' choice
@@ -148,29 +150,29 @@ def test_prototype_logits_are_fp32_under_autocast(dtype):
 # ------------------------------------------------------------------ 4: --device
 def test_arch_support_rules():
     build = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14.1+cu130
-    assert utils.arch_supported((8, 9), build)  # L4/L40S run the sm_86 cubins
-    assert utils.arch_supported((9, 0), build) and utils.arch_supported((12, 1), build)
-    assert not utils.arch_supported((7, 0), build)  # V100
-    assert not utils.arch_supported((6, 0), build)
-    assert utils.arch_supported((7, 0), ["sm_80", "compute_70"])  # PTX JIT-compiles upwards
-    assert not utils.arch_supported((9, 1), ["sm_90a"])  # arch-specific: its own GPU only
+    assert devices.arch_supported((8, 9), build)  # L4/L40S run the sm_86 cubins
+    assert devices.arch_supported((9, 0), build) and devices.arch_supported((12, 1), build)
+    assert not devices.arch_supported((7, 0), build)  # V100
+    assert not devices.arch_supported((6, 0), build)
+    assert devices.arch_supported((7, 0), ["sm_80", "compute_70"])  # PTX JIT-compiles upwards
+    assert not devices.arch_supported((9, 1), ["sm_90a"])  # arch-specific: its own GPU only
 
 
 def test_visible_gpus_without_cuda_are_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(utils, "_nvidia_smi_gpus", lambda: "Tesla V100-SXM2-32GB (capability 7.0, driver 535.1) x8")
+    monkeypatch.setattr(devices, "_nvidia_smi_gpus", lambda: "Tesla V100-SXM2-32GB (capability 7.0, driver 535.1) x8")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(utils.UserError, match=r"CUDA_VISIBLE_DEVICES=0,1.*V100.*capability 7.0.*CUDA 13"):
-        utils.resolve_use_cuda("auto")
-    assert utils.resolve_use_cuda("cpu") is False
+    with pytest.raises(errors.UserError, match=r"CUDA_VISIBLE_DEVICES=0,1.*V100.*capability 7.0.*CUDA 13"):
+        devices.resolve_use_cuda("auto")
+    assert devices.resolve_use_cuda("cpu") is False
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose: CPU is right
-    assert utils.resolve_use_cuda("auto") is False
-    with pytest.raises(utils.UserError, match="--device cuda"):
-        utils.resolve_use_cuda("cuda")
+    assert devices.resolve_use_cuda("auto") is False
+    with pytest.raises(errors.UserError, match="--device cuda"):
+        devices.resolve_use_cuda("cuda")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")  # the launcher asked for GPUs
-    with pytest.raises(utils.UserError, match="SLURM_GPUS_ON_NODE=8"):
-        utils.resolve_use_cuda("auto")
+    with pytest.raises(errors.UserError, match="SLURM_GPUS_ON_NODE=8"):
+        devices.resolve_use_cuda("auto")
 
 
 def test_gpu_missing_from_the_build_is_an_error(monkeypatch):
@@ -179,10 +181,10 @@ def test_gpu_missing_from_the_build_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
-    with pytest.raises(utils.UserError, match=r"V100.*capability 7\.0.*not supported by torch .*CUDA"):
-        utils.resolve_use_cuda("auto")
+    with pytest.raises(errors.UserError, match=r"V100.*capability 7\.0.*not supported by torch .*CUDA"):
+        devices.resolve_use_cuda("auto")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
-    assert utils.resolve_use_cuda("auto") is True
+    assert devices.resolve_use_cuda("auto") is True
 
 
 # ------------------------------------------------------------ 5: every rank's errors
@@ -262,7 +264,7 @@ def test_multi_node_list_without_scontrol_is_an_error(clean_env):
                             SLURM_JOB_NODELIST="gpu[07-08]").items():
         clean_env.setenv(name, value)
     clean_env.setattr(subprocess, "run", _no_scontrol)
-    with pytest.raises(utils.UserError, match=r"gpu\[07-08\].*MASTER_ADDR"):
+    with pytest.raises(errors.UserError, match=r"gpu\[07-08\].*MASTER_ADDR"):
         utils.init_distributed_mode(argparse.Namespace(device="cpu"))
 
 
@@ -277,12 +279,12 @@ def test_nccl_gets_its_device_and_two_ranks_never_share_a_gpu(clean_env):
     assert calls[0]["backend"] == "nccl" and calls[0]["device_id"] == torch.device("cuda", 3)
 
     clean_env.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on a node with 4 GPUs: on every rank
-    with pytest.raises(utils.UserError, match=r"8 processes on this node but only 4 visible GPU\(s\)"):
+    with pytest.raises(errors.UserError, match=r"8 processes on this node but only 4 visible GPU\(s\)"):
         utils.init_distributed_mode(argparse.Namespace(device="auto"))
     fake_gpus(clean_env, 1)  # torchrun --nproc_per_node 2 on a 1-GPU host (the old gloo tests)
     for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
         clean_env.setenv(name, value)
-    with pytest.raises(utils.UserError, match="two ranks would share a GPU"):
+    with pytest.raises(errors.UserError, match="two ranks would share a GPU"):
         utils.init_distributed_mode(argparse.Namespace(device="auto"))
 
 
@@ -308,7 +310,7 @@ def test_first_step_cuda_oom_is_one_line_with_a_batch_that_fits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda *a: argparse.Namespace(total_memory=32 * 2**30))
     args = argparse.Namespace(device=torch.device("cuda", 0), batch_size_per_gpu=64)
-    with pytest.raises(utils.UserError) as caught:
+    with pytest.raises(errors.UserError) as caught:
         with main_dino_sparo.explain_out_of_memory(args, first_step=True):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 ...")
     message = str(caught.value)
@@ -362,16 +364,16 @@ def test_tf32_for_training_and_probe_but_never_for_knn(monkeypatch):
                  bench=torch.backends.cudnn.benchmark)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        utils.enable_fast_fp32(torch.device("cpu"))
+        devices.enable_fast_fp32(torch.device("cpu"))
         assert not torch.backends.cuda.matmul.allow_tf32  # nothing changes on CPU
-        utils.enable_fast_fp32(torch.device("cuda", 0))
+        devices.enable_fast_fp32(torch.device("cuda", 0))
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.benchmark
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flags["matmul"]
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags["cudnn"], flags["bench"]
     for script in ("main_dino_sparo.py", "eval_linear.py"):
-        assert "utils.enable_fast_fp32(args.device)" in (REPO / script).read_text()
+        assert "devices.enable_fast_fp32(args.device)" in (REPO / script).read_text()
     assert "enable_fast_fp32" not in (REPO / "eval_knn.py").read_text()  # exact fp32 similarities
 
 
@@ -463,7 +465,7 @@ def test_gpu_check_needs_the_dino_code_and_a_usable_gpu(tmp_path):
     # A machine without NVIDIA device files: a GPU named in CUDA_VISIBLE_DEVICES cannot be used there
     # (this process never sees a GPU: conftest hides them from CPU tests, so device_count() is 0 on a
     # GPU machine too).
-    if utils.gpus_expected({}) is None:
+    if devices.gpus_expected({}) is None:
         process = run_gpu_check(tmp_path, "--dry", CUDA_VISIBLE_DEVICES="0")  # a GPU that CUDA cannot use
         assert process.returncode == 1 and "FAIL: GPUs visible but unusable" in process.stdout
         assert "error: GPUs are expected (CUDA_VISIBLE_DEVICES=0)" in process.stderr
@@ -489,6 +491,8 @@ def test_cpu_tests_never_see_a_gpu(monkeypatch):
 # ------------------------------------------------- leaving the group frees gloo's threads
 LEAVE_GROUP_SCRIPT = """
 import os, sys
+import devices
+import errors
 import utils
 import torch.distributed as dist
 def threads(): return len(os.listdir("/proc/self/task"))

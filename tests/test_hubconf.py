@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import datasets
+import errors
 import main_dino_sparo as dino
 import utils
 import vision_transformer as vits
@@ -69,7 +70,7 @@ def test_random_model_is_the_training_scripts_teacher_backbone():
 
 def test_sparo_entry_loads_a_training_checkpoint(tiny_sparo_checkpoint):
     checkpoint = torch.load(tiny_sparo_checkpoint, map_location="cpu", weights_only=True)
-    # Independent of utils.load_backbone: the training script's teacher with the saved weights.
+    # Independent of weight_files.load_backbone: the training script's teacher with the saved weights.
     _, teacher, _, _ = dino.build_student_teacher(tiny_args())
     teacher.load_state_dict(checkpoint["teacher"], strict=True)
     reference = teacher.backbone.eval()
@@ -86,11 +87,11 @@ def test_sparo_entry_loads_a_training_checkpoint(tiny_sparo_checkpoint):
         assert not torch.allclose(random(x), model(x))
     # Model arguments that agree with the checkpoint are accepted; others are refused.
     hub_load("sparo_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint), patch_size=4, sparo_slots=16)
-    with pytest.raises(utils.UserError, match="with sparo_slots=16, but sparo_slots=64"):
+    with pytest.raises(errors.UserError, match="with sparo_slots=16, but sparo_slots=64"):
         hub_load("sparo_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint), sparo_slots=64)
-    with pytest.raises(utils.UserError, match="with arch='vit_tiny', but arch='vit_small'"):
+    with pytest.raises(errors.UserError, match="with arch='vit_tiny', but arch='vit_small'"):
         hub_load("sparo_vit_small", pretrained_weights=str(tiny_sparo_checkpoint))
-    with pytest.raises(utils.UserError, match="with readout='sparo', but readout='cls'"):
+    with pytest.raises(errors.UserError, match="with readout='sparo', but readout='cls'"):
         hub_load("dino_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint))
     # Extra model arguments rebuild the model around the same weights.
     with_drop_path = hub_load("sparo_vit_tiny", pretrained_weights=str(tiny_sparo_checkpoint),
@@ -111,7 +112,7 @@ def test_control_entries_load_their_training_checkpoints(tiny_control_checkpoint
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     assert model.readout == readout
-    with pytest.raises(utils.UserError, match=f"with readout='{readout}', but readout='cls'"):
+    with pytest.raises(errors.UserError, match=f"with readout='{readout}', but readout='cls'"):
         hub_load("dino_vit_tiny", pretrained_weights=str(tiny_control_checkpoint))
     random = hub_load(f"{readout}_vit_small")
     assert len(random.blocks) == 12 and random.num_features == (4096 if readout == "cls_proj" else 384)
@@ -134,7 +135,7 @@ def test_cls_entries_load_official_dino_layouts(tmp_path, layout):
         for entry in ("dino_vits16", "dino_vit_small"):
             model = hub_load(entry, pretrained_weights=str(path)).eval()
             torch.testing.assert_close(model(x), expected)
-    with pytest.raises(utils.UserError, match="with patch_size=16, but patch_size=8"):
+    with pytest.raises(errors.UserError, match="with patch_size=16, but patch_size=8"):
         hub_load("dino_vits8", pretrained_weights=str(path))
     with pytest.raises(ValueError, match="patch size 16, not 8"):
         hub_load("dino_vits16", patch_size=8, pretrained=False)

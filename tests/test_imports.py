@@ -12,11 +12,12 @@ from helpers import REPO
 # Lowest first; a module may import only modules of lower layers. The layering
 # sparo_head <- vision_transformer <- utils <- {datasets, augmentations} <- {features, knn,
 # warm_start, timm_models, run folder, tensorboard_log, knn_monitor, ...} <- scripts, with the sets
-# split where one member builds on another.
+# split where one member builds on another, and errors (UserError) under everything.
 LAYERS: List[List[str]] = [
-    ["sparo_head"],
+    ["errors"],
+    ["sparo_head", "config_files", "devices", "failure_watch"],
     ["vision_transformer"],
-    ["utils"],
+    ["utils", "weight_files"],  # utils sets up processes with devices and failure_watch
     ["datasets"],
     ["augmentations"],  # draws its test images from datasets
     ["features", "warm_start", "timm_models", "run_record", "tensorboard_log", "slot_drawing"],

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+import devices
 import knn_monitor
 import main_dino_sparo
 import plot_runs
-import utils
 from helpers import TINY_TRAIN_ARGS, read_log, run_script
 
 EVAL_ARGS = ["--eval_every", "1", "--eval_data_path", "digits", "--eval_train_subset", "600",
@@ -93,7 +93,7 @@ def test_exact_fp32_inside_and_the_callers_settings_after():
         for before in [(True, True), (False, True), (False, False)]:  # (True, ...): training's
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
             for allowed in (False, True):
-                with pytest.raises(KeyError), utils.tf32_allowed(allowed):
+                with pytest.raises(KeyError), devices.tf32_allowed(allowed):
                     assert tf32_flags() == (allowed, allowed)
                     raise KeyError  # restored on the way out of an error too
                 assert tf32_flags() == before
@@ -112,7 +112,7 @@ def test_the_monitor_measures_in_exact_fp32_while_training_runs_in_tf32():
         seen.append(tf32_flags())
         return images.flatten(1)
 
-    with utils.tf32_allowed(True):  # what enable_fast_fp32 sets for training on a GPU
+    with devices.tf32_allowed(True):  # what enable_fast_fp32 sets for training on a GPU
         result = monitor.measure(raw_pixels)
         assert tf32_flags() == (True, True)
     assert seen and set(seen) == {(False, False)}

@@ -1,4 +1,4 @@
-"""Strict weight loading (utils.load_backbone) as the evaluation scripts use it: official DINO
+"""Strict weight loading (weight_files.load_backbone) as the evaluation scripts use it: official DINO
 layouts for the CLS read-out, this project's SPARO checkpoints, and clear errors otherwise."""
 import argparse
 import json
@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
+import errors
 import eval_knn
 import eval_linear
-import utils
 import vision_transformer as vits
+import weight_files
 from helpers import run_script
 
 class NotATensor:
@@ -40,7 +41,7 @@ def test_bare_dino_named_cls_state_dict_loads_strictly(tmp_path):
     reference = cls_backbone(1)
     path = tmp_path / "dino_vittiny4_pretrain.pth"
     torch.save(reference.state_dict(), path)
-    model, config = utils.load_backbone(str(path))
+    model, config = weight_files.load_backbone(str(path))
     assert config["readout"] == "cls" and config["arch"] == "vit_tiny"
     assert config["patch_size"] == 4 and config["img_size"] == 16
     assert_same_weights(model, reference)
@@ -63,28 +64,28 @@ def test_official_full_checkpoint_with_namespace_args_and_prefixes(tmp_path):
         dino_loss={"center": torch.zeros(1, 64)})
     path = tmp_path / "checkpoint.pth"
     torch.save(checkpoint, path)
-    loaded_teacher, _ = utils.load_backbone(str(path), "teacher")
+    loaded_teacher, _ = weight_files.load_backbone(str(path), "teacher")
     assert_same_weights(loaded_teacher, teacher)
-    loaded_student, _ = utils.load_backbone(str(path), "student")
+    loaded_student, _ = weight_files.load_backbone(str(path), "student")
     assert_same_weights(loaded_student, student)
 
 
 def test_sparo_checkpoint_into_a_cls_model_fails_clearly(tiny_sparo_checkpoint, tmp_path):
     # asked for a CLS backbone
-    with pytest.raises(utils.UserError, match="with readout='sparo', but readout='cls'"):
-        utils.load_backbone(str(tiny_sparo_checkpoint), expected={"readout": "cls"})
+    with pytest.raises(errors.UserError, match="with readout='sparo', but readout='cls'"):
+        weight_files.load_backbone(str(tiny_sparo_checkpoint), expected={"readout": "cls"})
     # a checkpoint whose configuration says CLS but whose weights are SPARO's
-    checkpoint = utils.load_checkpoint(tiny_sparo_checkpoint)
+    checkpoint = weight_files.load_checkpoint(tiny_sparo_checkpoint)
     config = {**checkpoint["model_config"], "readout": "cls"}
     torch.save({**checkpoint, "model_config": config}, tmp_path / "mislabelled.pth")
-    with pytest.raises(utils.UserError, match=r"unexpected keys: .*sparo\.") as error:
-        utils.load_backbone(str(tmp_path / "mislabelled.pth"))
+    with pytest.raises(errors.UserError, match=r"unexpected keys: .*sparo\.") as error:
+        weight_files.load_backbone(str(tmp_path / "mislabelled.pth"))
     assert "readout=cls" in str(error.value)
     # and the other way round: SPARO configuration, SPARO weights missing
     state = {k: v for k, v in checkpoint["teacher"].items() if ".sparo." not in k}
     torch.save({**checkpoint, "teacher": state}, tmp_path / "no_sparo.pth")
-    with pytest.raises(utils.UserError, match=r"missing keys: .*sparo\."):
-        utils.load_backbone(str(tmp_path / "no_sparo.pth"))
+    with pytest.raises(errors.UserError, match=r"missing keys: .*sparo\."):
+        weight_files.load_backbone(str(tmp_path / "no_sparo.pth"))
 
 
 def test_the_scripts_report_the_readout_mismatch(tiny_sparo_checkpoint):
@@ -103,7 +104,7 @@ def test_the_scripts_report_the_readout_mismatch(tiny_sparo_checkpoint):
 def test_wrong_architecture_or_key_is_a_clear_error(tiny_sparo_checkpoint, tmp_path, script,
                                                     flags, message):
     output = ["--output_dir", str(tmp_path)] if script is eval_linear else []
-    with pytest.raises(utils.UserError, match=re.escape(message)):
+    with pytest.raises(errors.UserError, match=re.escape(message)):
         script.main(["--pretrained_weights", str(tiny_sparo_checkpoint), "--data_path", "digits",
                      *output, *flags])
 
@@ -112,7 +113,7 @@ def test_control_checkpoint_reloads_as_itself_and_eval_knn_evaluates_it(tiny_con
     """gap's weights alone would read as cls: the checkpoint's model_config keeps it gap."""
     checkpoint = torch.load(tiny_control_checkpoint, map_location="cpu", weights_only=True)
     readout = checkpoint["model_config"]["readout"]
-    model, config = utils.load_backbone(str(tiny_control_checkpoint))
+    model, config = weight_files.load_backbone(str(tiny_control_checkpoint))
     assert model.readout == config["readout"] == readout and len(model.blocks) == 12
     assert model.num_features == (256 if readout == "cls_proj" else 192)
     teacher = {k[len("backbone."):]: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")}
@@ -131,15 +132,15 @@ def test_wrong_arch_for_an_inferred_configuration(tmp_path):
     """Files without a model_config (official DINO ones): the shapes decide, --arch is checked."""
     path = tmp_path / "backbone.pth"
     torch.save(cls_backbone(4).state_dict(), path)
-    with pytest.raises(utils.UserError, match="arch='vit_small' was asked for"):
-        utils.load_backbone(str(path), expected={"arch": "vit_small"})
-    model, _ = utils.load_backbone(str(path), expected={"arch": "vit_tiny", "patch_size": 4})
+    with pytest.raises(errors.UserError, match="arch='vit_small' was asked for"):
+        weight_files.load_backbone(str(path), expected={"arch": "vit_small"})
+    model, _ = weight_files.load_backbone(str(path), expected={"arch": "vit_tiny", "patch_size": 4})
     assert model.readout == "cls"
 
 
 def test_missing_or_unsafe_files_are_refused(tmp_path):
-    with pytest.raises(utils.UserError, match="does not exist"):
-        utils.load_backbone(str(tmp_path / "nothing.pth"))
+    with pytest.raises(errors.UserError, match="does not exist"):
+        weight_files.load_backbone(str(tmp_path / "nothing.pth"))
     torch.save({"teacher": {}, "evil": NotATensor()}, tmp_path / "unsafe.pth")
-    with pytest.raises(utils.UserError, match="refused by safe loading"):
-        utils.load_backbone(str(tmp_path / "unsafe.pth"))
+    with pytest.raises(errors.UserError, match="refused by safe loading"):
+        weight_files.load_backbone(str(tmp_path / "unsafe.pth"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import errors
 import plot_runs
-import utils
 from helpers import TINY_TRAIN_ARGS, run_script
 
 
@@ -23,7 +23,7 @@ def test_missing_and_empty_logs_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "log.txt").write_text("")
     for folder, message in (("nowhere", "has no log.txt"), ("empty", "is empty")):
-        with pytest.raises(utils.UserError, match=message):
+        with pytest.raises(errors.UserError, match=message):
             plot_runs.main([str(tmp_path / folder), "--output", str(tmp_path / "runs.png")])
     assert not (tmp_path / "runs.png").exists()
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
-import utils
+import weight_files
 from helpers import REPO, needs_fashion_mnist, run_script
 
 pytestmark = needs_fashion_mnist
@@ -173,7 +173,7 @@ def test_untrained_networks_have_each_variants_architecture(tmp_path):
 
     path = tmp_path / "untrained.pth"
     quality.save_untrained(path, configs["sparo_L16_V256"], seed=0)
-    backbone, config = utils.load_backbone(str(path))
+    backbone, config = weight_files.load_backbone(str(path))
     assert config["sparo_slots"] == 16 and backbone.num_features == 16 * 256
     again = tmp_path / "again.pth"
     quality.save_untrained(again, configs["sparo_L16_V256"], seed=0)  # same seed, same network

@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 
 import datasets
+import errors
 import main_dino_sparo as dino
 import utils
+import weight_files
 from helpers import REPO, TINY_TRAIN_ARGS, Payload, read_log, run_script
 
 EPOCHS = 3
@@ -180,7 +182,7 @@ def run_in_process(argv):
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            utils.run_main(lambda: dino.main([str(a) for a in argv]))
+            errors.run_main(lambda: dino.main([str(a) for a in argv]))
             status = 0
         except SystemExit as stop:
             status = stop.code
@@ -263,8 +265,8 @@ def test_hostile_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     assert process.returncode == 2 and "none is readable" in process.stderr
     assert not marker.exists()
     assert before == after
-    with pytest.raises(utils.UserError, match="refused by safe loading"):
-        utils.load_checkpoint(tmp_path / "out" / "checkpoint.pth")
+    with pytest.raises(errors.UserError, match="refused by safe loading"):
+        weight_files.load_checkpoint(tmp_path / "out" / "checkpoint.pth")
     assert not marker.exists()
 
 
@@ -307,7 +309,7 @@ def test_unreadable_images_are_skipped_in_pretraining(tmp_path):
 def test_evaluation_data_fails_on_unreadable_image_with_its_name(tmp_path):
     write_images(tmp_path / "val" / "a", count=2, bad=["broken.png"])
     dataset = datasets.build_dataset(str(tmp_path), "test")
-    with pytest.raises(utils.UserError, match="broken.png"):
+    with pytest.raises(errors.UserError, match="broken.png"):
         [dataset[i] for i in range(len(dataset))]
 
 
@@ -327,7 +329,7 @@ def test_image_modes_load_as_8bit_rgb(tmp_path):
 def test_missing_fashion_mnist_says_how_to_install(monkeypatch):
     monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", ("/nonexistent",))
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
-    with pytest.raises(utils.UserError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(errors.UserError, match="apt-get install dataset-fashion-mnist"):
         datasets.build_dataset("fashion_mnist", "train")
 
 

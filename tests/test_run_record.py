@@ -5,6 +5,7 @@ import json
 import torch
 import yaml
 
+import config_files
 import main_dino_sparo as dino
 import run_record
 import utils
@@ -14,7 +15,7 @@ def test_first_run_writes_config_that_reloads_to_the_same_flags(tiny_sparo_check
     out = tiny_sparo_checkpoint.parent
     saved_args = torch.load(tiny_sparo_checkpoint, map_location="cpu", weights_only=True)["args"]
     parser = argparse.ArgumentParser("SPARO-DINO", parents=[dino.get_args_parser()])
-    reloaded = vars(utils.parse_args_with_config(parser, ["--config", str(out / "config.yaml")]))
+    reloaded = vars(config_files.parse_args_with_config(parser, ["--config", str(out / "config.yaml")]))
     flags = yaml.safe_load((out / "config.yaml").read_text())
     assert flags["subset"] == 256 and flags["arch"] == "vit_tiny" and flags["device"] == "cpu"
     # every flag of the run, as the checkpoint saved it, comes back from --config

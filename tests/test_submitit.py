@@ -13,8 +13,9 @@ import pytest
 import torch
 from submitit.core.utils import DelayedSubmission
 
+import errors
 import run_with_submitit
-import utils
+import weight_files
 from helpers import REPO, TINY_TRAIN_ARGS, read_log
 
 # TINY_TRAIN_ARGS on 64 images in batches of 16: 4 iterations per epoch for one task.
@@ -40,7 +41,7 @@ def test_a_job_launched_from_another_folder_runs(tmp_path):
     process = launch(*LOCAL_CPU, *SMALL_TRAIN_ARGS, "--epochs", "1", "--output_dir", tmp_path / "run",
                      cwd=elsewhere)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    assert utils.load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 1
+    assert weight_files.load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 1
 
 
 def job_task_pids(folder):
@@ -119,7 +120,7 @@ def test_preempted_local_job_requeues_and_resumes(tmp_path):
     assert 1 <= int(resumed[0][1]) < epochs
     # Every epoch trained exactly once across the two runs, and training finished.
     assert [record["epoch"] for record in read_log(output_dir / "log.txt")] == list(range(epochs))
-    assert utils.load_checkpoint(output_dir / "checkpoint.pth")["epoch"] == epochs
+    assert weight_files.load_checkpoint(output_dir / "checkpoint.pth")["epoch"] == epochs
     assert f"finished: {output_dir}/checkpoint.pth" in stdout
 
 
@@ -135,7 +136,7 @@ def two_task_checkpoint(tmp_path_factory):
 @pytest.mark.slow
 def test_local_job_with_two_cpu_tasks_trains(two_task_checkpoint):
     out, stdout = two_task_checkpoint
-    checkpoint = utils.load_checkpoint(out / "checkpoint.pth")
+    checkpoint = weight_files.load_checkpoint(out / "checkpoint.pth")
     assert checkpoint["epoch"] == 1
     assert checkpoint["args"]["world_size"] == 2 and checkpoint["args"]["distributed"]
     assert checkpoint["args"]["device"] == "cpu"
@@ -207,7 +208,7 @@ def test_slurm_request_matches_the_flags(tmp_path, monkeypatch, capsys):
 ])
 def test_bad_requests_are_refused_before_submitting(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(utils.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         run_with_submitit.main(argv)
     assert not any(tmp_path.iterdir())  # nothing was submitted
 
@@ -241,13 +242,13 @@ def test_flag_ranges_are_checked_by_the_launcher_too(tmp_path, monkeypatch, caps
 
 def test_slurm_cluster_needs_slurm(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
-    with pytest.raises(utils.UserError, match="use --cluster local"):
+    with pytest.raises(errors.UserError, match="use --cluster local"):
         run_with_submitit.main(["--output_dir", str(tmp_path / "out")])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the error on a machine without GPUs")
 def test_local_gpus_must_exist(tmp_path):
-    with pytest.raises(utils.UserError, match="0 CUDA GPU"):
+    with pytest.raises(errors.UserError, match="0 CUDA GPU"):
         run_with_submitit.main(["--cluster", "local", "--ngpus", "1", "--nodes", "1",
                                 "--output_dir", str(tmp_path)])
 

@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 import datasets
+import errors
 import features as feats
 import slot_drawing as drawing
-import utils
 import vision_transformer as vits
 import visualize_slots as vis
+import weight_files
 from helpers import run_script
 
 
@@ -47,7 +48,7 @@ def network_input(path, size):
 
 # ------------------------------------------------------------------ attention computations
 def test_slot_maps_are_the_slot_softmax_laid_out_row_major(tiny_sparo_checkpoint, digit_images):
-    model, config = utils.load_backbone(str(tiny_sparo_checkpoint))
+    model, config = weight_files.load_backbone(str(tiny_sparo_checkpoint))
     model.eval()
     x = network_input(digit_images[1][1], (16, 24))           # 4 x 6 patches, not square
     maps = vis.attention_maps(model, x)
@@ -76,7 +77,7 @@ def test_slot_maps_are_the_slot_softmax_laid_out_row_major(tiny_sparo_checkpoint
 
 
 def test_cls_maps_are_the_cls_query_of_each_head(cls_checkpoint, digit_images):
-    model, config = utils.load_backbone(str(cls_checkpoint))
+    model, config = weight_files.load_backbone(str(cls_checkpoint))
     model.eval()
     x = network_input(digit_images[1][1], (16, 24))
     maps = vis.attention_maps(model, x)
@@ -230,7 +231,7 @@ def test_bad_input_gives_one_clear_line(tiny_sparo_checkpoint, cls_checkpoint, d
          "does not exist"),
     ]
     for argv, message in cases:
-        with pytest.raises(utils.UserError, match=message):
+        with pytest.raises(errors.UserError, match=message):
             vis.main(argv)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -255,7 +256,7 @@ def test_slot_gallery_numbers_match_an_independent_computation(tiny_sparo_checkp
     assert (summary["num_train"], summary["num_test"], summary["k"]) == (800, 200, 20)
 
     # Independent: features and attention straight from the model, k-NN written out here.
-    model, config = utils.load_backbone(str(tiny_sparo_checkpoint))
+    model, config = weight_files.load_backbone(str(tiny_sparo_checkpoint))
     model.eval()
     transform = feats.eval_transform(config["img_size"])
     def encode(split, subset):
@@ -295,7 +296,7 @@ def test_slot_gallery_numbers_match_an_independent_computation(tiny_sparo_checkp
 def test_slot_gallery_refuses_a_cls_checkpoint(cls_checkpoint, tmp_path):
     import slot_gallery
 
-    with pytest.raises(utils.UserError, match="slot_gallery.py needs a SPARO checkpoint"):
+    with pytest.raises(errors.UserError, match="slot_gallery.py needs a SPARO checkpoint"):
         slot_gallery.main(["--pretrained_weights", str(cls_checkpoint), "--data_path", "digits",
                            "--output_dir", str(tmp_path), "--num_workers", "0"])
 
@@ -307,7 +308,7 @@ def test_control_checkpoints_draw_the_last_blocks_heads_and_refuse_slot_options(
     import slot_gallery
 
     _, paths = digit_images
-    model, config = utils.load_backbone(str(tiny_control_checkpoint))
+    model, config = weight_files.load_backbone(str(tiny_control_checkpoint))
     maps = vis.attention_maps(model.eval(), network_input(paths[0], (16, 16)))
     with torch.no_grad():
         expected = model.get_last_selfattention(network_input(paths[0], (16, 16)))[0, :, 0]
@@ -320,10 +321,10 @@ def test_control_checkpoints_draw_the_last_blocks_heads_and_refuse_slot_options(
     assert f"{config['readout']} read-out" in drawing.describe_model(config)
     base = ["--pretrained_weights", str(tiny_control_checkpoint), "--image_path", str(paths[0])]
     for flag, value in (("--top_k", "2"), ("--slots", "0")):
-        with pytest.raises(utils.UserError, match=f"{flag} needs a SPARO checkpoint; this one has "
+        with pytest.raises(errors.UserError, match=f"{flag} needs a SPARO checkpoint; this one has "
                                                   f"readout='{config['readout']}'"):
             vis.main(base + ["--output_dir", str(tmp_path / "o"), flag, value])
-    with pytest.raises(utils.UserError, match="slot_gallery.py needs a SPARO checkpoint"):
+    with pytest.raises(errors.UserError, match="slot_gallery.py needs a SPARO checkpoint"):
         slot_gallery.main(["--pretrained_weights", str(tiny_control_checkpoint), "--data_path", "digits",
                            "--output_dir", str(tmp_path / "g"), "--num_workers", "0"])
 

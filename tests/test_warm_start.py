@@ -4,9 +4,10 @@ the files are made by this project's readout=cls ViT, whose parameter names are 
 import pytest
 import torch
 
-import utils
+import errors
 import vision_transformer as vits
 import warm_start
+import weight_files
 from helpers import TINY_TRAIN_ARGS, cls_vit_tiny, run_script, save_dino_checkpoint
 
 
@@ -92,17 +93,17 @@ def test_position_embeddings_are_resampled_for_another_crop_size(tmp_path):
 
 def test_mismatches_are_one_line_errors(tmp_path):
     torch.save(cls_vit_tiny(patch_size=8).state_dict(), tmp_path / "patch8.pth")
-    with pytest.raises(utils.UserError, match=r"shape mismatch .*patch_embed\.proj\.weight"):
+    with pytest.raises(errors.UserError, match=r"shape mismatch .*patch_embed\.proj\.weight"):
         warm_start.init_backbone(sparo_tiny(), str(tmp_path / "patch8.pth"))
     state = cls_vit_tiny().state_dict()
     torch.save({k: v for k, v in state.items() if not k.startswith("blocks.3.")}, tmp_path / "short.pth")
-    with pytest.raises(utils.UserError, match=r"missing keys: blocks\.3\."):
+    with pytest.raises(errors.UserError, match=r"missing keys: blocks\.3\."):
         warm_start.init_backbone(sparo_tiny(), str(tmp_path / "short.pth"))
     # with all blocks kept there is no block to leave out; a CLS model keeps them all too
     torch.save({**state, "blocks.12.norm1.weight": torch.ones(192)}, tmp_path / "deep.pth")
-    with pytest.raises(utils.UserError, match=r"unexpected keys: blocks\.12\."):
+    with pytest.raises(errors.UserError, match=r"unexpected keys: blocks\.12\."):
         warm_start.init_backbone(sparo_tiny(sparo_keep_all_blocks=True), str(tmp_path / "deep.pth"))
-    with pytest.raises(utils.UserError, match="has no 'teacher' weights"):
+    with pytest.raises(errors.UserError, match="has no 'teacher' weights"):
         torch.save({"model": state, "epoch": 3}, tmp_path / "other.pth")
         warm_start.init_backbone(sparo_tiny(), str(tmp_path / "other.pth"))
 
@@ -116,7 +117,7 @@ def test_training_from_dino_weights_freezes_then_thaws_and_resumes_without_reloa
             "--freeze_backbone_epochs", "1", "--output_dir", out]
     first = run_script("main_dino_sparo.py", *args, "--epochs", "1")
     assert "Warm start from" in first.stdout and "dropped 12 tensors of blocks 11-11" in first.stdout
-    checkpoint = utils.load_checkpoint(out / "checkpoint.pth")
+    checkpoint = weight_files.load_checkpoint(out / "checkpoint.pth")
     dino_state = dino.state_dict()
     for key, value in dino_state.items():
         if not key.startswith("blocks.11."):  # frozen: still DINO's tensors, bit for bit
@@ -131,7 +132,7 @@ def test_training_from_dino_weights_freezes_then_thaws_and_resumes_without_reloa
     second = run_script("main_dino_sparo.py", *args, "--epochs", "2")
     assert "is not applied" in second.stdout and "Warm start from" not in second.stdout
     assert "Resuming from" in second.stdout
-    resumed = utils.load_checkpoint(out / "checkpoint.pth")["student"]
+    resumed = weight_files.load_checkpoint(out / "checkpoint.pth")["student"]
     assert not torch.equal(resumed["backbone.blocks.0.attn.qkv.weight"],
                            dino_state["blocks.0.attn.qkv.weight"])  # thawed in epoch 2
 
