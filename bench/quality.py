@@ -1,6 +1,6 @@
 """Does SPARO beat the CLS read-out? A small, reproducible DINO experiment on Fashion-MNIST.
 
-    python bench/quality.py                        # the full table (about an hour on 2 CPU cores: RESULTS.md)
+    python bench/quality.py                        # the full table (about 2 hours on 2 CPU cores: RESULTS.md)
     python bench/quality.py --quick                # the same pipeline, small (minutes)
     python bench/quality.py --eval_split heldout    # for tuning: never touches the test split
 
