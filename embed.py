@@ -17,7 +17,6 @@ or "unreadable" in the .pt) with the reason.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -102,15 +101,9 @@ def write_output(path: Path, features: np.ndarray, names: List[str], unreadable:
                                model_config=config), path)
         return [path]
     written = [path, path.with_suffix(".txt")]
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    try:
+    with utils.replacing(path) as tmp:  # renamed after the names file, right after it
         np.save(tmp, features)
         utils.atomic_write_text(written[1], "".join(f"{name}\n" for name in names))
-        os.replace(tmp, path)
-    except OSError as error:
-        raise errors.UserError(utils.write_error(path, error)) from error
-    finally:
-        tmp.unlink(missing_ok=True)
     listing = path.with_suffix(".unreadable.txt")
     if unreadable:
         utils.atomic_write_text(listing, "".join(f"{line}\n" for line in unreadable))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -117,15 +116,11 @@ def plot(runs: Sequence[Tuple[str, List[Dict[str, Any]], Dict[str, Any]]], outpu
     figure.legend(handles, labels, loc="upper center", ncol=min(len(runs), 3), fontsize=9,
                   frameon=False)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.06 * ((len(runs) + 2) // 3) * 2 / rows))
-    tmp = output.with_name(f".{output.name}.tmp")
     try:  # exactly the named file (savefig adds .png to a name without a suffix), whole or not at all
-        figure.savefig(tmp, dpi=120, format=output.suffix[1:].lower() or "png")
-        os.replace(tmp, output)
-    except OSError as error:
-        raise errors.UserError(utils.write_error(output, error)) from error
+        with utils.replacing(output) as tmp:
+            figure.savefig(tmp, dpi=120, format=output.suffix[1:].lower() or "png")
     finally:
         plt.close(figure)
-        tmp.unlink(missing_ok=True)
 
 
 def check_output_format(output: Path) -> None:

@@ -3,6 +3,7 @@ optimisation, atomic checkpoints, output folders and progress logging."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -407,26 +408,37 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 
 
 # ========================================================================= checkpoints
+@contextlib.contextmanager
+def replacing(path: str | Path, failures: Tuple[type, ...] = (OSError,)) -> Iterator[Path]:
+    """Write `path` whole or not at all: the block writes the yielded temporary file (same
+    folder, same suffix), which replaces `path` when the block ends without an error. A
+    failure of the kinds given (a full disk, a read-only folder) is a UserError naming `path`,
+    whose previous version is kept; the temporary file never stays behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except failures as error:
+        raise errors.UserError(write_error(path, error)) from error
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, verify, fsync, rename over `path`.
+    """torch.save through `replacing`, verified and fsynced before the rename.
 
     A crash at any moment leaves either the old file or the new one, never a torn file; the
     temporary file is read back (memory-mapped, so cheaply) before it replaces anything.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
+    # a full disk: torch says `unexpected pos` (a RuntimeError)
+    with replacing(path, failures=(OSError, RuntimeError)) as tmp:
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # a full disk: torch says `unexpected pos`
-        raise errors.UserError(write_error(path, error)) from error
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -438,19 +450,10 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename: never a torn file; a
-    full disk is a UserError naming the file, which keeps its previous content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as error:
-        raise errors.UserError(write_error(path, error)) from error
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write a small text file through `replacing`: never a torn file; a full disk is a
+    UserError naming the file, which keeps its previous content."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_error(path: Path, error: BaseException) -> str:
