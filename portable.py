@@ -3,6 +3,7 @@
 weight_files.read_backbone reads them back."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import timm_models
+import utils
 import vision_transformer as vits
 import weight_files
 
@@ -67,17 +69,18 @@ def backbone_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def write_export(model: torch.nn.Module, output_dir: Path,
                  source: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
     """Write model.safetensors, config.json and backbone.pth of a backbone into output_dir, as
-    a set: all three go to temporary files first, then are renamed, the weights before
-    config.json, so that a kill never leaves a config.json beside weights it does not describe
-    (between two renames the weights are new and config.json old: weight_files.config_json_mismatch
-    notices)."""
+    a set: all three go to temporary files first (utils.replacing), then are renamed, the
+    weights before config.json, so that a kill never leaves a config.json beside weights it
+    does not describe (between two renames the weights are new and config.json old:
+    weight_files.config_json_mismatch notices). Write errors are left to the caller."""
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = export_config(model.config, source)
     state = backbone_state(model)
     paths = {"safetensors": output_dir / SAFETENSORS_NAME, "config": output_dir / CONFIG_NAME,
              "pth": output_dir / PTH_NAME}
-    staged = {kind: path.with_name(f".{path.name}.export.tmp") for kind, path in paths.items()}
-    try:
+    with contextlib.ExitStack() as stack:  # renamed on leaving, the last entered first
+        staged = {kind: stack.enter_context(utils.replacing(paths[kind], failures=()))
+                  for kind in ("config", "pth", "safetensors")}
         save_file(state, str(staged["safetensors"]), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
         # DINO's released files are bare backbone state dicts; model_config (plain values) rides
         # along so that settings the shapes cannot tell (sparo_norm) survive. DINO's own loader
@@ -86,10 +89,4 @@ def write_export(model: torch.nn.Module, output_dir: Path,
             torch.save({**state, "model_config": meta["model_config"]}, handle)
         staged["config"].write_text(json.dumps(meta, indent=2) + "\n")
         shutil.copymode(staged["config"], staged["safetensors"])  # safetensors creates it private (0600)
-        for kind in ("safetensors", "pth", "config"):
-            staged[kind].replace(paths[kind])
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
     return paths
-
