@@ -1,6 +1,6 @@
 """Which device a process runs on and what it can do: --device auto|cuda|cpu, the GPU of a
-local rank, whether the torch build runs on the GPUs, the autocast dtype, the CPU's name and
-bf16 support, TF32, peak and total memory."""
+local rank, whether the torch build runs on the GPUs, the one precision rule (autocast dtype,
+TF32), the CPU's name and bf16 support, peak and total memory."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import ContextManager, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -123,12 +123,25 @@ def check_gpu_arch(build: str) -> None:
                             f"{GPU_INSTALL_HINT}")
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """Autocast dtype on a CUDA GPU: bf16 on compute capability 8.0+ (Ampere and newer, native
-    bf16 and flash attention), else fp16 with loss scaling as in DINO. (torch reports bf16
-    as supported on V100/T4 too, but emulated.)"""
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
+def autocast_dtype(device: torch.device, use_fp16: bool, cpu_bf16: bool = False) -> Optional[torch.dtype]:
+    """The one precision rule of network passes: the autocast dtype, None for fp32.
+
+    On CUDA with use_fp16 (--use_fp16): bf16 on compute capability 8.0+ (Ampere and newer,
+    native bf16 and flash attention), else fp16 with loss scaling as in DINO (torch reports
+    bf16 as supported on V100/T4 too, but emulated). On the CPU with cpu_bf16 (--cpu_bf16):
+    bf16 (callers first check cpu_bf16_shortfall: emulated bf16 is far slower than fp32)."""
+    if device.type == "cuda":
+        if not use_fp16:
+            return None
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.bfloat16 if cpu_bf16 else None
+
+
+def autocast(device: torch.device, use_fp16: bool, cpu_bf16: bool = False) -> ContextManager:
+    """Autocast in autocast_dtype's precision, or nothing for fp32."""
+    dtype = autocast_dtype(device, use_fp16, cpu_bf16)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _cpuinfo_field(*names: str) -> str:

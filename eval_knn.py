@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import devices
@@ -93,7 +92,7 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
         check_slot_config(args, config)
         bank_size = len(tensors["train_labels"])
         if args.distributed:
-            bank_size = knn.all_reduce_ints([bank_size], [dist.ReduceOp.SUM])[0]
+            bank_size = int(utils.over_ranks([bank_size]).item())
         check_bank_size(args.nb_knn, bank_size)
         rank, world = shard or (0, 1)
         return tensors, config, torch.arange(rank, bank_size, world), bank_size

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -319,7 +318,7 @@ def train_one_epoch(probes: nn.Module, optimizer: torch.optim.Optimizer, batches
     for inputs, target, *divisor in metric_logger.log_every(batches, args.print_freq, header):
         inputs = inputs.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
-        with torch.no_grad(), feats.feature_autocast(args.device, args.use_fp16):
+        with torch.no_grad(), devices.autocast(args.device, args.use_fp16):
             features = to_features(inputs)
         losses = head_losses(probes(features), target, *divisor)  # CachedBatches give a divisor
         finite = finite_per_entry(losses)
@@ -358,14 +357,10 @@ def retire_head(optimizer: torch.optim.Optimizer, index: int) -> None:
 
 
 def finite_per_entry(values: torch.Tensor) -> torch.Tensor:
-    """Which entries are finite on every process: one all-reduce of the values, in which a NaN
-    or an infinity of any rank survives, so that all ranks decide alike (a rank that stopped
-    alone would leave the others waiting in DDP's next gradient all-reduce)."""
-    total = values.detach().float().reshape(-1)
-    if utils.is_dist_avail_and_initialized():
-        total = total.to(utils.collective_device())
-        dist.all_reduce(total)
-    return torch.isfinite(total).cpu()
+    """Which entries are finite on every process (a NaN or an infinity of any rank survives
+    the sum), so that all ranks decide alike: a rank that stopped alone would leave the
+    others waiting in DDP's next gradient all-reduce."""
+    return torch.isfinite(utils.over_ranks(values))
 
 
 def finite_everywhere(value: torch.Tensor) -> bool:
@@ -397,12 +392,8 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor,
     """Top-1 and top-5 (%) of one head's top predictions (N, k), top-5 only with k = 5; with
     across_ranks, of every process's predictions (each holding its shard of the images)."""
     hits = predictions == labels.to(predictions.device)[:, None]
-    counts = torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).double().cpu()
-    counts = torch.cat([counts, torch.tensor([len(hits)], dtype=torch.float64)])
-    if across_ranks and utils.is_dist_avail_and_initialized():
-        counts = counts.to(utils.collective_device())
-        dist.all_reduce(counts)
-    top1, top5, images = counts.tolist()
+    counts = [hits[:, 0].sum().item(), hits.any(1).sum().item(), len(hits)]
+    top1, top5, images = utils.over_ranks(counts).tolist() if across_ranks else counts
     return top1 / images * 100, top5 / images * 100 if predictions.shape[1] >= 5 else None
 
 

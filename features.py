@@ -5,7 +5,6 @@ tail and the JSON results."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -227,20 +226,12 @@ def require_slot_count(count: Optional[int], config: Dict[str, Any], flag: str) 
 
 
 # ==================================================================== feature extraction
-def feature_autocast(device: torch.device, enabled: bool) -> Any:
-    """Autocast for frozen-feature extraction on CUDA (bf16 on capability 8.0+, else fp16)."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=devices.amp_dtype(device))
-
-
 def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
     """all_gather of same-shaped tensors -> (world, *shape), on the backend's device."""
     world = utils.get_world_size()
     if world == 1:
         return tensor.unsqueeze(0)
-    if dist.get_backend() == "nccl" and not tensor.is_cuda:
-        tensor = tensor.cuda()
+    tensor = tensor.to(utils.collective_device())
     # the output is the inputs stacked along dim 0 (the layout both gloo and NCCL expect)
     out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
@@ -256,9 +247,7 @@ def gather_shards_to_main(shard: torch.Tensor, index: torch.Tensor,
     world, rank = utils.get_world_size(), utils.get_rank()
     if world == 1:
         return shard.cpu()
-    device = shard.device
-    if dist.get_backend() == "nccl" and not shard.is_cuda:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = utils.collective_device()
     rows = -(-total // world)  # the longest shard
     buffer = torch.zeros((rows, *shard.shape[1:]), dtype=shard.dtype, device=device)
     where = torch.full((rows,), -1, dtype=torch.long, device=device)  # -1: no row
@@ -332,7 +321,7 @@ def extract_features(forward: Callable[[torch.Tensor], Outputs], dataset: torch.
     logger = utils.MetricLogger(delimiter="  ")
     for images, index in (loader if header is None else logger.log_every(loader, print_freq, header)):
         images = images.to(device, non_blocking=True)
-        with feature_autocast(device, use_amp):
+        with devices.autocast(device, use_amp):  # --use_fp16 is ignored on the CPU
             outputs = _as_tuple(forward(images))
         for out in outputs:
             finite &= torch.isfinite(out).all()
@@ -358,10 +347,8 @@ def extract_features(forward: Callable[[torch.Tensor], Outputs], dataset: torch.
 
 
 def _check_finite(finite: torch.Tensor) -> None:
-    if utils.is_dist_avail_and_initialized():  # every rank stops, not only the one that saw it
-        finite = finite.to(utils.collective_device()).int()
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():  # a NaN feature would be scored silently (k-NN votes, accuracy 0)
+    if not utils.over_ranks(finite, "min").item():  # every rank stops, not only the one that saw it
+        # a NaN feature would be scored silently (k-NN votes, accuracy 0)
         raise UserError("the network's features are not finite (NaN or inf) for some images: "
                         "the weights are broken (e.g. saved from a diverged run); nothing was scored")
 

@@ -12,7 +12,6 @@ import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 import errors
 import features as feats
@@ -212,7 +211,8 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
     k_max = nb_knn[-1]
     bank_size, label_max = train_features.shape[0], int(train_labels.max()) if len(train_labels) else -1
     if sharded and utils.get_world_size() > 1:
-        bank_size, label_max = all_reduce_ints([bank_size, label_max], [dist.ReduceOp.SUM, dist.ReduceOp.MAX])
+        bank_size = int(utils.over_ranks([bank_size], "sum").item())
+        label_max = int(utils.over_ranks([label_max], "max").item())
     if k_max > bank_size:
         raise ValueError(f"k={k_max} exceeds the {bank_size} training images")
     if len(train_labels) and int(train_labels.min()) < 0:
@@ -231,17 +231,6 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
     if sharded and utils.get_world_size() > 1:
         sims, neighbour_labels = _merge_shards(sims, neighbour_labels, k_max)
     return class_votes(sims, neighbour_labels, nb_knn, temperature, num_classes)
-
-
-def all_reduce_ints(values: List[int], ops: List) -> List[int]:
-    out = []
-    for value, op in zip(values, ops):
-        tensor = torch.tensor([value], dtype=torch.long)
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.all_reduce(tensor, op=op)
-        out.append(int(tensor.item()))
-    return out
 
 
 def _merge_shards(sims: torch.Tensor, labels: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

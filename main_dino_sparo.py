@@ -358,27 +358,17 @@ def check_model_fits(args: argparse.Namespace) -> None:
             f"the {available / 2**30:.1f} GiB of {args.device.type.upper()} memory here")
 
 
-def autocast_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
-    """The precision of the network passes under autocast, None for fp32: on CUDA bf16 or DINO's
-    fp16 by compute capability (--use_fp16), on CPU bf16 with --cpu_bf16."""
-    if args.device.type == "cuda" and args.use_fp16:
-        return devices.amp_dtype(args.device)
-    return torch.bfloat16 if args.device.type == "cpu" and args.cpu_bf16 else None
-
-
 def autocast_context(args: argparse.Namespace) -> Tuple[Callable[[], Any], torch.amp.GradScaler]:
     """(autocast context factory, grad scaler); the scaler is enabled for fp16 only (DINO's
     loss scaling) and passes everything through otherwise."""
-    dtype = autocast_dtype(args)
+    dtype = devices.autocast_dtype(args.device, args.use_fp16, args.cpu_bf16)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    if dtype is None:
-        return contextlib.nullcontext, scaler
-    return (lambda: torch.autocast(args.device.type, dtype=dtype)), scaler
+    return (lambda: devices.autocast(args.device, args.use_fp16, args.cpu_bf16)), scaler
 
 
 def precision(args: argparse.Namespace) -> str:
     """The precision of the network passes, in words (the start line)."""
-    dtype = autocast_dtype(args)
+    dtype = devices.autocast_dtype(args.device, args.use_fp16, args.cpu_bf16)
     return {None: "fp32", torch.bfloat16: "bf16 autocast",
             torch.float16: "fp16 autocast, loss scaling"}[dtype]
 

@@ -250,21 +250,30 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def over_ranks(values: Any, op: str = "sum") -> torch.Tensor:
+    """The one rank-agreement mechanism: `values` (numbers or a tensor) combined over every
+    rank by one all-reduce (op: sum, min or max), as float64 on the CPU; the values themselves
+    when not distributed. Checks that every rank must pass or fail together decide on this, so
+    that no rank stops alone while the others wait for it in the next collective. A NaN or an
+    infinity of any rank survives a sum."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1)
+    if is_dist_avail_and_initialized():
+        tensor = tensor.to(collective_device())
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
+    return tensor.cpu()
+
+
 def min_max_over_ranks(value: float) -> Tuple[float, float]:
-    """The smallest and the largest `value` over all ranks (one all-reduce), for checks that
-    every rank must pass or fail together; (value, value) when not distributed."""
-    if not is_dist_avail_and_initialized():
-        return value, value
-    both = torch.tensor([value, -value], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(both, op=dist.ReduceOp.MIN)
-    return float(both[0]), -float(both[1])
+    """The smallest and the largest `value` over all ranks (one all-reduce)."""
+    low, negated_high = over_ranks([value, -value], "min").tolist()
+    return low, -negated_high
 
 
 def stop_together(error: Optional[errors.UserError]) -> None:
     """Raise `error` on the rank that met it and a UserError on every other rank, so that a
     check made by one rank (e.g. rank 0's output folder) stops the whole run, not only that
     rank while the others wait for it."""
-    _, failed = min_max_over_ranks(float(error is not None))
+    failed = over_ranks([error is not None], "max").item()
     if error is not None:
         raise error
     if failed:
@@ -488,12 +497,8 @@ class SmoothedValue:
         self.total += value * n
 
     def synchronize_between_processes(self) -> None:
-        if not is_dist_avail_and_initialized():
-            return
-        totals = torch.tensor([self.count, self.total], dtype=torch.float64,
-                              device=collective_device())
-        dist.all_reduce(totals)
-        self.count, self.total = int(totals[0].item()), float(totals[1].item())
+        count, total = over_ranks([self.count, self.total]).tolist()
+        self.count, self.total = int(count), total
 
     @property
     def median(self) -> float:

@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import devices
 import errors
 
 DINO_FILES = ("utils", "vision_transformer", "main_dino")
@@ -98,7 +99,7 @@ class OriginalDinoStep:
             args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
             args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
         self.optimizer = torch.optim.AdamW(dino_utils.get_params_groups(self.student))
-        fp16 = args.device.type == "cuda" and args.use_fp16 and not torch.cuda.is_bf16_supported()
+        fp16 = devices.autocast_dtype(args.device, args.use_fp16) == torch.float16  # the project's rule
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.utils, self.autocast, self.args = dino_utils, autocast, args
 

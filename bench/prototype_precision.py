@@ -68,7 +68,7 @@ def main(argv=None) -> Dict:
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    dtype = devices.amp_dtype(device) if device.type == "cuda" else torch.bfloat16
+    dtype = devices.autocast_dtype(device, use_fp16=True, cpu_bf16=True)
     results = {}
     for name, in_dim, hidden, bottleneck, out_dim, images, crops in HEADS:
         images = args.images or images

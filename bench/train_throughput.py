@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
           f"{precision}, compile={args.compile}, device stage in this project's steps: {bool(args.augment_on_device)}")
     results, peak = {}, None
     if args.dino_repo:
-        dtype = dino.autocast_dtype(args) or torch.float32
+        dtype = devices.autocast_dtype(args.device, args.use_fp16, args.cpu_bf16) or torch.float32
         peak = gemm_peak_gflops(args.gemm_size, args.device, dtype)
         print(f"measured {str(dtype).split('.')[-1]} GEMM peak ({args.gemm_size}^3): {peak:.1f} GFLOP/s; "
               f"{args.rounds} interleaved rounds of {args.steps} steps, best round per variant")

@@ -50,7 +50,7 @@ def amp_train_step(dtype, steps=3):
 
 def test_amp_choice_matches_this_gpu():
     expected = torch.bfloat16 if torch.cuda.get_device_capability(0)[0] >= 8 else torch.float16
-    assert devices.amp_dtype(torch.device("cuda", 0)) == expected
+    assert devices.autocast_dtype(torch.device("cuda", 0), use_fp16=True) == expected
     args = argparse.Namespace(device=torch.device("cuda", 0), use_fp16=True, cpu_bf16=False)
     _, scaler = main_dino_sparo.autocast_context(args)
     assert scaler.is_enabled() == (expected == torch.float16)

@@ -17,7 +17,6 @@ import datasets
 import devices
 import errors
 import eval_knn
-import features as feats
 import knn
 import main_dino_sparo
 import utils
@@ -102,10 +101,10 @@ def test_bf16_only_from_compute_capability_8(monkeypatch, capability, dtype):
     args = argparse.Namespace(device=torch.device("cuda", 0), use_fp16=True, cpu_bf16=False)
     _, scaler = main_dino_sparo.autocast_context(args)
     assert scaler.is_enabled() == (dtype == torch.float16)  # loss scaling with fp16 only
-    assert devices.amp_dtype(args.device) == dtype
+    assert devices.autocast_dtype(args.device, use_fp16=True) == dtype
     seen = {}
     monkeypatch.setattr(torch, "autocast", lambda device, dtype: seen.update(dtype=dtype))
-    feats.feature_autocast(args.device, True)  # the evaluation scripts' choice
+    devices.autocast(args.device, True)  # the evaluation scripts' choice
     assert seen["dtype"] == dtype
 
 
