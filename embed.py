@@ -133,11 +133,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def embed(args: argparse.Namespace) -> None:
-    feats.start(args, check_args, show_args=False)
+    feats.start(args)
+    check_args(args)
     output = Path(args.output)
-    model, config = feats.load_eval_backbone(args)  # no --arch etc.: the file decides
-    if args.per_slot:
-        feats.require_sparo(config, "--per_slot")
+    model, config, _ = feats.frozen_model(args, args.device, sparo_only="--per_slot" if args.per_slot else "")
     crop = feats.eval_crop_size(args, config)
     files = list_images(args.data_path)
     check_names([p.relative_to(args.data_path).as_posix() for p in files], output)

@@ -23,7 +23,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,24 +81,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ============================================================================== features
-def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor], Dict, torch.Tensor, int]:
-    """Train/test features and labels, the model configuration, the data set indices of this
-    process's rows of the bank, and the bank's size. Under torchrun the bank stays split
-    across the processes (no process holds all of it); only a dump or a slot selection
-    collects it, in rank 0's host memory."""
+class Features(NamedTuple):
+    """Train/test features and labels (tensors), the model configuration, the --slots to
+    evaluate, the data set indices of this process's rows of the bank, and the bank's size."""
+    tensors: Dict[str, torch.Tensor]
+    config: Dict
+    slots: Optional[List[int]]
+    index: torch.Tensor
+    bank_size: int
+
+
+def prepare_features(args: argparse.Namespace) -> Features:
+    """The features, loaded or extracted. Under torchrun the bank stays split across the
+    processes (no process holds all of it); only a dump or a slot selection collects it, in
+    rank 0's host memory."""
     if args.load_features:
-        shard = (args.rank, args.world_size) if args.distributed else None
-        tensors, config = load_features(args, shard)
-        check_slot_config(args, config)
-        bank_size = len(tensors["train_labels"])
-        if args.distributed:
-            bank_size = int(utils.over_ranks([bank_size]).item())
-        check_bank_size(args.nb_knn, bank_size)
-        rank, world = shard or (0, 1)
-        return tensors, config, torch.arange(rank, bank_size, world), bank_size
-    evaluation = feats.setup_evaluation(args, lambda _, config: check_slot_config(args, config),
-                                        min_train_images=max(args.nb_knn), min_train_flag="--nb_knn")
-    model = evaluation.model
+        return loaded_features(args)
+    frozen = feats.frozen_model(args, args.device, slot_counts={"--select_slots": args.select_slots or None})
+    splits = feats.labelled_splits(args, frozen.config)
+    feats.check_bank_size(args.nb_knn, len(splits.train))
+    model = frozen.model
     normalise = lambda images: F.normalize(model(images).float(), dim=1, p=2)  # noqa: E731
 
     # ============ extract features ... ============
@@ -106,17 +108,30 @@ def prepare_features(args: argparse.Namespace) -> Tuple[Dict[str, torch.Tensor],
                   device=args.device, use_amp=args.use_fp16, storage_device=storage_device(args),
                   dtype=torch.float16 if args.knn_fp16 else torch.float32)
     print("Extracting features for train set...")
-    train_features, index = feats.extract_features(normalise, evaluation.train, shard=True, **common)
+    train_features, index = feats.extract_features(normalise, splits.train, shard=True, **common)
     print("Extracting features for val set...")
-    tensors = dict(train=train_features, test=feats.extract_features(normalise, evaluation.test, **common),
-                   train_labels=evaluation.train_labels[index], test_labels=evaluation.test_labels)
+    tensors = dict(train=train_features, test=feats.extract_features(normalise, splits.test, **common),
+                   train_labels=splits.train_labels[index], test_labels=splits.test_labels)
     if args.dump_features:
-        whole = feats.gather_shards_to_main(train_features, index, len(evaluation.train))
+        whole = feats.gather_shards_to_main(train_features, index, len(splits.train))
         if utils.is_main_process():
-            dump_features(args.dump_features, {**tensors, "train": whole,
-                                               "train_labels": evaluation.train_labels},
-                          evaluation.config, args)
-    return tensors, evaluation.config, index, len(evaluation.train)
+            dump_features(args.dump_features, {**tensors, "train": whole, "train_labels": splits.train_labels},
+                          frozen.config, args)
+    return Features(tensors, frozen.config, frozen.slots, index, len(splits.train))
+
+
+def loaded_features(args: argparse.Namespace) -> Features:
+    """--load_features: under torchrun each process reads its rows of the bank only."""
+    shard = (args.rank, args.world_size) if args.distributed else None
+    tensors, config = load_features(args, shard)
+    if (args.slots or args.select_slots) and not config:
+        raise errors.UserError(f"--slots/--select_slots with --load_features need "
+                               f"{FEATURE_INFO} (written by --dump_features) to know the slots")
+    slots = feats.checked_slots(config, args.slots, slot_counts={"--select_slots": args.select_slots or None})
+    bank_size = int(utils.over_ranks([len(tensors["train_labels"])]).item())
+    feats.check_bank_size(args.nb_knn, bank_size)
+    rank, world = shard or (0, 1)
+    return Features(tensors, config, slots, torch.arange(rank, bank_size, world), bank_size)
 
 
 def storage_device(args: argparse.Namespace) -> torch.device:
@@ -271,23 +286,10 @@ def check_args(args: argparse.Namespace) -> None:
         args.use_cuda = False
 
 
-def check_slot_config(args: argparse.Namespace, config: Dict) -> Optional[List[int]]:
-    """The --slots list, after checking that --slots/--select_slots fit this checkpoint."""
-    if (args.slots or args.select_slots) and not config:
-        raise errors.UserError(f"--slots/--select_slots with --load_features need "
-                               f"{FEATURE_INFO} (written by --dump_features) to know the slots")
-    slots = feats.parse_slots(args.slots, config)
-    feats.require_slot_count(args.select_slots or None, config, "--select_slots")
-    return slots
-
-
-def check_bank_size(nb_knn: List[int], bank_size: int) -> None:
-    if max(nb_knn) > bank_size:
-        raise errors.UserError(f"--nb_knn {max(nb_knn)} exceeds the {bank_size} training images")
-
-
 def eval_knn(args: argparse.Namespace) -> Dict:
-    feats.start(args, check_args)
+    feats.start(args)
+    check_args(args)
+    feats.show_args(args)
     # exact fp32 similarities: TF32 off (torch's default turns it on for cudnn), as knn_monitor
     with devices.tf32_allowed(False):
         return evaluate(args)
@@ -296,9 +298,8 @@ def eval_knn(args: argparse.Namespace) -> Dict:
 def evaluate(args: argparse.Namespace) -> Dict:
     """Features (extracted or loaded), optional slot selection, the k-NN results."""
     start = time.time()
-    tensors, config, index, bank_size = prepare_features(args)
-    slots = feats.parse_slots(args.slots, config)
-    backend = knn.resolve_backend(args.knn_backend, tensors["train"].device)
+    backend = knn.resolve_backend(args.knn_backend, storage_device(args))  # before the extraction
+    tensors, config, slots, index, bank_size = prepare_features(args)
     results: Dict = dict(pretrained_weights=args.pretrained_weights, data_path=args.data_path,
                          load_features=args.load_features, temperature=args.temperature,
                          backend=backend, slots=slots, knn={})

@@ -477,7 +477,7 @@ def head_config(args: argparse.Namespace, config: Dict[str, Any], slots: Optiona
                 backbone_source=f"{args.pretrained_weights} ({args.checkpoint_key})")
 
 
-def data_record(args: argparse.Namespace, evaluation: feats.Evaluation) -> Dict[str, Any]:
+def data_record(args: argparse.Namespace, evaluation: feats.LabelledSplits) -> Dict[str, Any]:
     """What the heads are trained and tested on: fingerprints of the training and test images
     (datasets.dataset_fingerprint; --train_subset and --test_subset included), so that a rerun
     on another data set into the same --output_dir is refused instead of resumed."""
@@ -547,13 +547,6 @@ def check_args(args: argparse.Namespace) -> None:
         utils.ensure_output_file(args.output_json, "--output_json")
 
 
-def check_model(args: argparse.Namespace, model: nn.Module, config: Dict[str, Any]) -> None:
-    feats.parse_slots(args.slots, config)
-    if config["readout"] == "cls" and (args.n_last_blocks or 0) > len(model.blocks):
-        raise errors.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
-                               f"{len(model.blocks)} blocks of the model")
-
-
 def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> int:
     needed = int(train_labels.max()) + 1
     if args.num_labels is None:
@@ -564,7 +557,7 @@ def infer_num_labels(args: argparse.Namespace, train_labels: torch.Tensor) -> in
     return args.num_labels
 
 
-def prepare_data(args: argparse.Namespace, evaluation: feats.Evaluation, to_features: Callable) -> ProbeData:
+def prepare_data(args: argparse.Namespace, evaluation: feats.LabelledSplits, to_features: Callable) -> ProbeData:
     """Cached features (extracted once) or image loaders, split into training and held-out rows."""
     train_rows, heldout_rows = holdout_split(len(evaluation.train), args.holdout_fraction, args.seed)
     if heldout_rows.numel():
@@ -621,14 +614,17 @@ def grid_edge_warning(specs: Sequence[ProbeSpec], chosen: int) -> Optional[str]:
 
 
 def eval_linear(args: argparse.Namespace) -> Dict[str, Any]:
-    feats.start(args, check_args)
+    feats.start(args)
+    check_args(args)
+    feats.show_args(args)
     devices.enable_fast_fp32(args.device)  # TF32 for the default fp32 backbone passes, as DINO
     utils.fix_random_seeds(args.seed)
     output_dir = Path(args.output_dir)
-    evaluation = feats.setup_evaluation(args, lambda model, config: check_model(args, model, config),
-                                        train_transform=lambda crop: build_transforms(args, crop)[0])
-    model, config = evaluation.model, evaluation.config
-    slots = feats.parse_slots(args.slots, config)
+    model, config, slots = feats.frozen_model(args, args.device)
+    if config["readout"] == "cls" and (args.n_last_blocks or 0) > len(model.blocks):
+        raise errors.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the "
+                               f"{len(model.blocks)} blocks of the model")
+    evaluation = feats.labelled_splits(args, config, lambda crop: build_transforms(args, crop)[0])
     layout, specs = probe_grid(args, config, len(model.blocks), slots)
     to_features = lambda images: frozen_features(  # noqa: E731
         model, images, config, layout.n_last_blocks, layout.with_avgpool, slots,

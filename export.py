@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 
 import config_files
 import errors
+import features as feats
 import portable
 import utils
 import weight_files
@@ -49,7 +50,7 @@ def probe_images(img_size: int) -> torch.Tensor:
 def check_finite_features(model: torch.nn.Module, what: str) -> None:
     """Refuse, before anything is written, a backbone whose features are NaN or inf (a
     diverged run): its export would load and give NaN everywhere."""
-    if not torch.isfinite(model.eval()(probe_images(model.config.img_size))).all():
+    if not torch.isfinite(model(probe_images(model.config.img_size))).all():
         raise errors.UserError(f"{what} gives non-finite features (NaN or inf): nothing exported; "
                                f"export an earlier checkpoint of the run")
 
@@ -60,13 +61,13 @@ def check_round_trip(model: torch.nn.Module, path: Path, img_size: int) -> float
     nan, which no `== 0` check passes, when either gives a non-finite feature)."""
     loaded, _ = weight_files.load_backbone(str(path))
     images = probe_images(img_size)
-    return float((model.eval()(images) - loaded.eval()(images)).abs().max())
+    return float((model(images) - loaded.eval()(images)).abs().max())
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", parents=[get_args_parser()])
     args = config_files.parse_args_with_config(parser, argv)
-    model, _ = weight_files.load_backbone(args.pretrained_weights, args.checkpoint_key)
+    model = feats.frozen_model(args, torch.device("cpu")).model
     check_finite_features(model, f"{args.pretrained_weights} ({args.checkpoint_key})")
     output_dir = utils.ensure_output_dir(args.output_dir, "--output_dir")
     source = {"checkpoint": Path(args.pretrained_weights).name, "checkpoint_key": args.checkpoint_key}

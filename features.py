@@ -1,15 +1,14 @@
-"""Frozen-backbone evaluation toolkit shared by eval_knn.py, eval_linear.py, slot_gallery.py and
-embed.py: the common flags, the set-up of an evaluation (backbone, pre-processing, train and
-test sets, labels), feature extraction over a data set (sharded over processes), the script
-tail and the JSON results."""
+"""Frozen-backbone evaluation toolkit shared by eval_knn.py, eval_linear.py, slot_gallery.py,
+embed.py, visualize_slots.py and export.py: the common flags, the one frozen-model set-up
+(frozen_model), the labelled train and test sets, feature extraction over a data set (sharded
+over processes), the script tail and the JSON results."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -101,23 +100,44 @@ def default_num_workers(device: torch.device) -> int:
     return min(8, cores // (4 * utils.get_world_size()))
 
 
-def start(args: argparse.Namespace, check_args: Callable[[argparse.Namespace], None],
-          show_args: bool = True) -> None:
-    """Processes and device (utils.init_distributed_mode), the script's own checks of its
-    flags (before anything is printed, so an error is the last line), default loaders."""
+def start(args: argparse.Namespace) -> None:
+    """Processes and device (utils.init_distributed_mode) and the default loaders. The script
+    checks its own flags next, before it prints anything, so that an error is the last line."""
     utils.init_distributed_mode(args)
-    check_args(args)
     if args.num_workers is None:
         args.num_workers = default_num_workers(args.device)
-    if show_args:
-        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+
+def show_args(args: argparse.Namespace) -> None:
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+
+class Frozen(NamedTuple):
+    """A frozen backbone, its model configuration and the --slots it is evaluated on (None:
+    the whole encoding)."""
+    model: nn.Module
+    config: Dict[str, Any]
+    slots: Optional[List[int]]
+
+
+def frozen_model(args: argparse.Namespace, device: torch.device, sparo_only: str = "",
+                 slot_counts: Optional[Dict[str, Optional[int]]] = None) -> Frozen:
+    """The one set-up of the backbone of every evaluation-like script: --pretrained_weights'
+    --checkpoint_key weights, checked against --arch/--patch_size/--readout where the script
+    has them and against its slot flags (checked_slots), on `device` in eval mode with
+    gradients off. Nothing else is read before it fails."""
+    if not args.pretrained_weights:
+        raise UserError("--pretrained_weights is required (no weights are downloaded)")
+    expected = {name: getattr(args, name, None) for name in ("arch", "patch_size", "readout")}
+    model, config = weight_files.load_backbone(args.pretrained_weights, args.checkpoint_key, expected)
+    slots = checked_slots(config, getattr(args, "slots", None), sparo_only, slot_counts)
+    model.to(device).eval().requires_grad_(False)
+    return Frozen(model, config, slots)
 
 
 @dataclass
-class Evaluation:
-    """A frozen backbone with the labelled train and test sets it is evaluated on."""
-    model: nn.Module
-    config: Dict[str, Any]
+class LabelledSplits:
+    """The train and test sets of an evaluation, pre-processed at crop_size, and their labels."""
     crop_size: int
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
@@ -125,48 +145,27 @@ class Evaluation:
     test_labels: torch.Tensor
 
 
-def setup_evaluation(args: argparse.Namespace,
-                     check_model: Optional[Callable[[nn.Module, Dict[str, Any]], None]] = None,
-                     train_transform: Optional[Callable[[int], Callable]] = None,
-                     min_train_images: int = 0, min_train_flag: str = "") -> Evaluation:
-    """DINO's evaluation set-up: the backbone of --pretrained_weights (checked by check_model
-    before any data is read), DINO's pre-processing at the checkpoint's resolution (or
-    train_transform(crop_size) for the training images), the train and test sets and their
-    labels. A training set smaller than min_train_images (k of a k-NN) is an error naming
-    min_train_flag."""
-    # ============ building network ... ============
-    model, config = load_eval_backbone(args)
-    if check_model is not None:
-        check_model(model, config)
-
-    # ============ preparing data ... ============
+def labelled_splits(args: argparse.Namespace, config: Dict[str, Any],
+                    train_transform: Optional[Callable[[int], Callable]] = None) -> LabelledSplits:
+    """DINO's evaluation data: pre-processing at the checkpoint's resolution (or
+    train_transform(crop_size) for the training images), the train and test sets of
+    --data_path (--train_subset, --test_subset) and their labels."""
     crop_size = eval_crop_size(args, config)
     test_transform = eval_transform(crop_size, args.resize_size)
     train_set = datasets.build_dataset(args.data_path, "train",
                                        train_transform(crop_size) if train_transform else test_transform,
                                        subset=args.train_subset)
     test_set = datasets.build_dataset(args.data_path, "test", test_transform, subset=args.test_subset)
-    if min_train_images > len(train_set):
-        raise UserError(f"{min_train_flag} {min_train_images} exceeds the {len(train_set)} training images")
     print(f"Data loaded with {len(train_set)} train and {len(test_set)} val imgs.")
-    return Evaluation(model, config, crop_size, train_set, test_set,
-                      torch.as_tensor(datasets.dataset_labels(train_set)),
-                      torch.as_tensor(datasets.dataset_labels(test_set)))
+    return LabelledSplits(crop_size, train_set, test_set,
+                          torch.as_tensor(datasets.dataset_labels(train_set)),
+                          torch.as_tensor(datasets.dataset_labels(test_set)))
 
 
-def load_eval_backbone(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The frozen backbone named by --pretrained_weights, checked against --arch/--patch_size,
-    on args.device in eval mode with gradients off."""
-    if not args.pretrained_weights:
-        raise UserError("--pretrained_weights is required (no weights are downloaded)")
-    model, config = weight_files.load_backbone(args.pretrained_weights, args.checkpoint_key,
-                                               expected=dict(arch=getattr(args, "arch", None),
-                                                      patch_size=getattr(args, "patch_size", None),
-                                                      readout=getattr(args, "readout", None)))
-    model.to(args.device).eval()
-    for param in model.parameters():
-        param.requires_grad = False
-    return model, config
+def check_bank_size(nb_knn: List[int], bank_size: int) -> None:
+    """The k-NN bank (the training images) must hold the largest k of --nb_knn."""
+    if max(nb_knn) > bank_size:
+        raise UserError(f"--nb_knn {max(nb_knn)} exceeds the {bank_size} training images")
 
 
 def eval_crop_size(args: argparse.Namespace, config: Dict[str, Any]) -> int:
@@ -192,8 +191,23 @@ def eval_transform(crop_size: int, resize_size: Optional[int] = None) -> Callabl
 
 
 # ================================================================================= slots
+def checked_slots(config: Dict[str, Any], text: Optional[str], sparo_only: str = "",
+                  slot_counts: Optional[Dict[str, Optional[int]]] = None) -> Optional[List[int]]:
+    """--slots "0,5,9" -> [0, 5, 9], checked against a checkpoint's read-out and L, with the
+    checks that the script `sparo_only` names needs SPARO and that each number of slots asked
+    for by a flag (slot_counts: --top_k, --select_slots) exists."""
+    if sparo_only:
+        require_sparo(config, sparo_only)
+    slots = parse_slots(text, config)
+    for flag, count in (slot_counts or {}).items():
+        if count is not None:
+            require_sparo(config, flag)
+            if count > int(config["sparo_slots"]):
+                raise UserError(f"{flag} {count} exceeds the {config['sparo_slots']} slots of this checkpoint")
+    return slots
+
+
 def parse_slots(text: Optional[str], config: Dict[str, Any]) -> Optional[List[int]]:
-    """--slots "0,5,9" -> [0, 5, 9], checked against the checkpoint's read-out and L."""
     if text is None or str(text).strip() == "":
         return None
     require_sparo(config, "--slots")
@@ -214,15 +228,6 @@ def require_sparo(config: Dict[str, Any], flag: str) -> None:
     if config.get("readout") != "sparo":
         raise UserError(f"{flag} needs a SPARO checkpoint; this one has readout="
                         f"{config.get('readout')!r}, which has no slots")
-
-
-def require_slot_count(count: Optional[int], config: Dict[str, Any], flag: str) -> None:
-    """A number of slots asked for (--top_k, --select_slots) must exist in this checkpoint."""
-    if count is None:
-        return
-    require_sparo(config, flag)
-    if count > int(config["sparo_slots"]):
-        raise UserError(f"{flag} {count} exceeds the {config['sparo_slots']} slots of this checkpoint")
 
 
 # ==================================================================== feature extraction

@@ -186,20 +186,17 @@ def check_args(args: argparse.Namespace) -> None:
         utils.ensure_output_file(args.output_json, "--output_json")
 
 
-def check_model(args: argparse.Namespace, config: Dict[str, Any]) -> None:
-    feats.require_sparo(config, "slot_gallery.py")
-    feats.parse_slots(args.slots, config)
-    feats.require_slot_count(args.top_k, config, "--top_k")
-
-
 def slot_gallery(args: argparse.Namespace) -> Dict[str, Any]:
-    feats.start(args, check_args, show_args=False)
-    evaluation = feats.setup_evaluation(args, lambda _, config: check_model(args, config),
-                                        min_train_images=max(args.nb_knn), min_train_flag="--nb_knn")
-    model, config, crop = evaluation.model, evaluation.config, evaluation.crop_size
-    dataset_train, dataset_test = evaluation.train, evaluation.test
+    feats.start(args)
+    check_args(args)
+    args.knn_backend = knn.resolve_backend(args.knn_backend, torch.device("cpu"))  # once, for every slot
+    model, config, slots = feats.frozen_model(args, args.device, sparo_only="slot_gallery.py",
+                                              slot_counts={"--top_k": args.top_k})
+    evaluation = feats.labelled_splits(args, config)
+    feats.check_bank_size(args.nb_knn, len(evaluation.train))
+    crop, dataset_train, dataset_test = evaluation.crop_size, evaluation.train, evaluation.test
     num_slots = int(config["sparo_slots"])
-    slots = feats.parse_slots(args.slots, config) or list(range(num_slots))
+    slots = slots or list(range(num_slots))
     k = args.nb_knn[0]
 
     # ============ extracting features and attention statistics ... ============

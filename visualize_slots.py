@@ -34,7 +34,6 @@ import devices
 import errors
 import features as feats
 import utils
-import weight_files
 from slot_drawing import (CONTOUR_COLOR, compose_grid, describe_model, display_size, heat_overlay,
                           mask_contour, patch_entropy, titled, upsample_nearest)
 
@@ -209,18 +208,14 @@ def map_panels(image: np.ndarray, maps: AttentionMaps, threshold: Optional[float
 
 
 # ================================================================================= script
-def check_args(args: argparse.Namespace, config: dict) -> Optional[List[int]]:
-    """Refuse options that do not fit the checkpoint, with one clear line each; returns the
-    --slots list."""
-    feats.require_slot_count(args.top_k, config, "--top_k")
-    slots = feats.parse_slots(args.slots, config)
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse options out of range, with one clear line each, before the model is loaded."""
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise errors.UserError(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
     if args.image_size is not None and len(args.image_size) > 2:
         raise errors.UserError("--image_size takes one positive value (shorter side) or two (height width)")
     if args.display_size < 32:
         raise errors.UserError(f"--display_size must be at least 32, got {args.display_size}")
-    return slots
 
 
 def output_name(path: Path, root: Path, readout: str) -> str:
@@ -280,15 +275,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = config_files.parse_args_with_config(parser, argv)
 
     # ============ checking the inputs ... ============
+    check_args(args)
     images = list_images(args.image_path, args.output_dir)
     utils.ensure_output_dir(args.output_dir, "--output_dir")
 
     # ============ building network ... ============
-    model, config = weight_files.load_backbone(args.pretrained_weights, args.checkpoint_key,
-                                               expected={"arch": args.arch, "patch_size": args.patch_size})
-    slots = check_args(args, config)
     device = torch.device("cuda" if devices.resolve_use_cuda("auto") else "cpu")  # no silent CPU on a GPU node
-    model.to(device).eval()
+    model, config, slots = feats.frozen_model(args, device, slot_counts={"--top_k": args.top_k})
 
     # ============ drawing one grid per image ... ============
     output_dir = Path(args.output_dir)

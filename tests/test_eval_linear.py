@@ -299,13 +299,13 @@ def test_the_choice_never_sees_the_test_labels(untrained_cls_weights, tmp_path, 
     _, honest = grid_result(untrained_cls_weights, tmp_path / "honest", *flags)
     import features
 
-    setup = features.setup_evaluation
+    setup = features.labelled_splits
 
     def scrambled(*args, **kwargs):
         evaluation = setup(*args, **kwargs)
         evaluation.test_labels = (evaluation.test_labels + 3) % 10
         return evaluation
-    monkeypatch.setattr(features, "setup_evaluation", scrambled)
+    monkeypatch.setattr(features, "labelled_splits", scrambled)
     _, blind = grid_result(untrained_cls_weights, tmp_path / "blind", *flags)
     assert [r["heldout_top1"] for r in blind["grid"]] == [r["heldout_top1"] for r in honest["grid"]]
     assert blind["chosen"] == honest["chosen"]
