@@ -1,18 +1,9 @@
-"""Encode every image of a folder with a trained backbone (no labels needed).
+"""Encode every image of a folder with a trained backbone (no labels needed); README,
+"Embeddings of a folder", describes the output files.
 
     python embed.py --pretrained_weights out/checkpoint.pth --data_path photos/ --output emb.npy
     python embed.py --pretrained_weights export/model.safetensors --data_path photos/ --output emb.pt --per_slot true
     torchrun --nproc_per_node=8 embed.py --pretrained_weights ... --data_path ... --output emb.npy
-
-The folder is searched recursively (flat or nested). Images are pre-processed as in the
-evaluation scripts (bicubic resize, centre crop at the checkpoint's resolution, ImageNet
-normalisation) and encoded in sorted path order; under torchrun every process encodes its
-share (feats.extract_features) and process 0 writes:
-  emb.npy + emb.txt     float32 array (N, D), or (N, L, V) with --per_slot, and the file names
-                        (relative to --data_path), one a line, in the same order
-  emb.pt                {"features", "names", "unreadable", "model_config"} in one file
-An unreadable image has no row: it is listed on stderr and in the output (emb.unreadable.txt,
-or "unreadable" in the .pt) with the reason.
 """
 from __future__ import annotations
 

@@ -1,21 +1,10 @@
-"""Weighted k-NN evaluation of a frozen backbone (DINO's protocol), with SPARO slot selection.
+"""Weighted k-NN evaluation of a frozen backbone (DINO's protocol), with SPARO slot selection;
+the search itself is knn.py's. README, "Evaluation", describes the protocol and the flags.
 
     python eval_knn.py --pretrained_weights OUT/checkpoint.pth --data_path /path/to/imagenet
     torchrun --nproc_per_node=8 eval_knn.py --pretrained_weights OUT/checkpoint.pth --data_path ...
     python eval_knn.py --pretrained_weights OUT/checkpoint.pth --data_path fashion_mnist --slots 0,5,9
     python eval_knn.py --load_features FEATS --select_slots 8
-
-Features are the backbone encoding (the unit-norm SPARO vector, or the L2-normalised CLS
-token). Each test image is classified by its k nearest training images under cosine
-similarity, each neighbour voting for its class with weight exp(similarity / T) (Wu et al.
-2018, as in DINO). Top-1 and top-5 accuracy are printed for every k.
-
-The k-NN code is knn.py: plain torch for a bank on a GPU (no second copy of the bank),
-FAISS's exact inner-product index for a bank in CPU memory (torch without FAISS), or FAISS's
-GPU index with --knn_backend faiss-gpu; all give the same neighbours. Under torchrun the
-training bank stays split across the processes: each one searches its own shard and the
-per-shard top-k lists are merged, so a bank of 1.28M x 4096 fits (halved again by --knn_fp16);
-only --dump_features and --select_slots collect it, in rank 0's host memory.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Linear probe of a frozen backbone: a learning-rate grid (the default) or DINO's single head.
+README, "Evaluation", describes the protocol and the flags.
 
     python eval_linear.py --pretrained_weights OUT/checkpoint.pth --data_path /path/to/imagenet
     torchrun --nproc_per_node=8 eval_linear.py --pretrained_weights OUT/checkpoint.pth ...
@@ -6,21 +7,6 @@
         --train_augmentation none --cache_features true --epochs 100      # fast on CPU
     python eval_linear.py --pretrained_weights OUT/checkpoint.pth --lr 0.001   # DINO's one head
     python eval_linear.py --pretrained_weights OUT/checkpoint.pth --evaluate   # your saved head
-
-Default: one linear head per learning rate of --lr_grid and, for the CLS read-out, per DINO
-feature variant (CLS tokens of the last 1 or 4 blocks, with or without the mean patch token),
-all trained in one pass on the same batches (DINOv2's protocol). A seeded --holdout_fraction of
-the training images is kept out of training; the head with the best accuracy on it (never on
-the test set) is chosen, and its test accuracy is the result. The whole grid is printed.
-With --lr: DINO's single head at that rate (CLS: --n_last_blocks 4, no pooled token, unless
-given) trained on every training image, as DINO's eval_linear.py.
-
-Every head is a linear layer (no BatchNorm) trained with SGD (momentum 0.9, no weight decay, lr
-scaled by the total batch / 256, cosine decay to 0), on RandomResizedCrop + flip of the
-training images (or cached features without augmentation) and tested on resize + centre crop.
-Features: the encoding (SPARO's optionally a subset of slots, --slots; unit-norm encodings
-rescaled to unit coordinates), or for the CLS read-out DINO's concatenated CLS tokens. The
-heads are saved in OUTPUT_DIR/linear_checkpoint.pth every epoch and a rerun resumes from it.
 """
 from __future__ import annotations
 

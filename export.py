@@ -1,17 +1,9 @@
-"""Export a trained backbone for use outside this repository.
+"""Export a trained backbone for use outside this repository: model.safetensors + config.json
+(timm's layout) and backbone.pth (DINO's) in --output_dir, each checked to give the
+checkpoint's features (README, "Export"; portable.py writes them).
 
     python export.py --pretrained_weights out/checkpoint.pth --output_dir export/
     python export.py --pretrained_weights out/checkpoint.pth --checkpoint_key student --output_dir export_student/
-
-Writes into --output_dir:
-  model.safetensors  the backbone's tensors; the configuration is in its header (no code runs on load)
-  config.json        timm's layout: architecture name, pretrained_cfg (input size, mean/std,
-                     interpolation, crop_pct), model_args, plus the read-out (L, V, a, ...)
-  backbone.pth       DINO's layout: a bare backbone state dict (plus `model_config`), like
-                     dino_deitsmall16_pretrain.pth
-
-Each file loads back through hubconf.py, the evaluation scripts (--pretrained_weights) and
-timm (see timm_models.py), and gives the checkpoint's features.
 """
 from __future__ import annotations
 

@@ -1,21 +1,10 @@
-"""What concept has each SPARO slot picked up? A gallery and a table per slot over a data set.
+"""What concept has each SPARO slot picked up? A gallery (slot_gallery.png) and a table per
+slot (slot_stats.json) over a labelled data set; README, "What each slot encodes", explains
+the columns. visualize_slots.py draws single images instead.
 
     python slot_gallery.py --pretrained_weights OUT/checkpoint.pth --output_dir GALLERY
     python slot_gallery.py --pretrained_weights OUT/checkpoint.pth --data_path /path/to/imagenet \
         --train_subset 50000 --test_subset 5000 --top_k 16 --output_dir GALLERY
-
-For every slot l, each test image x has a slot vector y_l(x) (SPARO.md: the slot's output,
-L2-normalised on its own). The slot's mean direction is the normalised mean of those unit
-vectors over the test images; the gallery row of slot l shows the images whose slot vectors lie
-closest to it (highest cosine), each with the slot's attention drawn over it. The table gives,
-per slot: the mean entropy of its attention over the patches (low = concentrated), the mean
-weight it puts on the CLS token, the k-NN top-1 accuracy of that slot alone (DINO's weighted
-k-NN, slot vector as the feature, train split as the bank), and the mean resultant length of
-its unit vectors (1: the same vector for every image, so the slot carries no information; near
-0: spread out). Written to slot_gallery.png and slot_stats.json in --output_dir, and printed.
-
-Kept apart from visualize_slots.py (which draws single images): this script needs a labelled
-data set with a train and a test split, extracts features for both and runs one k-NN per slot.
 """
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
-"""See what each SPARO slot attends to: one PNG grid per image.
+"""See what each SPARO slot attends to: one PNG grid per image (for a CLS, gap or cls_proj
+checkpoint, DINO's per-head CLS attention of the last block); README, "Attention maps of one
+image", explains the panels. Method: ../shared/SPARO.md ("Visualisation").
 
     python visualize_slots.py --pretrained_weights OUT/checkpoint.pth --image_path IMG --output_dir VIS
     python visualize_slots.py --pretrained_weights OUT/checkpoint.pth --image_path FOLDER --top_k 8 --threshold 0.6
     python visualize_slots.py --pretrained_weights dino_deitsmall16_pretrain.pth --image_path IMG
-
-Each grid shows the input image, then one panel per slot: the slot's attention over the patch
-grid, upsampled to the image and drawn as a heat map over it, titled with the slot index, the
-weight the slot puts on the CLS token and the entropy of its attention over the patches (low =
-concentrated). For a CLS read-out checkpoint (official DINO weights, or --readout cls runs) the
-panels are the per-head attention of the CLS token in the last block, as in DINO's
-visualize_attention.py; so are they for the controls gap and cls_proj, which keep every block
-(they have no slots: --slots and --top_k need SPARO). Method: ../shared/SPARO.md ("Visualisation").
 """
 from __future__ import annotations
 
