@@ -25,11 +25,7 @@ OUTPUT_SUFFIXES = (".npy", ".pt")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Encode a folder of images", add_help=False)
-    parser.add_argument("--pretrained_weights", required=True, type=str,
-                        help="This project's checkpoint, export.py's model.safetensors/backbone.pth, "
-                             "or an official DINO file.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help="Which weights of a training checkpoint: teacher or student.")
+    feats.add_weights_args(parser, required=True, checks=False)
     parser.add_argument("--data_path", required=True, type=str,
                         help="A folder of images, searched recursively; labels are not needed.")
     parser.add_argument("--output", required=True, type=str,

@@ -22,7 +22,6 @@ import errors
 import features as feats
 import knn
 import utils
-from sparo_head import select_slots
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
 FEATURE_INFO = "features_info.json"  # model configuration of dumped features (not in DINO)
@@ -254,14 +253,6 @@ def bank_shard(features: torch.Tensor, labels: torch.Tensor, rank: int,
     return features[rank::world].clone(), labels[rank::world].clone()
 
 
-def apply_slots(features: torch.Tensor, config: Dict, slots: Optional[List[int]]) -> torch.Tensor:
-    """Keep a subset of slots, rescaled to unit norm (the selected cosine)."""
-    if slots is None:
-        return features
-    kept = select_slots(features.float(), int(config["sparo_slots"]), slots)
-    return F.normalize(kept, dim=1).to(features.dtype)
-
-
 def check_args(args: argparse.Namespace) -> None:
     if args.select_slots and args.slots:
         raise errors.UserError("use either --slots or --select_slots, not both")
@@ -299,8 +290,8 @@ def evaluate(args: argparse.Namespace) -> Dict:
         results.update(selected_slots=slots, selection_scores=scores, slots=slots)
     if slots is not None:
         print(f"Evaluating on {len(slots)} of {config['sparo_slots']} slots: {','.join(map(str, slots))}")
-        tensors["train"] = apply_slots(tensors["train"], config, slots)
-        tensors["test"] = apply_slots(tensors["test"], config, slots)
+        tensors["train"] = feats.keep_slots(tensors["train"], config, slots)
+        tensors["test"] = feats.keep_slots(tensors["test"], config, slots)
 
     # ============ k-NN classification ... ============
     print("Features are ready!\nStart the k-NN classification.")

@@ -29,7 +29,6 @@ import features as feats
 import utils
 import vision_transformer as vits
 import weight_files
-from sparo_head import select_slots
 
 CHECKPOINT_NAME = "linear_checkpoint.pth"
 LOG_NAME = "linear_log.txt"
@@ -216,9 +215,7 @@ def frozen_features(model: nn.Module, images: torch.Tensor, config: Dict[str, An
     it DINO's default lr barely moves the head in a short run.)
     """
     if config["readout"] != "cls":
-        encoding = model(images).float()
-        if slots is not None:
-            encoding = F.normalize(select_slots(encoding, int(config["sparo_slots"]), slots), dim=1)
+        encoding = feats.keep_slots(model(images).float(), config, slots)
         unit_norm = config["readout"] in vits.UNIT_NORM_READOUTS
         return encoding * math.sqrt(encoding.shape[1]) if scale_sparo and unit_norm else encoding
     blocks = model.get_intermediate_layers(images, n_last_blocks)

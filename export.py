@@ -24,11 +24,7 @@ import weight_files
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", add_help=False)
-    parser.add_argument("--pretrained_weights", required=True, type=str,
-                        help="This project's checkpoint.pth, a bare backbone state dict or an "
-                             "official DINO file.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help="Which weights of a training checkpoint: teacher (DINO's choice) or student.")
+    feats.add_weights_args(parser, required=True, checks=False)
     parser.add_argument("--output_dir", required=True, type=str,
                         help="Folder for model.safetensors, config.json and backbone.pth.")
     return parser

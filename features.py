@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 import config_files
@@ -21,6 +22,7 @@ import utils
 import vision_transformer as vits
 import weight_files
 from errors import UserError
+from sparo_head import select_slots
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -28,19 +30,7 @@ Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 # ================================================================================== flags
 def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
     """The flags every evaluation script shares, with DINO's names and defaults."""
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Checkpoint to evaluate: this project's checkpoint.pth, a bare "
-                             "backbone state dict, or an official DINO file (CLS read-out).")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help="Which weights of a checkpoint to use: teacher (DINO's choice) or student.")
-    parser.add_argument("--arch", default=None, type=str, choices=sorted(vits.ARCHS),
-                        help="Expected architecture; read from the checkpoint, so only needed as "
-                             "a check (a mismatch is an error).")
-    parser.add_argument("--patch_size", default=None, type=utils.positive_int,
-                        help="Expected patch size; read from the checkpoint (a mismatch is an error).")
-    parser.add_argument("--readout", default=None, type=str, choices=vits.READOUTS,
-                        help="Expected read-out (sparo, cls, or the controls gap and cls_proj); "
-                             "read from the checkpoint (a mismatch is an error).")
+    add_weights_args(parser)
     add_image_size_args(parser)
     parser.add_argument("--data_path", default="fashion_mnist", type=str,
                         help="A folder with train/ and val/ ImageFolders (DINO's layout), or a "
@@ -61,6 +51,28 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int = 128) -> Non
     parser.add_argument("--device", default="auto", choices=devices.DEVICE_CHOICES,
                         help="auto: CUDA when usable; an error when GPUs are visible but CUDA "
                              "cannot use them. cuda: require a GPU. cpu: never use a GPU.")
+
+
+def add_weights_args(parser: argparse.ArgumentParser, required: bool = False, checks: bool = True) -> None:
+    """--pretrained_weights and --checkpoint_key of every script that loads a backbone
+    (frozen_model) and, with checks, the --arch/--patch_size/--readout it must hold."""
+    parser.add_argument("--pretrained_weights", default="", required=required, type=str,
+                        help="Backbone to load: this project's checkpoint.pth, export.py's "
+                             "model.safetensors or backbone.pth, a bare backbone state dict, or an "
+                             "official DINO file (CLS read-out).")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help="Which weights of a training checkpoint to use: teacher (DINO's choice) "
+                             "or student.")
+    if not checks:
+        return
+    parser.add_argument("--arch", default=None, type=str, choices=sorted(vits.ARCHS),
+                        help="Expected architecture; read from the checkpoint, so only needed as "
+                             "a check (a mismatch is an error).")
+    parser.add_argument("--patch_size", default=None, type=utils.positive_int,
+                        help="Expected patch size; read from the checkpoint (a mismatch is an error).")
+    parser.add_argument("--readout", default=None, type=str, choices=vits.READOUTS,
+                        help="Expected read-out (sparo, cls, or the controls gap and cls_proj); "
+                             "read from the checkpoint (a mismatch is an error).")
 
 
 def add_image_size_args(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +234,15 @@ def parse_slots(text: Optional[str], config: Dict[str, Any]) -> Optional[List[in
     if len(set(slots)) != len(slots):
         raise UserError(f"--slots names a slot twice: {text!r}")
     return slots
+
+
+def keep_slots(features: torch.Tensor, config: Dict[str, Any], slots: Optional[List[int]]) -> torch.Tensor:
+    """Features of a subset of slots (--slots), rescaled to unit norm (the selected cosine);
+    all of them with slots=None."""
+    if slots is None:
+        return features
+    kept = select_slots(features.float(), int(config["sparo_slots"]), slots)
+    return F.normalize(kept, dim=1).to(features.dtype)
 
 
 def require_sparo(config: Dict[str, Any], flag: str) -> None:

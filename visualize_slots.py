@@ -36,16 +36,7 @@ OUTPUT_SUFFIXES = ("_slots.png", "_heads.png")   # grid file names: SPARO, CLS r
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize SPARO slots", add_help=False)
-    parser.add_argument("--pretrained_weights", required=True, type=str,
-                        help="A checkpoint of main_dino_sparo.py, a bare backbone state dict, or "
-                             "an official DINO file (CLS read-out).")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Which weights of a training checkpoint to show (DINO uses "teacher").')
-    parser.add_argument("--arch", default=None, type=str,
-                        help="Optional check: the architecture the checkpoint must hold (it is "
-                             "read from the checkpoint either way).")
-    parser.add_argument("--patch_size", default=None, type=utils.positive_int,
-                        help="Optional check: the patch size the checkpoint must hold.")
+    feats.add_weights_args(parser, required=True)
     parser.add_argument("--image_path", required=True, type=str,
                         help="An image, or a folder of images (searched recursively).")
     parser.add_argument("--image_size", default=None, type=utils.positive_int, nargs="+",
