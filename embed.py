@@ -39,16 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def list_images(root: str) -> List[Path]:
-    """Every image file under root (recursively, hidden files left out), in sorted order."""
-    folder = Path(root)
-    if not folder.is_dir():
+    if not Path(root).is_dir():
         raise errors.UserError(f"--data_path {root} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in datasets.IMAGE_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    if not files:
-        raise errors.UserError(f"--data_path {root} holds no images (extensions: "
-                               f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
-    return files
+    return feats.images_under(root, "--data_path")
 
 
 def image_files(files: List[Path], transform: Any, crop_size: int) -> torch.utils.data.Dataset:

@@ -14,7 +14,6 @@ from typing import List, Optional
 import torch
 from safetensors import SafetensorError
 
-import config_files
 import errors
 import features as feats
 import portable
@@ -53,8 +52,10 @@ def check_round_trip(model: torch.nn.Module, path: Path, img_size: int) -> float
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser("Export a SPARO-DINO backbone", parents=[get_args_parser()])
-    args = config_files.parse_args_with_config(parser, argv)
+    feats.run_script("Export a SPARO-DINO backbone", get_args_parser, export, argv)
+
+
+def export(args: argparse.Namespace) -> None:
     model = feats.frozen_model(args, torch.device("cpu")).model
     check_finite_features(model, f"{args.pretrained_weights} ({args.checkpoint_key})")
     output_dir = utils.ensure_output_dir(args.output_dir, "--output_dir")

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -200,6 +201,20 @@ def eval_transform(crop_size: int, resize_size: Optional[int] = None) -> Callabl
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(crop_size), T.ToTensor(),
                       T.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
+
+
+def images_under(root: str, flag: str, leave_out: Callable[[Path], bool] = lambda path: False) -> List[Path]:
+    """Every image file under the folder `root`, recursively and sorted; hidden files and
+    folders, and those leave_out names, are left out. A folder without one is an error
+    naming `flag`."""
+    folder = Path(root)
+    files = sorted(path for path in folder.rglob("*")
+                   if path.is_file() and path.suffix.lower() in datasets.IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+                   and not leave_out(path))
+    if not files:
+        raise UserError(f"{flag} {root} holds no images (extensions: {' '.join(datasets.IMAGE_EXTENSIONS)})")
+    return files
 
 
 # ================================================================================= slots

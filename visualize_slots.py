@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import config_files
 import datasets
 import devices
 import errors
@@ -131,14 +130,8 @@ def list_images(image_path: str, output_dir: Optional[str] = None) -> List[Path]
     if path.is_file():
         return [path]
     skip = Path(output_dir).resolve() if output_dir else None
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.suffix.lower() in datasets.IMAGE_EXTENSIONS
-                   and not (skip and p.resolve().is_relative_to(skip)
-                            and p.name.endswith(OUTPUT_SUFFIXES)))
-    if not files:
-        raise errors.UserError(f"--image_path {image_path} holds no images (extensions: "
-                               f"{' '.join(datasets.IMAGE_EXTENSIONS)})")
-    return files
+    return feats.images_under(image_path, "--image_path", lambda p: bool(
+        skip and p.resolve().is_relative_to(skip) and p.name.endswith(OUTPUT_SUFFIXES)))
 
 
 def open_image(path: Path):
@@ -256,9 +249,10 @@ def visualize_image(model: torch.nn.Module, config: dict, path: Path,
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser("Visualize SPARO slots", parents=[get_args_parser()])
-    args = config_files.parse_args_with_config(parser, argv)
+    feats.run_script("Visualize SPARO slots", get_args_parser, visualize, argv)
 
+
+def visualize(args: argparse.Namespace) -> None:
     # ============ checking the inputs ... ============
     check_args(args)
     images = list_images(args.image_path, args.output_dir)
