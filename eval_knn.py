@@ -31,18 +31,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Evaluation with weighted k-NN on ImageNet-style data",
                                      add_help=False)
     feats.add_eval_args(parser, batch_size=128)
-    parser.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=utils.positive_int,
-                        help="Numbers of nearest neighbours k to evaluate (20 is the headline number).")
-    parser.add_argument("--temperature", default=0.07, type=utils.positive_float,
-                        help="Temperature T of the neighbour weights exp(similarity / T).")
+    knn.add_knn_args(parser, [10, 20, 100, 200],
+                     "Numbers of nearest neighbours k to evaluate (20 is the headline number).")
     parser.add_argument("--use_cuda", default=True, type=utils.bool_flag,
                         help="Keep the features on the GPU (set to false if GPU memory runs out; "
                              "the search then runs on CPU). Ignored without CUDA.")
-    parser.add_argument("--knn_backend", default="auto", choices=knn.BACKENDS,
-                        help="auto: torch for features on a GPU (no second copy of the bank); "
-                             "FAISS on CPU for features in CPU memory (torch without FAISS). "
-                             "faiss-gpu copies the bank into FAISS's own GPU storage. All give "
-                             "the same neighbours.")
     parser.add_argument("--knn_fp16", default=False, type=utils.bool_flag,
                         help="Store the feature bank in half precision (half the memory; "
                              "similarities then carry fp16 rounding, about 1e-3).")

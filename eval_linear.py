@@ -26,6 +26,7 @@ import datasets
 import devices
 import errors
 import features as feats
+import knn
 import utils
 import vision_transformer as vits
 import weight_files
@@ -247,14 +248,12 @@ def build_transforms(args: argparse.Namespace, crop_size: int) -> Tuple[Callable
 
 
 def holdout_split(count: int, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(training rows, held-out rows), each sorted: a seeded random `fraction` of the `count`
-    training images is held out (the same on every rank: a CPU generator)."""
-    held = max(1, round(fraction * count)) if fraction > 0 else 0  # a tiny set still holds one out
-    if fraction > 0 and held >= count:
+    """(training rows, held-out rows), each sorted: knn.heldout_split's seeded `fraction`."""
+    held, rows = knn.heldout_split(count, fraction, seed)
+    if fraction > 0 and not len(rows):
         raise errors.UserError(f"--holdout_fraction {fraction} of {count} training images leaves "
-                               f"{held} held out and {count - held} to train on: both need one")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return order[held:].sort().values, order[:held].sort().values
+                               f"{len(held)} held out and 0 to train on: both need one")
+    return rows.sort().values, held.sort().values
 
 
 class CachedBatches:

@@ -8,6 +8,7 @@ knn_evaluate(bank, bank_labels, queries, query_labels, nb_knn) -> {k: (top1, top
 """
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,18 @@ import features as feats
 import utils
 
 BACKENDS = ("auto", "faiss-gpu", "faiss-cpu", "torch")
+
+
+def add_knn_args(parser: argparse.ArgumentParser, nb_knn: List[int], nb_knn_help: str) -> None:
+    """--nb_knn (default nb_knn), --temperature and --knn_backend of a script that runs a k-NN."""
+    parser.add_argument("--nb_knn", default=nb_knn, nargs="+", type=utils.positive_int, help=nb_knn_help)
+    parser.add_argument("--temperature", default=0.07, type=utils.positive_float,
+                        help="Temperature T of the neighbour weights exp(similarity / T).")
+    parser.add_argument("--knn_backend", default="auto", choices=BACKENDS,
+                        help="auto: torch for features on a GPU (no second copy of the bank); "
+                             "FAISS on CPU for features in CPU memory (torch without FAISS). "
+                             "faiss-gpu copies the bank into FAISS's own GPU storage. All give "
+                             "the same neighbours.")
 
 
 # ================================================================ k-NN: neighbour search
@@ -288,14 +301,13 @@ def knn_evaluate(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 # ====================================================================== slot selection
 def heldout_split(num_images: int, fraction: float, seed: int,
                   max_images: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(held-out, bank) indices into the training set: a seeded random sample of at most
-    max_images (0: all), of which `fraction` is held out."""
-    if not 0 < fraction < 1:
-        raise errors.UserError(f"--select_heldout must lie strictly between 0 and 1, got {fraction}")
+    """(held-out, rest) indices of num_images items: a seeded random sample of at most
+    max_images (0: all; the same on every rank: a CPU generator), of which `fraction` is held
+    out, at least one item when fraction is above 0 (a tiny set still holds one out)."""
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
     if max_images and max_images < num_images:
         order = order[:max_images]
-    num_heldout = max(1, int(round(fraction * len(order))))
+    num_heldout = max(1, round(fraction * len(order))) if fraction > 0 else 0
     return order[:num_heldout], order[num_heldout:]
 
 
@@ -358,6 +370,8 @@ def greedy_select_slots(train_features: torch.Tensor, train_labels: torch.Tensor
     """
     if not 1 <= count <= num_slots:
         raise errors.UserError(f"--select_slots must lie between 1 and L={num_slots}, got {count}")
+    if not 0 < heldout_fraction < 1:
+        raise errors.UserError(f"--select_heldout must lie strictly between 0 and 1, got {heldout_fraction}")
     heldout, bank = heldout_split(train_features.shape[0], heldout_fraction, seed, max_images)
     if k > len(bank):
         raise errors.UserError(f"--select_k {k} exceeds the {len(bank)} training images left "

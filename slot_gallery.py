@@ -36,14 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     feats.add_eval_args(parser, batch_size=128)
     parser.add_argument("--output_dir", default=".", type=str,
                         help="Where to write slot_gallery.png and slot_stats.json.")
-    parser.add_argument("--nb_knn", default=[20], nargs="+", type=utils.positive_int,
-                        help="k of the per-slot weighted k-NN (20: DINO's headline number). The "
-                             "first k is shown in the table and the gallery; slot_stats.json "
-                             "holds every k (knn_top1_by_k).")
-    parser.add_argument("--temperature", default=0.07, type=utils.positive_float,
-                        help="Temperature T of the k-NN neighbour weights exp(similarity / T).")
-    parser.add_argument("--knn_backend", default="auto", choices=knn.BACKENDS,
-                        help="Neighbour search of knn.py: FAISS (GPU or CPU) or torch.")
+    knn.add_knn_args(parser, [20], "k of the per-slot weighted k-NN (20: DINO's headline number). The "
+                                   "first k is shown in the table and the gallery; slot_stats.json "
+                                   "holds every k (knn_top1_by_k).")
     parser.add_argument("--images_per_slot", default=8, type=utils.positive_int,
                         help="Images shown in each slot's row.")
     parser.add_argument("--top_k", default=None, type=utils.positive_int,
