@@ -396,9 +396,9 @@ def head_predictions(probes: LinearProbes, data: Any, to_features: Callable,
 
 def score(predictions: torch.Tensor, labels: torch.Tensor, across_ranks: bool = False) -> Dict[str, Any]:
     """Accuracy of one head's top predictions (N, k) (across_ranks: see accuracy)."""
-    nonfinite = float((predictions < 0).any())
+    nonfinite = bool((predictions < 0).any())
     if across_ranks:  # every process stops, not only the one holding the image
-        nonfinite = utils.min_max_over_ranks(nonfinite)[1]
+        nonfinite = bool(utils.over_ranks([nonfinite], "max").item())
     if nonfinite:  # an accuracy from NaN logits would look like a result
         raise errors.UserError("the linear head's outputs are not finite (NaN or inf): try a lower --lr")
     top1, top5 = accuracy(predictions, labels, across_ranks)
