@@ -66,9 +66,8 @@ def encode(model: torch.nn.Module, dataset: torch.utils.data.Dataset, args: argp
         readable = torch.isfinite(images).flatten(1).all(dim=1)
         return model(torch.where(readable[:, None, None, None], images, torch.zeros_like(images))), readable
 
-    return feats.extract_features(forward, dataset, batch_size=args.batch_size_per_gpu,
-                                  num_workers=args.num_workers, device=args.device,
-                                  use_amp=args.use_fp16, storage_device=torch.device("cpu"))
+    return feats.extract_features(forward, dataset, storage_device=torch.device("cpu"),
+                                  **feats.run_settings(args))
 
 
 def write_output(path: Path, features: np.ndarray, names: List[str], unreadable: List[str],

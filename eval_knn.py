@@ -85,8 +85,7 @@ def prepare_features(args: argparse.Namespace) -> Features:
     normalise = lambda images: F.normalize(model(images).float(), dim=1, p=2)  # noqa: E731
 
     # ============ extract features ... ============
-    common = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                  device=args.device, use_amp=args.use_fp16, storage_device=storage_device(args),
+    common = dict(feats.run_settings(args), storage_device=storage_device(args),
                   dtype=torch.float16 if args.knn_fp16 else torch.float32)
     print("Extracting features for train set...")
     train_features, index = feats.extract_features(normalise, splits.train, shard=True, **common)

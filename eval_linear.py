@@ -389,9 +389,8 @@ def head_predictions(probes: LinearProbes, data: Any, to_features: Callable,
     if isinstance(data, torch.Tensor):  # cached features
         return torch.cat([top_predictions(probes(chunk.to(args.device))) for chunk in data.split(4096)])
     return feats.extract_features(  # in data set order, without progress lines
-        lambda images: top_predictions(probes(to_features(images))), data,
-        batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, device=args.device,
-        use_amp=args.use_fp16, header=None)
+        lambda images: top_predictions(probes(to_features(images))), data, header=None,
+        **feats.run_settings(args))
 
 
 def score(predictions: torch.Tensor, labels: torch.Tensor, across_ranks: bool = False) -> Dict[str, Any]:
@@ -548,8 +547,7 @@ def prepare_data(args: argparse.Namespace, evaluation: feats.LabelledSplits, to_
     heldout_labels = evaluation.train_labels[heldout_rows] if heldout_rows.numel() else None
     if args.cache_features:  # each process keeps its shard: ImageNet's bank is ~21 GB in fp32
         print("Caching the frozen features of the train and val sets...")
-        kwargs = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                      device=args.device, use_amp=args.use_fp16, shard=True)
+        kwargs = dict(feats.run_settings(args), shard=True)
         train, index = feats.extract_features(to_features, evaluation.train, **kwargs)
         test, test_index = feats.extract_features(to_features, evaluation.test, **kwargs)
         labels = evaluation.train_labels[index]

@@ -121,6 +121,12 @@ def start(args: argparse.Namespace) -> None:
         args.num_workers = default_num_workers(args.device)
 
 
+def run_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """extract_features' batch, loaders, device and precision from the run flags (add_run_args)."""
+    return dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, device=args.device,
+                use_amp=args.use_fp16)
+
+
 def show_args(args: argparse.Namespace) -> None:
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 

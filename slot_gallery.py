@@ -184,8 +184,7 @@ def slot_gallery(args: argparse.Namespace) -> Dict[str, Any]:
     k = args.nb_knn[0]
 
     # ============ extracting features and attention statistics ... ============
-    common = dict(batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                  device=args.device, use_amp=args.use_fp16, storage_device=torch.device("cpu"))
+    common = dict(feats.run_settings(args), storage_device=torch.device("cpu"))
     print("Extracting features for train set...")
     train_encoding = feats.extract_features(model, dataset_train, **common)
     print("Extracting features and slot attention for test set...")
