@@ -101,13 +101,20 @@ def time_steps(step: Callable, crops: List[torch.Tensor], args: argparse.Namespa
     return seconds / args.steps * 1000, losses[-1].detach().item()
 
 
-def measure(variant: str, args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, float]:
-    """One variant built, warmed up and timed on its own (its peak memory over all of it)."""
+def build_and_warm_up(variant: str, args: argparse.Namespace,
+                      crops: List[torch.Tensor]) -> Tuple[Callable, PeakMemory, Optional[float]]:
+    """A variant's step, built and warmed up with the peak memory counted from before it was
+    built, and the seconds of its first step."""
     torch.manual_seed(0)
     memory = PeakMemory(args.device)
     memory.start()
     step = build_step(variant, args)
-    first_step_s = warm_up(step, crops, args)
+    return step, memory, warm_up(step, crops, args)
+
+
+def measure(variant: str, args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, float]:
+    """One variant built, warmed up and timed on its own (its peak memory over all of it)."""
+    step, memory, first_step_s = build_and_warm_up(variant, args, crops)
     step_ms, loss = time_steps(step, crops, args)
     return dict(step_ms=step_ms, peak_mib=memory.stop(), loss=loss, first_step_s=first_step_s)
 
@@ -126,13 +133,10 @@ def measure_interleaved(args: argparse.Namespace, crops: Dict[bool, List[torch.T
     the machine's load changes hit all of them alike; each variant's best round counts."""
     steps, results = {}, {}
     for variant in args.variants:
-        torch.manual_seed(0)
-        memory = PeakMemory(args.device)
-        memory.start()
-        steps[variant] = build_step(variant, args)
-        first_step_s = warm_up(steps[variant], variant_crops(variant, args, crops), args)
+        inputs = variant_crops(variant, args, crops)
+        steps[variant], memory, first_step_s = build_and_warm_up(variant, args, inputs)
         results[variant] = dict(peak_mib=memory.stop(), step_ms=float("inf"), first_step_s=first_step_s,
-                                gflop_per_step=step_flops(steps[variant], variant_crops(variant, args, crops)) / 1e9)
+                                gflop_per_step=step_flops(steps[variant], inputs) / 1e9)
     for _ in range(args.rounds):
         for variant, step in steps.items():
             ms, results[variant]["loss"] = time_steps(step, variant_crops(variant, args, crops), args)
