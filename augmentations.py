@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import functools
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 import datasets
 import devices
@@ -70,8 +72,6 @@ class RandomGaussianBlur:
         self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
 
     def __call__(self, image: Any) -> Any:
-        from PIL import ImageFilter
-
         if random.random() >= self.p:
             return image
         return image.filter(ImageFilter.GaussianBlur(
@@ -164,8 +164,6 @@ def decode(image: Any, scale: int) -> Tuple[Any, float]:
 def image_tensor(image: Any) -> torch.Tensor:
     """(1, C, H, W) uint8 view of an "RGB" or "L" PIL image (channels-last memory, no copy
     beyond PIL's own export)."""
-    import warnings
-
     with warnings.catch_warnings():  # PIL exports read-only memory; nothing writes into it
         warnings.simplefilter("ignore", UserWarning)
         pixels = torch.from_numpy(np.asarray(image))
@@ -227,8 +225,6 @@ def crop_and_resize_subpixel(image: Any, boxes: Sequence[Box], sizes: Sequence[i
     """The same from a drafted JPEG: full-resolution boxes scaled by `factor` fall between
     its pixels, and PIL's resize takes such a box exactly (rounding it to the pixel grid would
     shift a crop by up to half a drafted pixel). The drafted image is small, so PIL is cheap."""
-    from PIL import Image
-
     crops = []
     for (top, left, height, width), size, flip in zip(boxes, sizes, flips):
         box = (left * factor, top * factor, (left + width) * factor, (top + height) * factor)

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+import yaml
+
 from errors import UserError, capped, shown
 
 
@@ -17,8 +19,6 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
     Flags given on the command line override the file; an unknown key or a value outside a
     flag's choices is an error. Errors are one line (`error: ...`), without argparse's usage.
     """
-    import yaml
-
     parser.error = _one_line_error  # type: ignore[method-assign]
     if not any("--config" in action.option_strings for action in parser._actions):
         parser.add_argument("--config", type=str, default=None,
@@ -49,8 +49,6 @@ def read_yaml_mapping(path: str | Path, what: str) -> Dict[str, Any]:
     """A YAML file of `name: value` pairs (flag files, OUTPUT_DIR/config.yaml), or a UserError
     naming it: unreadable, not YAML, not a mapping with string keys, or more than
     YAML_MAX_NODES values once its aliases are expanded (counted before anything is built)."""
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as handle:
             loader = yaml.SafeLoader(handle)
@@ -73,8 +71,6 @@ def read_yaml_mapping(path: str | Path, what: str) -> Dict[str, Any]:
 
 
 def _count_yaml_nodes(root: Any, where: str) -> None:
-    import yaml
-
     count, stack = 0, [root]
     while stack:
         node = stack.pop()

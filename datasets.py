@@ -5,6 +5,7 @@ an error in evaluation)."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -40,9 +41,7 @@ class ArrayImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        from PIL import Image
-
-        image = Image.fromarray(self.images[index], mode="L")
+        image = PIL.Image.fromarray(self.images[index], mode="L")
         if not self.grey:
             image = image.convert("RGB")
         if self.transform is not None:
@@ -106,10 +105,8 @@ def load_digits_split(split: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def load_rgb_image(path: str) -> Any:
     """Open any image as 8-bit RGB: grey, palette, RGBA (on black) and 16-bit images included."""
-    from PIL import Image
-
     with open(path, "rb") as handle:
-        image = Image.open(handle)
+        image = PIL.Image.open(handle)
         image.load()
     return to_rgb(image)
 
@@ -117,25 +114,21 @@ def load_rgb_image(path: str) -> Any:
 def open_image(path: str) -> Any:
     """Open an image without decoding it (the file is read, and closed, at its first load()):
     a JPEG can then be decoded at reduced resolution (augmentations.MultiCropGeometry)."""
-    from PIL import Image
-
-    return Image.open(path)
+    return PIL.Image.open(path)
 
 
 def to_rgb(image: Any) -> Any:
     """A decoded PIL image as 8-bit RGB (see load_rgb_image)."""
-    from PIL import Image
-
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
+        image = PIL.Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         scale = 255.0 if array.max() <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), "L")
+        image = PIL.Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
 
@@ -381,8 +374,6 @@ def dataset_fingerprint(dataset: torch.utils.data.Dataset) -> str:
     """SHA-256 of what a data set built by build_dataset serves, without decoding images: its
     samples (the image bytes of a built-in set; the file names, relative to the folder, and
     sizes of a folder's images: a copy or a move of the folder keeps them) and labels, in order. Saved results (eval_linear's heads) name the data they came from."""
-    import hashlib
-
     digest = hashlib.sha256()
     indices: Sequence[int] = range(len(dataset))
     while True:  # unwrap Subset and the unreadable-image policies down to the samples

@@ -54,10 +54,7 @@ class FailureWatch:
             except Exception:  # the store has gone (its host process ended): nothing left to watch
                 return
             if not self.stopped.is_set():  # this rank is not failing itself
-                sys.stderr.write(f"error: {message}; rank {self.rank} stops too\n")
-                sys.stderr.flush()
-                sys.stdout.flush()
-                os._exit(1)
+                _end_process(f"{message}; rank {self.rank} stops too")
 
     def announce(self, description: str) -> None:
         """Tell every rank that this one fails. The store's host (rank 0's process, unless
@@ -106,14 +103,17 @@ def _describe_failure(error: BaseException) -> str:
 
 def _exit_after(seconds: float, message: str) -> None:
     """End the process `seconds` from now unless it has ended by then (a daemon timer)."""
-    def end() -> None:
-        sys.stderr.write(f"error: {message}\n")
-        sys.stderr.flush()
-        os._exit(1)
-
-    timer = threading.Timer(seconds, end)
+    timer = threading.Timer(seconds, _end_process, (message,))
     timer.daemon = True
     timer.start()
+
+
+def _end_process(message: str) -> None:
+    """`error: message` on stderr, then exit status 1 at once, wherever the main thread waits."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def stop_watching(error: Optional[BaseException]) -> None:

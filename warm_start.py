@@ -24,16 +24,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "when the run resumes.")
     parser.add_argument("--init_checkpoint_key", default="teacher", type=str,
                         help="Which weights of a full checkpoint --init_backbone uses (teacher or student).")
-    parser.add_argument("--freeze_backbone_epochs", default=0, type=_non_negative,
+    parser.add_argument("--freeze_backbone_epochs", default=0, type=utils.non_negative_int,
                         help="Train only the read-out and the DINO head for this many epochs "
                              "(with --init_backbone: adapt SPARO to the loaded backbone first).")
-
-
-def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
-    return number
 
 
 def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher") -> Dict[str, List[str]]:
@@ -61,9 +54,7 @@ def init_backbone(backbone: nn.Module, path: str, checkpoint_key: str = "teacher
             load[key] = value
     fresh = [k for k in own if k.startswith(vits.READOUT_MODULES)]
     missing = [k for k in own if k not in load and k not in fresh]
-    problems = [f"{what}: {errors.short_list(keys)}" for what, keys in
-                (("shape mismatch (file vs model)", wrong_shape), ("missing keys", missing),
-                 ("unexpected keys", unexpected)) if keys]
+    problems = weight_files.fit_problems(wrong_shape, missing, unexpected)
     if problems:
         raise errors.UserError(f"--init_backbone {path} does not fit this backbone; {'; '.join(problems)}")
     backbone.load_state_dict(load, strict=False)

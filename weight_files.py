@@ -150,22 +150,21 @@ def read_backbone(path: str | Path, checkpoint_key: str = "teacher", what: Optio
     return BackboneWeights(state, checkpoint_config(checkpoint, state, what or str(path)), source, head)
 
 
+def fit_problems(wrong_shape: List[str], missing: List[str], unexpected: List[str]) -> List[str]:
+    """Why weights do not load strictly into a model, one phrase per kind of mismatch."""
+    return [f"{what}: {short_list(keys)}" for what, keys in
+            (("shape mismatch (file vs model)", wrong_shape), ("missing keys", missing),
+             ("unexpected keys", unexpected)) if keys]
+
+
 def check_state_fits(state: Dict[str, torch.Tensor], config: vits.BackboneConfig, path: str | Path) -> None:
     """A UserError unless `state` loads strictly into the backbone `config` describes. The model
     is built on the meta device: sizes read from a file are checked before anything is allocated."""
     with torch.device("meta"):
         own = config.build().state_dict()
-    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    problems = []
-    if wrong_shape:
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]
-        problems.append(f"shape mismatch (file vs model): {short_list(shapes)}")
-    missing = [k for k in own if k not in state]
-    if missing:
-        problems.append(f"missing keys: {short_list(missing)}")
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        problems.append(f"unexpected keys: {short_list(unexpected)}")
+    problems = fit_problems([f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                             if k in own and own[k].shape != v.shape],
+                            [k for k in own if k not in state], [k for k in state if k not in own])
     if problems:
         raise UserError(f"{path} does not fit a {config.arch} readout={config.readout} backbone; "
                         f"{'; '.join(problems)}")

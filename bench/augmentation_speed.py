@@ -32,9 +32,8 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -47,7 +46,7 @@ import datasets  # noqa: E402
 import errors  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 from bench.dino_original import load_dino  # noqa: E402
-from bench.measure import describe_device  # noqa: E402
+from bench.measure import best_of_interleaved, best_seconds, header, seconds_per_item, write_json  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,10 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def time_path(dataset: torch.utils.data.Dataset, count: int) -> float:
     """Seconds per image to produce every crop of `count` images."""
     random.seed(0), torch.manual_seed(0)
-    start = time.perf_counter()
-    for index in range(count):
-        dataset[index]
-    return (time.perf_counter() - start) / count
+    return seconds_per_item(dataset.__getitem__, range(count))
 
 
 def main(argv: List[str] | None = None) -> Dict[str, float]:
@@ -92,20 +88,17 @@ def main(argv: List[str] | None = None) -> Dict[str, float]:
     by_grey = {grey: datasets.build_dataset("fashion_mnist", "pretrain", transform, subset=args.images,
                                             grey=grey) for grey in (False, True)}
     count = len(by_grey[True])
-    timings: Dict[bool, List[float]] = {False: [], True: []}
-    for _ in range(args.rounds):
-        for grey, dataset in by_grey.items():
-            timings[grey].append(time_path(dataset, count))
-    rgb, grey = min(timings[False]), min(timings[True])  # best round: least disturbed
-    print(f"device: {describe_device(torch.device('cpu'))}; torch {torch.__version__}")
+    best = best_of_interleaved({name: functools.partial(time_path, by_grey[name == "grey"], count)
+                                for name in ("rgb", "grey")}, args.rounds)
+    rgb, grey = best["rgb"], best["grey"]
+    print(header(torch.device("cpu")))
     print(f"crops: 2x{args.global_crops_size}px + {args.local_crops_number}x{args.local_crops_size}px, "
           f"{count} Fashion-MNIST images, best of {args.rounds} rounds")
     print(f"       rgb: {rgb * 1e3:7.3f} ms/image")
     print(f"      grey: {grey * 1e3:7.3f} ms/image")
     print(f"grey/rgb time ratio: {grey / rgb:.3f}")
     result = dict(rgb_ms_per_image=rgb * 1e3, grey_ms_per_image=grey * 1e3, ratio=grey / rgb)
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    write_json(args.output_json, result)
     return result
 
 
@@ -165,13 +158,6 @@ def load_dino_augmentation(dino_ref: Optional[str]) -> Any:
     return load_dino(dino_ref).main_dino.DataAugmentationDINO
 
 
-def time_per_image(work: Callable[[str], Any], paths: List[str]) -> float:
-    start = time.perf_counter()
-    for path in paths:
-        work(path)
-    return (time.perf_counter() - start) / len(paths)
-
-
 def time_device_stage(geometry: Any, paths: List[str], local_number: int, global_size: int,
                       batch: int, device: torch.device, rounds: int) -> float:
     """Seconds per image of the device stage on `device`, in batches of `batch` images."""
@@ -179,16 +165,7 @@ def time_device_stage(geometry: Any, paths: List[str], local_number: int, global
     crops = [torch.stack([s[k] for s in samples]).to(device) for k in range(len(samples[0]))]
     stage = augmentations.PhotometricAugmentation(local_number, global_size)
     stage(crops)  # warm-up
-    best = float("inf")
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        stage(crops)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / len(samples))
-    return best
+    return best_seconds(lambda: stage(crops), device, rounds) / len(samples)
 
 
 def train_images_per_second(folder: Path, on_device: bool, workers: int, sizes: Tuple[int, int, int],
@@ -234,12 +211,9 @@ def jpeg_suite(args: argparse.Namespace) -> Dict[str, float]:
                 "cpu_stage": lambda p: stage[True](datasets.open_image(p)),
                 "cpu_stage_no_draft": lambda p: stage[False](datasets.open_image(p)),
                 "decode": pil_loader}
-        timings: Dict[str, List[float]] = {name: [] for name in work}
         random.seed(0), torch.manual_seed(0)
-        for _ in range(args.rounds):
-            for name, fn in work.items():
-                timings[name].append(time_per_image(fn, paths))
-        best = {name: min(values) * 1e3 for name, values in timings.items()}
+        best = {name: seconds * 1e3 for name, seconds in best_of_interleaved(
+            {name: functools.partial(seconds_per_item, fn, paths) for name, fn in work.items()}, args.rounds).items()}
         drafted = sum(augmentations.draft_scale(stage[True].sample(size)[0], [global_size] * 2 + [local_size] * local_number) > 1
                       for size in (datasets.open_image(p).size for p in paths))
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -253,7 +227,7 @@ def jpeg_suite(args: argparse.Namespace) -> Dict[str, float]:
                     e2e[f"{'device' if on_device else 'pil'}_{workers}w"] = train_images_per_second(
                         folder, on_device, workers, args.jpeg_crops, args.train_images, Path(tmp))
     speedup = best["dino"] / best["cpu_stage"]
-    print(f"device: {describe_device(torch.device('cpu'))}; torch {torch.__version__}")
+    print(header(torch.device("cpu")))
     print(f"photos: {photos['count']} JPEGs, mean {photos['mean_megapixels']:.3f} Mpixel; crops: "
           f"2x{global_size}px + {local_number}x{local_size}px; one thread, best of {args.rounds} interleaved rounds")
     print(f"reference: {dino_name}")
@@ -270,8 +244,7 @@ def jpeg_suite(args: argparse.Namespace) -> Dict[str, float]:
     result.update({f"device_stage_{k}_ms_per_image": v for k, v in device_ms.items()})
     result.update({f"train_{k}_images_per_s": v for k, v in e2e.items()}, speedup=speedup,
                   drafted_images=drafted, mean_megapixels=photos["mean_megapixels"])
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    write_json(args.output_json, result)
     print(f"cpu-stage speed-up over DINO: {speedup:.2f}x")
     return result
 

@@ -3,29 +3,12 @@
     bench/gpu_check.sh [--dry] [--dino_repo PATH] [--out DIR] [--budget SECONDS]
     PYTHON=/path/to/python DINO_REPO=/path/to/dino bench/gpu_check.sh
 
-The parts, in this order, each in its own process with its own time limit, all within --budget
-seconds (a part that would start with too little time left is skipped and says so):
-  versions     python, torch, CUDA, cudnn, the driver, timm, the build's GPU architectures, the GPU
-  gpu_tests    pytest -m gpu (the AMP parity test runs apart, below)
-  train_step   bench/train_throughput.py at DINO's ViT-S/16 recipe (batch 64, 2x224 + 8x96 px
-               crops, 65536 prototypes, mixed precision, TF32 and cudnn.benchmark, the device
-               stage on, as training sets them) against the ORIGINAL DINO step (--dino_repo),
-               SPARO and CLS, 10 timed steps x 3 interleaved rounds, best round
-  device_stage the device stage's own cost per step (from the same run)
-  loader       bench/loader_speed.py: training's DataLoader over 1,000 JPEGs, 10 and 14 workers,
-               DINO's augmentation in the workers vs geometry in the workers + the device stage
-  end_to_end   main_dino_sparo.py, 1 epoch on those JPEGs with the k-NN monitor (digits), then
-               the same command with --epochs 2, which resumes and trains the second epoch
-  amp_parity   pytest -k "amp and parity"
-  knn_fp32/16  bench/knn_speed.py at ImageNet's shape (1,281,167 x 4,096 bank, 50,000 queries,
-               1,000 classes), fp32 and fp16 features made on the GPU: seconds and peak memory
-  compile      bench/train_throughput.py --compile true (SPARO, CLS), last, if time is left:
-               the compilation (first step) apart from the step time
-
-report.json and report.md in --out hold one line per part: its figures, or FAILED / SKIPPED and
-why, never a figure that this run did not measure; every part's output is in --out/logs. Exit
-status 1 when a part failed. --dry (automatic without a usable CUDA GPU) runs every part at toy
-size on the CPU, the compile part with TORCHDYNAMO_DISABLE=1 (compiling takes minutes on a CPU).
+README (GPUs, "The first run on a GPU machine") lists the parts and what each measures. Each
+part runs in its own process with its own time limit (Sizes), all within --budget seconds; a part
+that would start with too little time left is skipped and says so. OUT/report.json and
+OUT/report.md hold one line per part: its figures, read back from the part's own results file, or
+FAILED / SKIPPED and why. --dry (automatic without a usable CUDA GPU) runs every part at toy size
+on the CPU, the compile part with TORCHDYNAMO_DISABLE=1.
 """
 from __future__ import annotations
 
@@ -221,9 +204,11 @@ def versions(dino_repo: str) -> Dict[str, Any]:
         timm_version = "not installed"
     found = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                  cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                 timm=timm_version, arch_list=torch.cuda.get_arch_list(), driver=nvidia_driver(),
-                 cpu=devices.cpu_name(), cpu_cores=len(os.sched_getaffinity(0)), commit=git_commit(REPO),
-                 dino_repo=dino_repo, dino_commit=git_commit(Path(dino_repo)),
+                 timm=timm_version, arch_list=torch.cuda.get_arch_list(),
+                 driver=first_output_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+                 cpu=devices.cpu_name(), cpu_cores=len(os.sched_getaffinity(0)),
+                 commit=first_output_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]), dino_repo=dino_repo,
+                 dino_commit=first_output_line(["git", "-C", dino_repo, "rev-parse", "HEAD"]),
                  gpus=[dict(name=torch.cuda.get_device_name(i),
                             capability=".".join(map(str, torch.cuda.get_device_capability(i))),
                             memory_gib=round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1))
@@ -231,22 +216,13 @@ def versions(dino_repo: str) -> Dict[str, Any]:
     return found
 
 
-def nvidia_driver() -> Optional[str]:
+def first_output_line(command: List[str]) -> Optional[str]:
+    """The first line a command prints (the driver's version, a commit), or None when it fails."""
     try:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.split("\n")[0].strip() or None if result.returncode == 0 else None
-
-
-def git_commit(folder: Path) -> Optional[str]:
-    try:
-        result = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 def pytest_part(check: Check, part: Part, selection: List[str], limit_key: str) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import traceback
 from dataclasses import dataclass
@@ -42,8 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import augmentations  # noqa: E402
-import devices  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
+from bench.measure import STEP_AT, bench_device, random_crops, write_json  # noqa: E402
 
 aten = torch.ops.aten
 # Indexing reads the size of a boolean mask on the host; with integer indices it does not.
@@ -206,26 +205,19 @@ def summary(recorder: HostSyncRecorder) -> Dict[str, Any]:
                 syncs=collections.Counter(s.kind for s in recorder.syncs))
 
 
-def uint8_crops(args: argparse.Namespace, batch: int) -> List[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    sizes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
-    return [torch.randint(0, 256, (batch, 3, size, size), generator=generator,
-                          dtype=torch.uint8).to(args.device) for size in sizes]
-
-
 def measure(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """The device stage on uint8 crops (--device_stage_batch images), then a training step
     without it (--batch_size_per_gpu images), each after one unrecorded warm-up call."""
     stage = augmentations.PhotometricAugmentation(args.local_crops_number, args.global_crops_size)
-    crops = uint8_crops(args, args.device_stage_batch)
+    crops = random_crops(args, args.device_stage_batch, uint8=True)
     stage(crops)
     results = {"device stage": summary(record(lambda: stage(crops)))}
-    images = stage(uint8_crops(args, args.batch_size_per_gpu))
+    images = stage(random_crops(args, args.batch_size_per_gpu, uint8=True))
     models, optimisation = dino.build_training(args)
     without_stage = argparse.Namespace(**{**vars(args), "augment_on_device": False})
     step = dino.TrainStep(models, optimisation, without_stage)
-    step(images, 0, 1e-4, 0.04, 0.996)
-    results["training step"] = summary(record(lambda: step(images, 0, 1e-4, 0.04, 0.996)))
+    step(images, *STEP_AT)
+    results["training step"] = summary(record(lambda: step(images, *STEP_AT)))
     return results
 
 
@@ -238,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     # The training step's op count does not depend on the batch: a small one keeps it cheap on CPU.
     parser.set_defaults(batch_size_per_gpu=4)
     args = parser.parse_args(argv)
-    args.device = torch.device("cuda" if devices.resolve_use_cuda(args.device) else "cpu")
+    args.device = bench_device(args.device)
     args.distributed, args.augment_on_device = False, True
     torch.manual_seed(0)
     results = measure(args)
@@ -248,8 +240,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     for name, result in results.items():
         print(f"{name}: {result['ops']} dispatched ops, {result['kernels']} not views, "
               f"{result['host_syncs']} host syncs {dict(result['syncs'])}")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=1))
+    write_json(args.output_json, results, indent=1)
     return results
 
 

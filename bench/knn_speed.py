@@ -17,9 +17,7 @@ floating-point operations) against a GEMM peak measured here in the search's pre
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -28,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import errors  # noqa: E402
 import knn  # noqa: E402
-from bench.measure import PeakMemory, describe_device, gemm_peak_gflops, synchronize  # noqa: E402
+from bench.measure import PeakMemory, describe_device, gemm_peak_gflops, header, timed, write_json  # noqa: E402
 
 METHODS = ("torch", "faiss-cpu", "faiss-gpu", "dino")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -103,17 +101,14 @@ def main(argv: List[str] | None = None) -> Dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise errors.UserError("--device cuda needs a CUDA GPU")
-    start = time.perf_counter()
-    train, labels, test = make_features(args, device)
-    synchronize(device)
-    features_s = time.perf_counter() - start
+    (train, labels, test), features_s = timed(lambda: make_features(args, device), device)
     features_mib = (train.nbytes + test.nbytes + labels.nbytes) / 2**20
     # the search's GEMM precision: fp16 banks multiply in fp16 on a GPU, in fp32 on the CPU (knn.py)
     search_dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     peak = gemm_peak_gflops(args.gemm_size, device, search_dtype)
     flops = 2.0 * args.num_train * args.num_test * args.dim
     floor_s = flops / (peak * 1e9)
-    print(f"device: {describe_device(device)}; torch {torch.__version__}")
+    print(header(device))
     print(f"bank N={args.num_train}, queries M={args.num_test}, D={args.dim}, C={args.num_classes}, "
           f"k={sorted(args.nb_knn)}, {args.dtype} features ({features_mib:.0f} MiB, made in {features_s:.2f} s); "
           f"{str(search_dtype).split('.')[-1]} GEMM peak {peak:.1f} GFLOP/s -> similarity product "
@@ -122,11 +117,7 @@ def main(argv: List[str] | None = None) -> Dict:
     for method in args.methods:
         memory = PeakMemory(device)
         memory.start()
-        synchronize(device)
-        start = time.perf_counter()
-        votes = run_method(method, args, train, labels, test)
-        synchronize(device)
-        seconds = time.perf_counter() - start
+        votes, seconds = timed(lambda: run_method(method, args, train, labels, test), device)
         peak_mib = memory.stop()
         predictions = {k: v.argmax(1).cpu() for k, v in votes.items()}
         if reference is None:
@@ -143,8 +134,7 @@ def main(argv: List[str] | None = None) -> Dict:
         print(f"{method}/{first} time ratio: {results[method]['seconds'] / results[first]['seconds']:.3f}")
     summary = dict(device=describe_device(device), torch=torch.__version__, gemm_peak_gflops=peak, floor_s=floor_s,
                    features_mib=features_mib, features_s=features_s, config=vars(args), results=results)
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(summary, indent=2))
+    write_json(args.output_json, summary)
     return summary
 
 

@@ -22,7 +22,6 @@ is the rate all W workers sustain; the workers' start-up (the wait for batch 0) 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import errors  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import utils  # noqa: E402
 from bench.augmentation_speed import write_photos  # noqa: E402
-from bench.measure import describe_device, synchronize  # noqa: E402
+from bench.measure import bench_device, describe_device, header, synchronize, write_json  # noqa: E402
 
 PIPELINES = ("cpu", "device")
 
@@ -105,7 +104,7 @@ def measure(train_args: argparse.Namespace, passes: int) -> Dict[str, float]:
 
 def main(argv: List[str] | None = None) -> Dict:
     args = config_files.parse_args_with_config(get_args_parser(), argv)
-    args.device = torch.device("cuda" if devices.resolve_use_cuda(args.device) else "cpu")
+    args.device = bench_device(args.device)
     devices.enable_fast_fp32(args.device)  # cudnn.benchmark for the stage's blurs, as in training
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.photos_dir or scratch)
@@ -119,7 +118,7 @@ def main(argv: List[str] | None = None) -> Dict:
             folder = partial.rename(folder) if args.photos_dir else partial
             print(f"wrote {photos['count']} JPEGs (mean {photos['mean_megapixels']:.3f} Mpixel) "
                   f"in {time.perf_counter() - start:.1f} s")
-        print(f"device: {describe_device(args.device)}; torch {torch.__version__}; crops 2x{args.global_crops_size}px + "
+        print(f"{header(args.device)}; crops 2x{args.global_crops_size}px + "
               f"{args.local_crops_number}x{args.local_crops_size}px, batch {args.batch_size_per_gpu}, "
               f"{args.passes} passes per measurement")
         results: Dict[str, Dict[str, float]] = {}
@@ -132,8 +131,7 @@ def main(argv: List[str] | None = None) -> Dict:
                       flush=True)
     summary = dict(device=describe_device(args.device), torch=torch.__version__, cpu=devices.cpu_name(),
                    config=utils.plain(vars(args)), results=results)
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(summary, indent=2))
+    write_json(args.output_json, summary)
     return summary
 
 

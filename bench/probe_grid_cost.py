@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval_linear  # noqa: E402
 import vision_transformer as vits  # noqa: E402
-from bench.measure import describe_device  # noqa: E402
+from bench.measure import best_seconds, describe_device  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,14 +51,7 @@ def time_heads(specs: List[eval_linear.ProbeSpec], features: torch.Tensor, label
             eval_linear.head_losses(probes(batch), target).sum().backward()
             optimizer.step()
     epoch()  # warm-up
-    if args.device != "cpu":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.epochs):
-        epoch()
-    if args.device != "cpu":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / args.epochs
+    return best_seconds(epoch, torch.device(args.device), rounds=1, calls=args.epochs)
 
 
 def grid_specs(readout: str, args: argparse.Namespace) -> Tuple[int, List[eval_linear.ProbeSpec]]:

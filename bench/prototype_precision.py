@@ -11,9 +11,7 @@ logits to that dtype puts into the teacher's probabilities.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Dict
 
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import devices  # noqa: E402
 import vision_transformer as vits  # noqa: E402
+from bench.measure import timed, write_json  # noqa: E402
 
 # (name, head input width, hidden, bottleneck, prototypes, images, crops)
 HEADS = [("cpu recipe (SPARO vit_nano)", 4096, 512, 256, 1024, 64, 4),
@@ -37,15 +36,13 @@ class AutocastHead(vits.DINOHead):
 
 
 def step_seconds(head: torch.nn.Module, x: torch.Tensor, globals_: int, autocast: torch.autocast) -> float:
-    start = time.perf_counter()
-    with autocast:
-        student = head(x)
-        with torch.no_grad():
-            teacher = head(x[:globals_])
-    (student.float().logsumexp(-1).mean() + teacher.float().mean()).backward()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    def step() -> None:
+        with autocast:
+            student = head(x)
+            with torch.no_grad():
+                teacher = head(x[:globals_])
+        (student.float().logsumexp(-1).mean() + teacher.float().mean()).backward()
+    return timed(step, x.device)[1]
 
 
 def teacher_probability_error(head: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
@@ -90,8 +87,7 @@ def main(argv=None) -> Dict:
               f"{medians['autocast prototypes'] * 1e3:.0f} ms in {dtype} (x{results[name]['ratio']:.2f}); "
               f"{dtype} logits put a {100 * results[name]['teacher_p_error']:.2f} % mean error in "
               f"the teacher's probabilities (T = 0.04)", flush=True)
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=1))
+    write_json(args.output_json, results, indent=1)
     return results
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -157,7 +156,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     available = HELDOUT_START if args.eval_split == "heldout" else 60000
     args.bank_size = args.bank_size or available
     args.variants = [v for v in VARIANTS if v in args.variants]  # table order
-    recipe = load_yaml(args.recipe)
+    recipe = config_files.read_yaml_mapping(args.recipe, "recipe")
     if args.pretrain_subset is None:
         # a recipe that pre-trains on every image (subset 0) uses every image it may see
         args.pretrain_subset = int(recipe.get("subset", 0)) or available
@@ -185,15 +184,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise errors.UserError("--select_slots values must be positive")
     if args.epochs < 1:
         raise errors.UserError("--epochs must be at least 1")
-
-
-def load_yaml(path: str) -> Dict[str, Any]:
-    import yaml
-
-    try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as error:
-        raise errors.UserError(f"cannot read {path}: {error.strerror}") from error
 
 
 # ============================================================================= data
@@ -311,10 +301,18 @@ def cached_step(path: Path, compute) -> Dict[str, Any]:
         return json.loads(path.read_text())
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
+    utils.atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return result
+
+
+def script_step(command: List[str], tag: Path, name: str, threads: int) -> Dict[str, Any]:
+    """An evaluation script's run (TAG/NAME.log) and the results it wrote to TAG/NAME.json, cached
+    in TAG/NAME_step.json."""
+    def compute() -> Dict[str, Any]:
+        seconds = run_logged(command, tag / f"{name}.log", threads)
+        result = json.loads((tag / f"{name}.json").read_text())
+        return dict(command=" ".join(["python", *command]), seconds=seconds, result=result)
+    return cached_step(tag / f"{name}_step.json", compute)
 
 
 def seeds_of(args: argparse.Namespace, name: str) -> List[int]:
@@ -350,12 +348,7 @@ def knn_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path,
                "--resize_size", str(args.resize_size), "--nb_knn",
                *[str(k) for k in (10, 20, 100, 200) if k <= args.bank_size],
                "--num_workers", "0", "--output_json", str(tag / "knn.json"), *extra]
-
-    def compute() -> Dict[str, Any]:
-        seconds = run_logged(command, tag / "knn.log", threads or args.threads)
-        result = json.loads((tag / "knn.json").read_text())
-        return dict(command=" ".join(["python", *command]), seconds=seconds, result=result)
-    return cached_step(tag / "knn_step.json", compute)
+    return script_step(command, tag, "knn", threads or args.threads)
 
 
 def linear_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Path,
@@ -364,12 +357,7 @@ def linear_eval(args: argparse.Namespace, weights: str, data: EvalData, tag: Pat
                *data.args(), "--resize_size", str(args.resize_size),
                "--num_workers", "0", "--output_dir", str(tag / "linear"),
                "--output_json", str(tag / "linear.json")]
-
-    def compute() -> Dict[str, Any]:
-        seconds = run_logged(command, tag / "linear.log", threads or args.threads)
-        result = json.loads((tag / "linear.json").read_text())
-        return dict(command=" ".join(["python", *command]), seconds=seconds, result=result)
-    return cached_step(tag / "linear_step.json", compute)
+    return script_step(command, tag, "linear", threads or args.threads)
 
 
 def slot_selection(args: argparse.Namespace, features: Path, tag: Path) -> Dict[str, Any]:
@@ -526,7 +514,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     start = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = load_yaml(args.recipe)
+    recipe = config_files.read_yaml_mapping(args.recipe, "recipe")
     args.resize_size = int(recipe["global_crops_size"])  # the whole 28-px image, no centre crop
     args.threads = args.threads or len(os.sched_getaffinity(0))
     args.jobs = args.jobs or (1 if torch.cuda.is_available() else args.threads)
@@ -539,7 +527,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         evaluation=evaluation, eval_split=args.eval_split, bank_size=args.bank_size,
         test_size=args.test_size, recipe=recipe, recipe_file=os.path.relpath(args.recipe, REPO),
         pretrain_subset=args.pretrain_subset, epochs=args.epochs, train_args=args.train_args,
-        linear_config=load_yaml(args.linear_config),
+        linear_config=config_files.read_yaml_mapping(args.linear_config, "linear config"),
         machine=f"{devices.cpu_name()}, {args.threads} threads, {args.jobs} "
                 f"jobs at once, torch {torch.__version__}, "
                 f"{'bf16 autocast' if recipe.get('cpu_bf16') and not devices.cpu_bf16_shortfall() else 'fp32'} on CPU",

@@ -26,13 +26,14 @@ against a GEMM peak measured here in the step's precision (bf16 under autocast).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
+import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import augmentations  # noqa: E402
@@ -44,7 +45,8 @@ import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 from bench.dino_original import OriginalDinoStep, load_dino  # noqa: E402
 from bench.dino_reference import ReferenceStep  # noqa: E402
-from bench.measure import PeakMemory, describe_device, gemm_peak_gflops, synchronize  # noqa: E402
+from bench.measure import (STEP_AT, PeakMemory, bench_device, best_seconds, describe_device,  # noqa: E402
+                           gemm_peak_gflops, header, random_crops, timed, write_json)
 
 VARIANTS = (*vits.READOUTS, "reference", "dino")  # every read-out, and two reference steps
 
@@ -72,19 +74,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_crops(args: argparse.Namespace, uint8: bool = False) -> List[torch.Tensor]:
-    """Random crops of the recipe's shapes: normalised floats, or uint8 images (what the
-    loader hands the device stage)."""
-    generator = torch.Generator().manual_seed(0)
-    shape = lambda size: (args.batch_size_per_gpu, 3, size, size)  # noqa: E731
-    sizes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
-    if uint8:
-        crops = [torch.randint(0, 256, shape(size), generator=generator, dtype=torch.uint8) for size in sizes]
-    else:
-        crops = [torch.randn(shape(size), generator=generator) for size in sizes]
-    return [c.to(args.device) for c in crops]
-
-
 def variant_crops(variant: str, args: argparse.Namespace, crops: Dict[bool, List[torch.Tensor]]) -> List[torch.Tensor]:
     """This project's steps take uint8 crops when the device stage is on; DINO's own step and
     the reference take float crops (their loaders augment on the CPU)."""
@@ -102,41 +91,40 @@ def build_step(variant: str, args: argparse.Namespace) -> Callable:
 
 def warm_up(step: Callable, crops: List[torch.Tensor], args: argparse.Namespace) -> Optional[float]:
     """The untimed steps; returns the seconds of the first one (with --compile: compilation)."""
-    first = None
-    for index in range(args.warmup_steps):
-        synchronize(args.device)
-        start = time.perf_counter()
-        step(crops, 0, 1e-4, 0.04, 0.996)
-        synchronize(args.device)
-        if index == 0:
-            first = time.perf_counter() - start
-    return first
+    seconds = [timed(lambda: step(crops, *STEP_AT), args.device)[1] for _ in range(args.warmup_steps)]
+    return seconds[0] if seconds else None
 
 
-def measure(variant: str, args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, float]:
+def time_steps(step: Callable, crops: List[torch.Tensor], args: argparse.Namespace) -> Tuple[float, float]:
+    """Milliseconds per step over --steps steps, and the last step's loss."""
+    losses, seconds = timed(lambda: [step(crops, *STEP_AT) for _ in range(args.steps)], args.device)
+    return seconds / args.steps * 1000, losses[-1].detach().item()
+
+
+def build_and_warm_up(variant: str, args: argparse.Namespace,
+                      crops: List[torch.Tensor]) -> Tuple[Callable, PeakMemory, Optional[float]]:
+    """A variant's step, built and warmed up with the peak memory counted from before it was
+    built, and the seconds of its first step."""
+    torch.manual_seed(0)
     memory = PeakMemory(args.device)
     memory.start()
     step = build_step(variant, args)
-    first_step_s = warm_up(step, crops, args)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step(crops, 0, 1e-4, 0.04, 0.996)
-    synchronize(args.device)
-    seconds = (time.perf_counter() - start) / args.steps
-    result = dict(images_per_s=args.batch_size_per_gpu / seconds, step_ms=seconds * 1000,
-                  peak_mib=memory.stop(), loss=loss.detach().item(), first_step_s=first_step_s)
-    del step
-    return result
+    return step, memory, warm_up(step, crops, args)
+
+
+def measure(variant: str, args: argparse.Namespace, crops: List[torch.Tensor]) -> Dict[str, float]:
+    """One variant built, warmed up and timed on its own (its peak memory over all of it)."""
+    step, memory, first_step_s = build_and_warm_up(variant, args, crops)
+    step_ms, loss = time_steps(step, crops, args)
+    return dict(step_ms=step_ms, peak_mib=memory.stop(), loss=loss, first_step_s=first_step_s)
 
 
 def step_flops(step: Callable, crops: List[torch.Tensor]) -> float:
     """Floating-point operations of one step (matmuls, convolutions, attention; forward and
     backward), counted by torch's FlopCounterMode on an untimed step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
-        step(crops, 0, 1e-4, 0.04, 0.996)
+        step(crops, *STEP_AT)
     return float(counter.get_total_flops())
 
 
@@ -145,26 +133,15 @@ def measure_interleaved(args: argparse.Namespace, crops: Dict[bool, List[torch.T
     the machine's load changes hit all of them alike; each variant's best round counts."""
     steps, results = {}, {}
     for variant in args.variants:
-        torch.manual_seed(0)
-        memory = PeakMemory(args.device)
-        memory.start()
-        steps[variant] = build_step(variant, args)
-        first_step_s = warm_up(steps[variant], variant_crops(variant, args, crops), args)
+        inputs = variant_crops(variant, args, crops)
+        steps[variant], memory, first_step_s = build_and_warm_up(variant, args, inputs)
         results[variant] = dict(peak_mib=memory.stop(), step_ms=float("inf"), first_step_s=first_step_s,
-                                gflop_per_step=step_flops(steps[variant], variant_crops(variant, args, crops)) / 1e9)
+                                gflop_per_step=step_flops(steps[variant], inputs) / 1e9)
     for _ in range(args.rounds):
         for variant, step in steps.items():
-            inputs = variant_crops(variant, args, crops)
-            synchronize(args.device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step(inputs, 0, 1e-4, 0.04, 0.996)
-            synchronize(args.device)
-            ms = (time.perf_counter() - start) / args.steps * 1000
+            ms, results[variant]["loss"] = time_steps(step, variant_crops(variant, args, crops), args)
             results[variant]["step_ms"] = min(results[variant]["step_ms"], ms)
-            results[variant]["loss"] = loss.detach().item()
     for result in results.values():
-        result["images_per_s"] = args.batch_size_per_gpu / result["step_ms"] * 1000
         result["gflop_per_s"] = result["gflop_per_step"] / result["step_ms"] * 1000
     return results
 
@@ -172,9 +149,6 @@ def measure_interleaved(args: argparse.Namespace, crops: Dict[bool, List[torch.T
 def join_single_process_group() -> bool:
     """DINO's loss all-reduces its centre: give it a process group of one (gloo). Returns
     whether a group was created here (and is to be destroyed after the run)."""
-    import tempfile
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return False
     store = Path(tempfile.mkdtemp()) / "store"
@@ -184,9 +158,9 @@ def join_single_process_group() -> bool:
 
 def main(argv: List[str] | None = None) -> Dict[str, Dict[str, float]]:
     args = config_files.parse_args_with_config(get_args_parser(), argv)
-    use_cuda = devices.resolve_use_cuda(args.device)  # --device comes from main_dino_sparo's flags
-    args.device = torch.device("cuda" if use_cuda else "cpu")
-    args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0 if use_cuda else None, False
+    args.device = bench_device(args.device)  # --device comes from main_dino_sparo's flags
+    args.rank, args.world_size, args.distributed = 0, 1, False
+    args.gpu = 0 if args.device.type == "cuda" else None
     dino.check_args(args)
     devices.enable_fast_fp32(args.device)  # TF32 and cudnn.benchmark, as training sets them
     if args.augment_on_device is None:  # training's default: the device stage on with CUDA
@@ -210,23 +184,15 @@ def device_stage_ms(args: argparse.Namespace, crops: List[torch.Tensor]) -> floa
     --rounds rounds of --steps batches, after one warm-up batch)."""
     stage = augmentations.PhotometricAugmentation(args.local_crops_number, args.global_crops_size)
     stage(crops)
-    best = float("inf")
-    for _ in range(args.rounds):
-        synchronize(args.device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            stage(crops)
-        synchronize(args.device)
-        best = min(best, (time.perf_counter() - start) / args.steps * 1000)
-    return best
+    return best_seconds(lambda: stage(crops), args.device, args.rounds, args.steps) * 1000
 
 
 def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
-    crops = {False: make_crops(args)}
+    crops = {False: random_crops(args, args.batch_size_per_gpu)}
     if args.augment_on_device:
-        crops[True] = make_crops(args, uint8=True)
+        crops[True] = random_crops(args, args.batch_size_per_gpu, uint8=True)
     precision = dino.precision(args)
-    print(f"device: {describe_device(args.device)}; torch {torch.__version__}")
+    print(header(args.device))
     print(f"config: {args.arch}/{args.patch_size}, batch {args.batch_size_per_gpu}, 2x{args.global_crops_size}px + "
           f"{args.local_crops_number}x{args.local_crops_size}px crops, out_dim {args.out_dim}, "
           f"{precision}, compile={args.compile}, device stage in this project's steps: {bool(args.augment_on_device)}")
@@ -238,10 +204,9 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
               f"{args.rounds} interleaved rounds of {args.steps} steps, best round per variant")
         results = measure_interleaved(args, crops)
     else:
-        for variant in args.variants:
-            torch.manual_seed(0)
-            results[variant] = measure(variant, args, variant_crops(variant, args, crops))
+        results = {variant: measure(variant, args, variant_crops(variant, args, crops)) for variant in args.variants}
     for variant, r in results.items():
+        r["images_per_s"] = args.batch_size_per_gpu / r["step_ms"] * 1000
         line = (f"{variant:>10}: {r['images_per_s']:8.1f} images/s  {r['step_ms']:9.1f} ms/step  "
                 f"peak {r['peak_mib']:8.1f} MiB")
         if peak:
@@ -257,11 +222,10 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
         if a in results and b in results:
             print(f"{a}/{b} throughput ratio: {results[a]['images_per_s'] / results[b]['images_per_s']:.3f}  "
                   f"peak memory ratio: {results[a]['peak_mib'] / max(results[b]['peak_mib'], 1e-9):.3f}")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(dict(
-            device=describe_device(args.device), torch=torch.__version__, precision=precision,
-            tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_benchmark=torch.backends.cudnn.benchmark,
-            gemm_peak_gflops=peak, device_stage_ms=stage_ms, config=utils.plain(args), results=results), indent=2))
+    write_json(args.output_json, dict(
+        device=describe_device(args.device), torch=torch.__version__, precision=precision,
+        tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_benchmark=torch.backends.cudnn.benchmark,
+        gemm_peak_gflops=peak, device_stage_ms=stage_ms, config=utils.plain(args), results=results))
     return results
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bench import augmentation_speed, knn_speed, train_throughput
-from bench.dino_original import DEFAULT_DINO_REPO
+from bench.dino_original import DINO_REPO
 from helpers import needs_dino, needs_fashion_mnist, run_script
 
 # A one-step timing of vit_tiny/4 on 8 px crops (bench/train_throughput.py's flags).
@@ -25,7 +25,7 @@ def test_train_throughput_runs_every_variant_and_reports_ratios(capsys):
 
 @needs_dino
 def test_train_throughput_times_the_original_dino_step(capsys):
-    results = train_throughput.main([*TINY_STEP_ARGS, "--dino_repo", str(DEFAULT_DINO_REPO),
+    results = train_throughput.main([*TINY_STEP_ARGS, "--dino_repo", str(DINO_REPO),
                                      "--rounds", "1", "--gemm_size", "128"])
     out = capsys.readouterr().out
     assert set(results) == {"sparo", "cls", "dino"}

@@ -1,6 +1,6 @@
 """This project against the original facebookresearch/dino code, run side by side.
 
-Needs a clone of DINO (DINO_REPO, default /work/dino_ref); skipped without one. DINO's modules
+Needs a clone of DINO named by $DINO_REPO; skipped without one. DINO's modules
 are imported under private names by bench/dino_original.py and never copied.
 """
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 import vision_transformer as vits
 import weight_files
-from bench.dino_original import DEFAULT_DINO_REPO, load_dino
+from bench.dino_original import DINO_REPO, load_dino
 from helpers import needs_dino
 
 pytestmark = needs_dino
@@ -23,7 +23,7 @@ def official_checkpoint(tmp_path_factory):
     """DINO's own ViT-tiny/16 with random weights, saved the way DINO's released files are
     (a bare backbone state dict). The position embeddings get the size of trained ones
     (std 1 rather than DINO's 0.02 init), so that a wrong resampling shows in the features."""
-    dino = load_dino(DEFAULT_DINO_REPO)
+    dino = load_dino(DINO_REPO)
     torch.manual_seed(0)
     original = dino.vision_transformer.vit_tiny(patch_size=16).eval()
     with torch.no_grad():
@@ -48,7 +48,7 @@ def test_official_checkpoint_gives_dinos_features_at_every_size(official_checkpo
 def test_dino_head_starts_exactly_like_dinos():
     """Same seed, same construction order: every head parameter equals DINO's bit for bit,
     the prototypes (nn.Linear's default init, then weight_g = 1) included."""
-    dino = load_dino(DEFAULT_DINO_REPO)
+    dino = load_dino(DINO_REPO)
     for norm_last_layer in (True, False):
         torch.manual_seed(0)
         expected = dino.vision_transformer.DINOHead(96, 300, norm_last_layer=norm_last_layer,

@@ -13,7 +13,7 @@ import timm_models  # noqa: F401 - registers the timm names
 import utils
 import vision_transformer as vits
 import weight_files
-from bench.dino_original import DEFAULT_DINO_REPO, load_dino
+from bench.dino_original import DINO_REPO, load_dino
 from helpers import REPO, Payload, cls_vit_tiny, dino_vit_tiny, needs_dino
 
 
@@ -184,7 +184,7 @@ def test_official_dino_file_exports_and_loads_back_into_dinos_own_vit(tmp_path, 
     expected = features(dino, images)
     # DINO's own loader (its eval scripts' load_pretrained_weights) reads the exported .pth
     fresh = dino_vit_tiny(seed=5)
-    load_dino(DEFAULT_DINO_REPO).utils.load_pretrained_weights(fresh, str(out / "backbone.pth"),
+    load_dino(DINO_REPO).utils.load_pretrained_weights(fresh, str(out / "backbone.pth"),
                                                                "teacher", "vit_tiny", 4)
     assert "missing_keys=[]" in capsys.readouterr().out
     torch.testing.assert_close(features(fresh, images), expected, rtol=0, atol=0)

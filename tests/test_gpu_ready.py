@@ -21,7 +21,7 @@ import knn
 import main_dino_sparo
 import utils
 import vision_transformer as vits
-from bench.dino_original import DEFAULT_DINO_REPO
+from bench.dino_original import DINO_REPO
 from helpers import REPO, TINY_TRAIN_ARGS, needs_dino, run_two_gloo_ranks
 
 
@@ -391,7 +391,7 @@ GPU_CHECK_PARTS = ["gpu_tests", "train_step", "device_stage", "loader", "end_to_
 def test_gpu_check_dry_mode_runs_every_part_and_reports_what_it_measured(tmp_path):
     """bench/gpu_check.sh --dry: every part at toy size on the CPU, one report whose lines name
     each part with the figures this run measured (read back from the parts' own results)."""
-    process = run_gpu_check(tmp_path, "--dry", DINO_REPO=str(DEFAULT_DINO_REPO))
+    process = run_gpu_check(tmp_path, "--dry", DINO_REPO=str(DINO_REPO))
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     markdown = (tmp_path / "report.md").read_text()
