@@ -37,6 +37,7 @@ import submitit
 
 import config_files
 import errors
+import run_folder
 import utils
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -275,6 +276,7 @@ class SubmititJob:
         # by name only now that repo_dir is on sys.path (a reference to the launcher's `utils`
         # here would be pickled with the job and imported before that, or from elsewhere).
         job_errors, job_utils = importlib.import_module("errors"), importlib.import_module("utils")
+        job_folder = importlib.import_module("run_folder")
         run = getattr(importlib.import_module(JOBS[self.job].script), JOBS[self.job].run)
         args = copy.deepcopy(self.job_args)  # the job adds rank, device, ...: keep ours clean
         try:
@@ -283,10 +285,10 @@ class SubmititJob:
             print(f"error: {job_errors.capped(job_errors.user_error_message(error))}", file=sys.stderr, flush=True)
             sys.exit(2)  # no result: the launcher repeats this line (wait_for)
         finally:
-            job_utils.release_output_locks()
+            job_folder.release_output_locks()
             job_utils.cleanup_distributed()
         if result is None and self.job == "train":  # training returns nothing: name its checkpoint
-            return str(Path(self.job_args.output_dir) / "checkpoint.pth")
+            return str(Path(self.job_args.output_dir) / job_folder.CHECKPOINT)
         return result
 
     def fix_output_dir(self, job_id: str) -> None:
@@ -299,7 +301,7 @@ class SubmititJob:
         """Called by submitit on task 0 when the job times out or is pre-empted: requeue the
         same job; training resumes from output_dir/checkpoint.pth (the last finished epoch)."""
         output_dir = getattr(self.job_args, "output_dir", None)
-        where = f"; it resumes from {output_dir}/checkpoint.pth" if output_dir else ""
+        where = f"; it resumes from {output_dir}/{run_folder.CHECKPOINT}" if output_dir else ""
         print(f"Requeuing the {self.job} job{where}", flush=True)
         resubmission = SubmititJob(self.job, copy.deepcopy(self.job_args), self.ngpus,
                                    self.threads, self.repo_dir)
@@ -409,8 +411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_job_args(args.job, job_args)
     log_dir = resolve_folders(args, job_args)
     output_dir = getattr(job_args, "output_dir", None)
-    if output_dir and "%j" not in output_dir and (Path(output_dir) / "checkpoint.pth").exists():
-        print(f"{output_dir} holds checkpoint.pth: the job resumes from it.")
+    resumable = run_folder.resume_candidates(output_dir) if output_dir and "%j" not in output_dir else []
+    if resumable:
+        print(f"{output_dir} holds {resumable[0].name}: the job resumes from it.")
 
     # ============ submitting the job ... ============
     wait = args.wait if args.wait is not None else args.cluster == "local"

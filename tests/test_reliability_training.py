@@ -20,7 +20,7 @@ from PIL import Image
 import datasets
 import errors
 import main_dino_sparo as dino
-import utils
+import run_folder
 import weight_files
 from helpers import REPO, TINY_TRAIN_ARGS, Payload, read_log, run_script
 
@@ -339,24 +339,24 @@ def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
     holder, and touches nothing; a resume with another --lr/--data_path says so in one line."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / utils.LOCK_NAME).write_text("a training run, pid 999999 on a-node-that-died\n")
+    (out / run_folder.LOCK).write_text("a training run, pid 999999 on a-node-that-died\n")
     first = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out])
     assert first.returncode == 0, first.stderr
-    assert not (out / utils.LOCK_NAME).exists()  # released and removed at the end
+    assert not (out / run_folder.LOCK).exists()  # released and removed at the end
     assert [entry["epoch"] for entry in read_log(out / "log.txt")] == [0]
 
     saved = folder_digest(out)
-    monkeypatch.setattr(utils, "LOCK_WAIT_S", 1.0)  # how long a second run waits for the holder to exit
-    with open(out / utils.LOCK_NAME, "w") as held:  # what a running training holds
+    monkeypatch.setattr(run_folder, "LOCK_WAIT_S", 1.0)  # how long a second run waits for the holder to exit
+    with open(out / run_folder.LOCK, "w") as held:  # what a running training holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("a training run, pid 4242 on gpu-node-7\n")
         held.flush()
         second, _, _ = run_bad(tmp_path, "--arch", "vit_nano")
         assert second.returncode == 2
         assert second.stderr.strip() == (f"error: --output_dir {out} is in use by a training run, pid 4242 "
-                                         f"on gpu-node-7 ({out / utils.LOCK_NAME}); wait for that run to "
+                                         f"on gpu-node-7 ({out / run_folder.LOCK}); wait for that run to "
                                          f"end or choose another --output_dir")
-    (out / utils.LOCK_NAME).unlink()
+    (out / run_folder.LOCK).unlink()
     assert folder_digest(out) == saved
 
     data = tmp_path / "data"
