@@ -190,14 +190,14 @@ class DINOLoss(nn.Module):
             np.ones(nepochs - warmup_epochs) * teacher_temp))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
-                epoch: int) -> torch.Tensor:
+                epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the loss, the mean entropy of the teacher's distributions): log(out_dim) means
+        uniform outputs, DINO's collapse signature; cheap next to the forward pass."""
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_logp = student_logp.view(self.ncrops, -1, student_logp.shape[-1])
         temp = float(self.teacher_temp_schedule[epoch])
         teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
-        # Mean entropy of the teacher's distributions: log(out_dim) means uniform outputs,
-        # DINO's collapse signature. Cheap next to the forward pass, read once per print window.
-        self.last_teacher_entropy = -(teacher_p * torch.log(teacher_p + 1e-12)).sum(-1).mean().detach()
+        teacher_entropy = -(teacher_p * torch.log(teacher_p + 1e-12)).sum(-1).mean()
         teacher_p = teacher_p.view(2, -1, teacher_p.shape[-1])
 
         # sum over pairs (i, v != i) of q_i . log p_v = (sum_i q_i) . (sum_v log p_v)
@@ -207,7 +207,7 @@ class DINOLoss(nn.Module):
         n_pairs = 2 * (self.ncrops - 1)
         loss = -(all_pairs - same_view).mean() / n_pairs
         self.update_center(teacher_output)
-        return loss
+        return loss, teacher_entropy
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -217,6 +217,13 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_center)
         batch_center /= len(teacher_output) * utils.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+class StepResult(NamedTuple):
+    """What one training step computed, on the device (nothing is synchronised)."""
+    loss: torch.Tensor  # 0-d
+    teacher_entropy: torch.Tensor  # 0-d, DINOLoss's
+    slot_attention: Optional[torch.Tensor]  # SPARO: the teacher's on the first global crops (B, L, N)
 
 
 # =============================================================================== helpers
@@ -285,9 +292,6 @@ def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, An
                 bottleneck_dim=args.head_bottleneck_dim)
 
 
-MAX_EPOCHS = 100_000  # DINO's longest recipe is 800
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag combinations that cannot train, with one clear line each. (The range of
     each single flag is checked where it is parsed, by its argparse type.)"""
@@ -299,9 +303,9 @@ def check_args(args: argparse.Namespace) -> None:
         low, high = getattr(args, name)
         if not 0 < low <= high:
             raise errors.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
-    if args.epochs > MAX_EPOCHS:  # the schedules hold a value per epoch and per step
-        raise errors.UserError(f"--epochs {args.epochs} is above {MAX_EPOCHS}: the schedules alone "
-                               f"would take {args.epochs * 8 / 2**30:.1f} GiB; give a real number of epochs")
+    if args.epochs > utils.MAX_TRAINING_STEPS:  # an epoch has at least one; checked again per step
+        raise errors.UserError(f"--epochs {args.epochs} is more than the {utils.MAX_TRAINING_STEPS} "
+                               f"iterations a run may have; give a real number of epochs")
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
@@ -594,11 +598,11 @@ def train_dino(args: argparse.Namespace) -> None:
         args.augment_on_device = augmentations.default_on_device(args.device)
     utils.fix_random_seeds(args.seed + args.rank)
     data_loader = build_data_loader(args)  # before creating anything: bad data changes no files
+    schedules = build_schedules(args, len(data_loader))
     monitor = knn_monitor.KnnMonitor(args, args.global_crops_size) if args.eval_every else None
     output_dir = Path(args.output_dir)
     with run_folder.opened(output_dir):
         models, optimisation, start_epoch, history = set_up_training(args, output_dir)
-        schedules = build_schedules(args, len(data_loader))
         run_folder.rewrite_log(output_dir, history)
         if start_epoch >= args.epochs:
             print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
@@ -676,19 +680,20 @@ class TrainStep:
             if args.augment_on_device else None
 
     def __call__(self, images: List[torch.Tensor], epoch: int, lr: float, wd: float,
-                 momentum: float) -> torch.Tensor:
-        """Train on one batch of crops; returns the loss (a 0-d tensor, not synchronised)."""
+                 momentum: float) -> StepResult:
+        """Train on one batch of crops."""
         optimizer, scaler, student = self.optimisation.optimizer, self.optimisation.fp16_scaler, \
             self.models.student_without_ddp
         if self.augment is not None:  # uint8 crops from MultiCropGeometry
             images = self.augment(images)
         utils.set_lr_and_wd(optimizer, lr, wd)
-        self.global_crops = images[:2]  # what the teacher saw (slot statistics read them)
+        sparo = self.models.teacher.backbone.sparo is not None
         with self.optimisation.autocast():
-            with torch.no_grad():
-                teacher_output = self.teacher(images[:2])  # only the 2 global views
+            with torch.no_grad():  # only the 2 global views; SPARO's attention for TensorBoard
+                teacher_output = self.teacher(images[:2], slot_attention=sparo)
+            teacher_output, attention = teacher_output if sparo else (teacher_output, None)
             student_output = self.student(images)
-            loss = self.optimisation.dino_loss(student_output, teacher_output, epoch)
+            loss, teacher_entropy = self.optimisation.dino_loss(student_output, teacher_output, epoch)
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler passes everything through unless fp16
@@ -703,7 +708,8 @@ class TrainStep:
         with torch.no_grad():  # teacher = m * teacher + (1 - m) * student
             torch._foreach_mul_(self.teacher_ema, momentum)
             torch._foreach_add_(self.teacher_ema, self.student_ema, alpha=1.0 - momentum)
-        return loss
+        first_crops = None if attention is None else attention[:len(images[0])]
+        return StepResult(loss.detach(), teacher_entropy.detach(), first_crops)
 
 
 def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoader,
@@ -727,11 +733,12 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
         step = iters * epoch + it  # global training iteration
         images = [im.to(args.device, non_blocking=non_blocking) for im in images]
         with explain_out_of_memory(args, first_step=it == 0 and epoch == train_step.first_epoch):
-            loss = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
-                              float(schedules["momentum"][step]))
-        tracker.add(loss, train_step.optimisation.dino_loss.last_teacher_entropy)
+            result = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
+                                float(schedules["momentum"][step]))
+        tracker.add(result.loss, result.teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
-            window = end_window(tracker, train_step, board, schedules, epoch, it + 1, iters * epoch)
+            window = end_window(tracker, result.slot_attention, train_step.optimisation.dino_loss, board,
+                                schedules, epoch, it + 1, iters * epoch)
             metric_logger.meters["loss"].update(float(window[:, 0].mean()))
             metric_logger.update(lr=schedules["lr"][step], wd=schedules["wd"][step])
     epoch_steps = slice(iters * epoch, iters * (epoch + 1))
@@ -744,46 +751,28 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
     return stats
 
 
-def end_window(tracker: StepStatsTracker, train_step: TrainStep, board: tensorboard_log.TrainingBoard,
-               schedules: Dict[str, np.ndarray], epoch: int, next_iteration: int,
-               epoch_first_step: int) -> torch.Tensor:
+def end_window(tracker: StepStatsTracker, slot_attention: Optional[torch.Tensor], dino_loss: DINOLoss,
+               board: tensorboard_log.TrainingBoard, schedules: Dict[str, np.ndarray], epoch: int,
+               next_iteration: int, epoch_first_step: int) -> torch.Tensor:
     """The end of a print window, the only place where training waits for the device: the
-    window's losses and teacher entropies, with the slot statistics TensorBoard shows, come to
-    the host in one copy, are checked (StepStatsTracker.flush) and written; returns the
-    window's (iterations, 2) values."""
+    window's losses and teacher entropies, with the slot statistics of its last step's teacher
+    (TensorBoard only), come to the host in one copy, are checked (StepStatsTracker.flush) and
+    written to TensorBoard; returns the window's (iterations, 2) values."""
     first_step = epoch_first_step + tracker.window_start
-    slots = window_slot_statistics(board, train_step)
+    slots = tensorboard_log.slot_statistics(slot_attention) \
+        if board.enabled and slot_attention is not None else {}
     window, carried = tracker.flush(epoch, next_iteration, carry=list(slots.values()))
-    write_window(board, train_step, window, dict(zip(slots, carried)), schedules, first_step, epoch)
-    return window
-
-
-def window_slot_statistics(board: tensorboard_log.TrainingBoard,
-                           train_step: TrainStep) -> Dict[str, torch.Tensor]:
-    """The teacher's slot statistics on the window's last global crops, on the device (one
-    extra teacher forward per window; SPARO with TensorBoard only, else none)."""
-    backbone = train_step.models.teacher.backbone
-    if not board.enabled or backbone.sparo is None:
-        return {}
-    with torch.no_grad(), train_step.optimisation.autocast():
-        attention = backbone.get_slot_attention(train_step.global_crops[0])
-    return tensorboard_log.slot_statistics(attention)
-
-
-def write_window(board: tensorboard_log.TrainingBoard, train_step: TrainStep, window: torch.Tensor,
-                 slots: Dict[str, torch.Tensor], schedules: Dict[str, np.ndarray], first_step: int,
-                 epoch: int) -> None:
-    """TensorBoard: every iteration of a print window, and the slot statistics (on the CPU)."""
     if not board.enabled:
-        return
+        return window
     steps = slice(first_step, first_step + len(window))
-    teacher_temp = float(train_step.optimisation.dino_loss.teacher_temp_schedule[epoch])
+    teacher_temp = float(dino_loss.teacher_temp_schedule[epoch])
     board.add_series({"train/loss": window[:, 0].tolist(), "train/teacher_entropy": window[:, 1].tolist(),
                       "train/lr": schedules["lr"][steps], "train/wd": schedules["wd"][steps],
                       "train/momentum": schedules["momentum"][steps],
                       "train/teacher_temp": [teacher_temp] * len(window)}, first_step)
     if slots:
-        board.add_slot_statistics(slots, steps.stop - 1)
+        board.add_slot_statistics(dict(zip(slots, carried)), steps.stop - 1)
+    return window
 
 
 @contextlib.contextmanager

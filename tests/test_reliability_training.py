@@ -145,9 +145,9 @@ def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_last_checkpoint(tmp_p
     calls = {"n": 0}
 
     def poisoned_forward(self, student_output, teacher_output, epoch):
-        loss = real_forward(self, student_output, teacher_output, epoch)
+        loss, teacher_entropy = real_forward(self, student_output, teacher_output, epoch)
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 4 else loss  # epoch 1, iteration 3
+        return (loss * float("nan") if calls["n"] == 4 else loss), teacher_entropy  # epoch 1, iteration 3
 
     monkeypatch.setattr(dino.DINOLoss, "forward", poisoned_forward)
     with pytest.raises(SystemExit) as stop:
@@ -371,8 +371,11 @@ def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
 
 def test_nan_before_any_checkpoint_says_so_and_leaves_no_empty_log(tmp_path, monkeypatch):
     real_forward = dino.DINOLoss.forward
-    monkeypatch.setattr(dino.DINOLoss, "forward",
-                        lambda *a: real_forward(*a) * float("nan"))
+    def nan_forward(*args):
+        loss, teacher_entropy = real_forward(*args)
+        return loss * float("nan"), teacher_entropy
+
+    monkeypatch.setattr(dino.DINOLoss, "forward", nan_forward)
     out = tmp_path / "out"
     stopped = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out])
     assert stopped.returncode == 3
