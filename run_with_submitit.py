@@ -130,32 +130,22 @@ def import_job_script(job: str) -> Any:
     return module
 
 
-def job_arg_names(job: str) -> List[str]:
-    """The destinations of the job script's own flags (what its parsed arguments hold)."""
-    parser = import_job_script(job).get_args_parser()
-    return [action.dest for action in parser._actions if action.dest != argparse.SUPPRESS]
-
-
-def build_parser(job: str) -> argparse.ArgumentParser:
-    script = import_job_script(job)
-    parser = argparse.ArgumentParser(f"Submitit for SPARO-DINO ({JOBS[job].description})",
-                                     parents=[get_args_parser(), script.get_args_parser()])
-    # No default output folder: a fixed one would make unrelated jobs resume each other's runs.
-    if any(action.dest == "output_dir" for action in parser._actions):
-        parser.set_defaults(output_dir=None)
-    return parser
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, argparse.Namespace]:
     """(launcher arguments, the job script's arguments) from the command line and --config."""
     argv = list(sys.argv[1:] if argv is None else argv)
     job = job_kind_from_argv(argv)
-    args = config_files.parse_args_with_config(build_parser(job), argv)
-    launcher_names = {action.dest for action in get_args_parser()._actions}
-    job_names = set(job_arg_names(job))
-    launcher = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in launcher_names})
-    job_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in job_names})
-    return launcher, job_args
+    launcher_parser, script_parser = get_args_parser(), import_job_script(job).get_args_parser()
+    parser = argparse.ArgumentParser(f"Submitit for SPARO-DINO ({JOBS[job].description})",
+                                     parents=[launcher_parser, script_parser])
+    # No default output folder: a fixed one would make unrelated jobs resume each other's runs.
+    if any(action.dest == "output_dir" for action in parser._actions):
+        parser.set_defaults(output_dir=None)
+    args = vars(config_files.parse_args_with_config(parser, argv))
+
+    def only(names_from: argparse.ArgumentParser) -> argparse.Namespace:
+        names = {action.dest for action in names_from._actions}
+        return argparse.Namespace(**{k: v for k, v in args.items() if k in names})
+    return only(launcher_parser), only(script_parser)
 
 
 # ======================================================================== checking flags
