@@ -286,12 +286,6 @@ class StepStatsTracker:
         return float(totals[0]) / count, float(totals[1]) / count
 
 
-def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, Any]:
-    return dict(in_dim=in_dim, out_dim=args.out_dim, use_bn=args.use_bn_in_head,
-                norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
-                bottleneck_dim=args.head_bottleneck_dim)
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag combinations that cannot train, with one clear line each. (The range of
     each single flag is checked where it is parsed, by its argparse type.)"""
@@ -423,7 +417,9 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
     config = vits.BackboneConfig.from_args(args)
     student_backbone = config.build(drop_path_rate=args.drop_path_rate)
     teacher_backbone = config.build()
-    head_config = head_config_from_args(args, student_backbone.num_features)
+    head_config = dict(in_dim=student_backbone.num_features, out_dim=args.out_dim, use_bn=args.use_bn_in_head,
+                       norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
+                       bottleneck_dim=args.head_bottleneck_dim)
     student = MultiCropWrapper(student_backbone, DINOHead(**head_config))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(**head_config))
     if args.cpu_bf16 and args.device.type == "cpu":
