@@ -89,21 +89,18 @@ class KnnMonitor:
         return bool(self.every) and ((epoch + 1) % self.every == 0 or epoch + 1 == self.epochs)
 
     def measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Figures:
-        """The Figures of the L2-normalised forward(images), on every rank, in exact fp32 as in eval_knn.py (training
-        runs in TF32 on GPUs: its settings are back when this returns)."""
-        with devices.tf32_allowed(False):
-            return self._measure(forward)
-
-    def _measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Figures:
+        """The Figures of the L2-normalised forward(images), on every rank, in exact fp32 as in
+        eval_knn.py (training runs in TF32 on GPUs: its settings are back when this returns)."""
         start = time.time()
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
                       header=None)
         normalised = lambda images: F.normalize(forward(images).float(), dim=1)  # noqa: E731
-        bank, index = features.extract_features(normalised, self.bank, shard=True, **common)
-        queries = features.extract_features(normalised, self.queries, **common)
-        top1, top5 = knn.knn_evaluate(bank, self.bank_labels[index], queries, self.query_labels,
-                                      nb_knn=[NB_KNN], temperature=TEMPERATURE,
-                                      sharded=utils.get_world_size() > 1)[NB_KNN]
+        with devices.tf32_allowed(False):
+            bank, index = features.extract_features(normalised, self.bank, shard=True, **common)
+            queries = features.extract_features(normalised, self.queries, **common)
+            top1, top5 = knn.knn_evaluate(bank, self.bank_labels[index], queries, self.query_labels,
+                                          nb_knn=[NB_KNN], temperature=TEMPERATURE,
+                                          sharded=utils.get_world_size() > 1)[NB_KNN]
         return dict(top1=round(top1, 4), top5=None if top5 is None else round(top5, 4),
                     seconds=round(time.time() - start, 2))
 
