@@ -291,7 +291,8 @@ class SubmititJob:
         """Called by submitit on task 0 when the job times out or is pre-empted: requeue the
         same job; training resumes from output_dir/checkpoint.pth (the last finished epoch)."""
         output_dir = getattr(self.job_args, "output_dir", None)
-        where = f"; it resumes from {output_dir}/{run_folder.CHECKPOINT}" if output_dir else ""
+        checkpoint = importlib.import_module("run_folder").CHECKPOINT  # by name, as in __call__
+        where = f"; it resumes from {output_dir}/{checkpoint}" if output_dir else ""
         print(f"Requeuing the {self.job} job{where}", flush=True)
         resubmission = SubmititJob(self.job, copy.deepcopy(self.job_args), self.ngpus,
                                    self.threads, self.repo_dir)
