@@ -27,6 +27,7 @@ import devices
 import errors
 import features as feats
 import knn
+import run_folder
 import utils
 import vision_transformer as vits
 import weight_files
@@ -523,7 +524,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise errors.UserError("--holdout_fraction 1 leaves no training image")
     if not args.evaluate and utils.is_main_process():  # training writes its heads and log there
         utils.ensure_output_dir(args.output_dir, "--output_dir")
-        utils.lock_output_dir(args.output_dir, "a linear probe")  # two runs in one folder would resume each other's heads
+        run_folder.lock_output_dir(args.output_dir, "a linear probe")  # two runs in one folder would resume each other's heads
     if args.output_json:
         utils.ensure_output_file(args.output_json, "--output_json")
 
@@ -707,7 +708,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         return feats.run_script("Evaluation with linear classification", get_args_parser, eval_linear, argv)
     finally:
-        utils.release_output_locks()
+        run_folder.release_output_locks()
 
 
 if __name__ == "__main__":

@@ -10,11 +10,9 @@ before the first epoch, which reads every image once and gives the curves their 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +23,16 @@ import devices
 import errors
 import features
 import knn
+import run_folder
 import utils
 
 NB_KNN = 20          # DINO's headline k
 TEMPERATURE = 0.07   # DINO's neighbour-weight temperature
-BASELINES_FILE = "knn_baselines.json"
+Figures = Dict[str, Optional[float]]  # top1, top5 (None for fewer than 5 classes), seconds
+# Where each network's figures go: log.txt keys (read by plot_runs.py and the summary, and
+# kept in knn_baselines.json) and TensorBoard tags.
+LOG_PREFIX = {"teacher": "knn_", "student": "student_knn_"}
+BOARD_PREFIX = {"teacher": "knn/", "student": "knn_student/"}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -85,27 +88,23 @@ class KnnMonitor:
         """Whether the end of this epoch is evaluated: every N-th epoch and the last one."""
         return bool(self.every) and ((epoch + 1) % self.every == 0 or epoch + 1 == self.epochs)
 
-    def measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Optional[float]]:
-        """knn_top1, knn_top5 (None for fewer than 5 classes) and knn_seconds of the
-        L2-normalised forward(images), on every rank, in exact fp32 as in eval_knn.py (training
-        runs in TF32 on GPUs: its settings are back when this returns)."""
-        with devices.tf32_allowed(False):
-            return self._measure(forward)
-
-    def _measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Optional[float]]:
+    def measure(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Figures:
+        """The Figures of the L2-normalised forward(images), on every rank, in exact fp32 as in
+        eval_knn.py (training runs in TF32 on GPUs: its settings are back when this returns)."""
         start = time.time()
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
                       header=None)
         normalised = lambda images: F.normalize(forward(images).float(), dim=1)  # noqa: E731
-        bank, index = features.extract_features(normalised, self.bank, shard=True, **common)
-        queries = features.extract_features(normalised, self.queries, **common)
-        top1, top5 = knn.knn_evaluate(bank, self.bank_labels[index], queries, self.query_labels,
-                                      nb_knn=[NB_KNN], temperature=TEMPERATURE,
-                                      sharded=utils.get_world_size() > 1)[NB_KNN]
-        return dict(knn_top1=round(top1, 4), knn_top5=None if top5 is None else round(top5, 4),
-                    knn_seconds=round(time.time() - start, 2))
+        with devices.tf32_allowed(False):
+            bank, index = features.extract_features(normalised, self.bank, shard=True, **common)
+            queries = features.extract_features(normalised, self.queries, **common)
+            top1, top5 = knn.knn_evaluate(bank, self.bank_labels[index], queries, self.query_labels,
+                                          nb_knn=[NB_KNN], temperature=TEMPERATURE,
+                                          sharded=utils.get_world_size() > 1)[NB_KNN]
+        return dict(top1=round(top1, 4), top5=None if top5 is None else round(top5, 4),
+                    seconds=round(time.time() - start, 2))
 
-    def evaluate(self, backbone: nn.Module) -> Dict[str, Optional[float]]:
+    def evaluate(self, backbone: nn.Module) -> Figures:
         """The k-NN figures of a backbone (in eval mode for the measurement)."""
         was_training = backbone.training
         backbone.eval()
@@ -123,55 +122,44 @@ class KnnMonitor:
         if raw_pixels:
             baselines["raw pixels"] = self.measure(lambda images: images.flatten(1))
             print(f"k-NN of the raw pixels ({self.description}): {format_figures(baselines['raw pixels'])}")
-        if utils.is_main_process():
-            utils.atomic_write_text(output_dir / BASELINES_FILE,
-                                    json.dumps(dict(baselines, description=self.description), indent=1))
+        run_folder.write_baselines(output_dir, {**{name: log_entries(figures) for name, figures in baselines.items()},
+                                                "description": self.description})
 
-    def report(self, epoch: int, result: Dict[str, Optional[float]], network: str = "teacher") -> None:
-        print(f"k-NN of the {network} after epoch {epoch} ({self.description}): {format_figures(result)}")
+    def evaluate_networks(self, epoch: int, networks: Dict[str, nn.Module]
+                          ) -> Tuple[Dict[str, Optional[float]], Dict[str, Optional[float]]]:
+        """The figures of each network ("teacher", "student") after `epoch`, printed; returns
+        them as log.txt entries and as TensorBoard scalars."""
+        log: Dict[str, Optional[float]] = {}
+        board: Dict[str, Optional[float]] = {}
+        for network, backbone in networks.items():
+            figures = self.evaluate(backbone)
+            print(f"k-NN of the {network} after epoch {epoch} ({self.description}): {format_figures(figures)}")
+            log.update(log_entries(figures, network))
+            board.update({BOARD_PREFIX[network] + name: value for name, value in figures.items()})
+        return log, board
 
 
-def format_figures(result: Dict[str, Optional[float]]) -> str:
-    line = f"Top1: {result['knn_top1']:.2f}"
-    if result.get("knn_top5") is not None:
-        line += f", Top5: {result['knn_top5']:.2f}"
-    return line + f" ({result['knn_seconds']:.1f} s)"
+def log_entries(figures: Figures, network: str = "teacher") -> Dict[str, Optional[float]]:
+    return {LOG_PREFIX[network] + name: value for name, value in figures.items()}
+
+
+def format_figures(figures: Figures) -> str:
+    line = f"Top1: {figures['top1']:.2f}"
+    if figures["top5"] is not None:
+        line += f", Top5: {figures['top5']:.2f}"
+    return line + f" ({figures['seconds']:.1f} s)"
 
 
 def student_figure(entry: Dict[str, Any]) -> str:
     return f" (student {entry['student_knn_top1']:.2f})" if entry.get("student_knn_top1") is not None else ""
 
 
-def read_baselines(output_dir: Path) -> Dict[str, Any]:
-    """OUTPUT_DIR/knn_baselines.json ({name: {"knn_top1": ...}, "description": ...}), or {}; a
-    damaged file is left out with a warning: it only adds figures to a summary or a plot, and
-    must not fail a finished run."""
-    path = Path(output_dir) / BASELINES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        baselines = json.loads(path.read_text())
-        if not isinstance(baselines, dict):
-            raise ValueError(f"a JSON {type(baselines).__name__}, not an object")
-        for name in ("raw pixels", "untrained"):
-            if name in baselines and not isinstance(baselines[name]["knn_top1"], (int, float)):
-                raise ValueError(f"{name}: a k-NN top-1 that is not a number")
-        if not isinstance(baselines.get("description", ""), str):
-            raise ValueError("a description that is not text")
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
-        print(f"Warning: {path} left out, it cannot be read ({type(error).__name__}: "
-              f"{errors.capped(str(error), 200)})", file=sys.stderr, flush=True)
-        return {}
-    return baselines
-
-
 def summary(output_dir: Path, history: List[Dict[str, Any]]) -> Optional[str]:
     """What training bought, in k-NN top-1: raw pixels, untrained, then each evaluated epoch."""
-    path = output_dir / BASELINES_FILE
     evaluated = [entry for entry in history if "knn_top1" in entry]
     if not evaluated:
         return None
-    baselines = read_baselines(output_dir)
+    baselines = run_folder.read_baselines(output_dir)
     parts = [f"{name} {baselines[name]['knn_top1']:.2f}" for name in ("raw pixels", "untrained")
              if name in baselines]
     parts += [f"epoch {entry['epoch']} {entry['knn_top1']:.2f}" + student_figure(entry) for entry in evaluated]

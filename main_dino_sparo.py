@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import re
 import sys
@@ -32,12 +31,11 @@ import datasets
 import devices
 import errors
 import knn_monitor
-import run_record
+import run_folder
 import tensorboard_log
 import utils
 import vision_transformer as vits
 import warm_start
-import weight_files
 from augmentations import DataAugmentationDINO
 from vision_transformer import DINOHead, MultiCropWrapper
 
@@ -192,14 +190,14 @@ class DINOLoss(nn.Module):
             np.ones(nepochs - warmup_epochs) * teacher_temp))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
-                epoch: int) -> torch.Tensor:
+                epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the loss, the mean entropy of the teacher's distributions): log(out_dim) means
+        uniform outputs, DINO's collapse signature; cheap next to the forward pass."""
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_logp = student_logp.view(self.ncrops, -1, student_logp.shape[-1])
         temp = float(self.teacher_temp_schedule[epoch])
         teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
-        # Mean entropy of the teacher's distributions: log(out_dim) means uniform outputs,
-        # DINO's collapse signature. Cheap next to the forward pass, read once per print window.
-        self.last_teacher_entropy = -(teacher_p * torch.log(teacher_p + 1e-12)).sum(-1).mean().detach()
+        teacher_entropy = -(teacher_p * torch.log(teacher_p + 1e-12)).sum(-1).mean()
         teacher_p = teacher_p.view(2, -1, teacher_p.shape[-1])
 
         # sum over pairs (i, v != i) of q_i . log p_v = (sum_i q_i) . (sum_v log p_v)
@@ -209,7 +207,7 @@ class DINOLoss(nn.Module):
         n_pairs = 2 * (self.ncrops - 1)
         loss = -(all_pairs - same_view).mean() / n_pairs
         self.update_center(teacher_output)
-        return loss
+        return loss, teacher_entropy
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -219,6 +217,13 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_center)
         batch_center /= len(teacher_output) * utils.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+class StepResult(NamedTuple):
+    """What one training step computed, on the device (nothing is synchronised)."""
+    loss: torch.Tensor  # 0-d
+    teacher_entropy: torch.Tensor  # 0-d, DINOLoss's
+    slot_attention: Optional[torch.Tensor]  # SPARO: the teacher's on the first global crops (B, L, N)
 
 
 # =============================================================================== helpers
@@ -281,15 +286,6 @@ class StepStatsTracker:
         return float(totals[0]) / count, float(totals[1]) / count
 
 
-def head_config_from_args(args: argparse.Namespace, in_dim: int) -> Dict[str, Any]:
-    return dict(in_dim=in_dim, out_dim=args.out_dim, use_bn=args.use_bn_in_head,
-                norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
-                bottleneck_dim=args.head_bottleneck_dim)
-
-
-MAX_EPOCHS = 100_000  # DINO's longest recipe is 800
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag combinations that cannot train, with one clear line each. (The range of
     each single flag is checked where it is parsed, by its argparse type.)"""
@@ -301,9 +297,9 @@ def check_args(args: argparse.Namespace) -> None:
         low, high = getattr(args, name)
         if not 0 < low <= high:
             raise errors.UserError(f"--{name} takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
-    if args.epochs > MAX_EPOCHS:  # the schedules hold a value per epoch and per step
-        raise errors.UserError(f"--epochs {args.epochs} is above {MAX_EPOCHS}: the schedules alone "
-                               f"would take {args.epochs * 8 / 2**30:.1f} GiB; give a real number of epochs")
+    if args.epochs > utils.MAX_TRAINING_STEPS:  # an epoch has at least one; checked again per step
+        raise errors.UserError(f"--epochs {args.epochs} is more than the {utils.MAX_TRAINING_STEPS} "
+                               f"iterations a run may have; give a real number of epochs")
     if args.warmup_epochs >= args.epochs:
         print(f"Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning "
               f"rate warms up for the whole run and never decays.")
@@ -411,7 +407,9 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
     config = vits.BackboneConfig.from_args(args)
     student_backbone = config.build(drop_path_rate=args.drop_path_rate)
     teacher_backbone = config.build()
-    head_config = head_config_from_args(args, student_backbone.num_features)
+    head_config = dict(in_dim=student_backbone.num_features, out_dim=args.out_dim, use_bn=args.use_bn_in_head,
+                       norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
+                       bottleneck_dim=args.head_bottleneck_dim)
     student = MultiCropWrapper(student_backbone, DINOHead(**head_config))
     teacher = MultiCropWrapper(teacher_backbone, DINOHead(**head_config))
     if args.cpu_bf16 and args.device.type == "cpu":
@@ -420,38 +418,6 @@ def build_student_teacher(args: argparse.Namespace) -> Tuple[nn.Module, nn.Modul
         for backbone in (student_backbone, teacher_backbone):
             vits.set_fused_attention(backbone, False)
     return student, teacher, config.to_dict(), head_config
-
-
-def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The newest readable checkpoint in output_dir: checkpoint.pth, else checkpointNNNN.pth.
-
-    None when output_dir holds no checkpoint; an error when it holds only unreadable ones, so
-    that a damaged run is never silently restarted from scratch over its files.
-    """
-    numbered = sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
-    candidates = [p for p in [output_dir / "checkpoint.pth"] + numbered if p.exists()]
-    for path in candidates:
-        try:
-            checkpoint = weight_files.load_checkpoint(path)
-        except errors.UserError as error:
-            print(f"Skipping unreadable checkpoint: {error}")
-            continue
-        if {"student", "teacher", "epoch"} <= set(checkpoint):
-            return path, checkpoint
-        print(f"Skipping {path}: not a training checkpoint (no student/teacher/epoch)")
-    if candidates:
-        raise errors.UserError(f"{output_dir} holds checkpoints but none is readable "
-                               f"({', '.join(p.name for p in candidates)}); move them away to start over")
-    return None
-
-
-def rewrite_log(path: Path, history: List[Dict[str, Any]]) -> None:
-    """Make log.txt hold exactly the saved epochs' JSON lines (atomically). A new run creates
-    it with its first epoch, so a run that fails before leaves no empty log behind."""
-    lines = "".join(json.dumps(record) + "\n" for record in history)
-    if (path.exists() and path.read_text() == lines) or (not lines and not path.exists()):
-        return
-    utils.atomic_write_text(path, lines)  # a full disk: one line naming log.txt, the old one kept
 
 
 def check_resume_compatible(checkpoint: Dict[str, Any], config: Dict[str, Any],
@@ -496,20 +462,6 @@ def note_changed_args(saved: Any, args: argparse.Namespace) -> None:
         print(f"Note: resuming with changed arguments: {', '.join(changed)}.", flush=True)
 
 
-def prepare_output_dir(output_dir: Path) -> None:
-    """Create the output folder (rank 0), check it is writable, lock it against a second run
-    and clear stale temporary files; every rank stops if rank 0 cannot."""
-    error = None
-    if utils.is_main_process():
-        try:
-            utils.ensure_output_dir(output_dir, "--output_dir")
-            utils.lock_output_dir(output_dir)  # before anything in it is read or changed
-            utils.remove_stale_temporary_files(output_dir)
-        except errors.UserError as raised:
-            error = raised
-    utils.stop_together(error)
-
-
 class Models(NamedTuple):
     """The networks of a run. The optimizer, the EMA and checkpoints see the plain modules."""
     student: nn.Module  # what a step runs: student_without_ddp, wrapped in DDP when distributed
@@ -526,11 +478,13 @@ class Optimisation(NamedTuple):
     fp16_scaler: torch.amp.GradScaler  # enabled for fp16 on CUDA only
 
 
-def build_training(args: argparse.Namespace) -> Tuple[Models, Optimisation]:
+def build_training(args: argparse.Namespace, resuming: bool = False) -> Tuple[Models, Optimisation]:
     """The student and its teacher (a copy without gradients), DINO's loss, the optimizer,
-    autocast and loss scaling, on args.device: what main_dino_sparo.py and the benchmarks train."""
+    autocast and loss scaling, on args.device: what main_dino_sparo.py and the benchmarks train.
+    --init_backbone is loaded unless the run resumes (it keeps its own weights)."""
     student, teacher, config, head_config = build_student_teacher(args)
-    warm_start.apply(args, student.backbone)  # before the teacher copies the student
+    if args.init_backbone and not resuming:  # before the teacher copies the student
+        warm_start.init_backbone(student.backbone, args.init_backbone, args.init_checkpoint_key)
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.use_bn_in_head and args.distributed:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -557,14 +511,10 @@ def build_schedules(args: argparse.Namespace, iters_per_epoch: int) -> Dict[str,
                                         iters_per_epoch))
 
 
-def resume_from_checkpoint(output_dir: Path, models: Models, optimisation: Optimisation,
-                           args: argparse.Namespace) -> Tuple[int, List[Dict[str, Any]]]:
-    """Load output_dir's newest checkpoint, if any, into the plain modules; returns the epoch
-    to start from and the log of the epochs it holds."""
-    found = find_resume_checkpoint(output_dir)
-    if found is None:
-        return 0, []
-    path, checkpoint = found
+def resume_from_checkpoint(path: Path, checkpoint: Dict[str, Any], models: Models,
+                           optimisation: Optimisation, args: argparse.Namespace) -> Tuple[int, List[Dict[str, Any]]]:
+    """Load the checkpoint into the plain modules; returns the epoch to start from and the log
+    of the epochs it holds."""
     check_resume_compatible(checkpoint, models.config, models.head_config, path)
     models.student_without_ddp.load_state_dict(checkpoint["student"])
     models.teacher.load_state_dict(checkpoint["teacher"])
@@ -592,11 +542,14 @@ def set_up_training(args: argparse.Namespace, output_dir: Path) -> Tuple[Models,
     teacher is copied from the student after the wrap (as in DINO): the wrap broadcasts rank
     0's student, so every rank starts with the same student and teacher.
     """
-    models, optimisation = build_training(args)
+    found = run_folder.find_resume_checkpoint(output_dir)  # the one rule for "is this a resume"
+    if found and args.init_backbone:
+        print(f"--init_backbone {args.init_backbone} is not applied: {output_dir} holds a run to resume.")
+    models, optimisation = build_training(args, resuming=found is not None)
     print(f"Student and teacher are {args.arch} with readout={args.readout} "
           f"(encoding width {models.student.backbone.num_features}, "
           f"{sum(p.numel() for p in models.student.backbone.parameters()) / 1e6:.2f}M backbone parameters).")
-    start_epoch, history = resume_from_checkpoint(output_dir, models, optimisation, args)
+    start_epoch, history = resume_from_checkpoint(*found, models, optimisation, args) if found else (0, [])
     first, last = utils.min_max_over_ranks(start_epoch)
     if first != last:
         raise errors.UserError(
@@ -630,78 +583,61 @@ def train_dino(args: argparse.Namespace) -> None:
     if args.augment_on_device is None:  # resolved here, so the checkpoint's args record it
         args.augment_on_device = augmentations.default_on_device(args.device)
     utils.fix_random_seeds(args.seed + args.rank)
-
-    # ============ preparing data ... ============
     data_loader = build_data_loader(args)  # before creating anything: bad data changes no files
+    schedules = build_schedules(args, len(data_loader))
     monitor = knn_monitor.KnnMonitor(args, args.global_crops_size) if args.eval_every else None
     output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir)
+    with run_folder.opened(output_dir):
+        models, optimisation, start_epoch, history = set_up_training(args, output_dir)
+        run_folder.rewrite_log(output_dir, history)
+        if start_epoch >= args.epochs:
+            print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
+            return
+        run_folder.record_start(args, output_dir, get_args_parser(), start_epoch)
+        # Printed once the set-up checks passed, so that an error is the last line of a failed start.
+        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        board = tensorboard_log.TrainingBoard(output_dir, first_step=start_epoch * len(data_loader),
+                                              enabled=args.tensorboard and utils.is_main_process())
+        if monitor is not None and start_epoch == 0:  # reads every evaluation image before epoch 0
+            monitor.measure_baselines(models.teacher.backbone, args.eval_raw_pixels, output_dir)
+        fallback = f", --cpu_bf16 ignored: {bf16_shortfall}" if bf16_shortfall else ""
+        print(f"Starting DINO training! (augmentation: "
+              f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'}) "
+              f"(precision: {precision(args)}{fallback})")
+        train_epochs(TrainStep(models, optimisation, args, first_epoch=start_epoch), data_loader,
+                     schedules, board, monitor, history, args)
 
-    # ============ building networks, loss, optimizer; optionally resuming ... ============
-    models, optimisation, start_epoch, history = set_up_training(args, output_dir)
 
-    # ============ init schedulers ... ============
-    schedules = build_schedules(args, len(data_loader))
-    if utils.is_main_process():
-        # log.txt always tells the story of the checkpoint training continues from, even after
-        # a crash between writing the checkpoint and appending to the log.
-        rewrite_log(output_dir / "log.txt", history)
-    if start_epoch >= args.epochs:
-        print(f"Nothing to do: {output_dir} already holds {start_epoch} of {args.epochs} epochs.")
-        return
-    run_record.record_start(args, output_dir, get_args_parser(), start_epoch)
-
-    # Printed once the set-up checks passed, so that an error is the last line of a failed start.
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    train_step = TrainStep(models, optimisation, args)
-    train_step.first_epoch = start_epoch  # its first step explains a CUDA out-of-memory error
-    board = tensorboard_log.TrainingBoard(output_dir, first_step=start_epoch * len(data_loader),
-                                          enabled=args.tensorboard and utils.is_main_process())
-    start_time = time.time()
-    fallback = f", --cpu_bf16 ignored: {bf16_shortfall}" if bf16_shortfall else ""
-    if monitor is not None and start_epoch == 0:  # reads every evaluation image before epoch 0
-        monitor.measure_baselines(models.teacher.backbone, args.eval_raw_pixels, output_dir)
-    print(f"Starting DINO training! (augmentation: "
-          f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'}) "
-          f"(precision: {precision(args)}{fallback})")
-    for epoch in range(start_epoch, args.epochs):
+def train_epochs(train_step: TrainStep, data_loader: torch.utils.data.DataLoader,
+                 schedules: Dict[str, np.ndarray], board: tensorboard_log.TrainingBoard,
+                 monitor: Optional[knn_monitor.KnnMonitor], history: List[Dict[str, Any]],
+                 args: argparse.Namespace) -> None:
+    """Train from train_step.first_epoch to --epochs, each epoch ending with its k-NN figures
+    (when due), its checkpoint and its line in log.txt."""
+    models, output_dir, start_time = train_step.models, Path(args.output_dir), time.time()
+    for epoch in range(train_step.first_epoch, args.epochs):
         # Seeding every epoch makes a resumed run draw the same crops as an uninterrupted one.
         utils.fix_random_seeds(args.seed + 7919 * epoch + args.rank)
         data_loader.sampler.set_epoch(epoch)
-
-        # ============ training one epoch of DINO ... ============
         epoch_start = time.time()
         train_stats = train_one_epoch(train_step, data_loader, schedules, epoch, args, board)
         board.flush()  # before the checkpoint: the curves on disk always reach it
-
-        # ============ writing logs and checkpoints ... ============
         # epoch_seconds lets a run's training time be summed across resumes (the log is kept).
         history.append({**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                         "epoch_seconds": round(time.time() - epoch_start, 2)})
-
-        # ============ k-NN of the teacher (--eval_every) ... ============
         if monitor is not None and monitor.due(epoch):
             networks = {"teacher": models.teacher.backbone}
             if args.eval_student:
                 networks["student"] = models.student_without_ddp.backbone
-            for network, backbone in networks.items():
-                knn_stats = monitor.evaluate(backbone)  # knn_top1, knn_top5, knn_seconds
-                monitor.report(epoch, knn_stats, network)
-                prefix = "" if network == "teacher" else "student_"
-                history[-1].update({prefix + k: v for k, v in knn_stats.items()})
-                # at the epoch's last iteration: a resumed run's purge starts at the next one
-                board.add_scalars({f"knn{'' if network == 'teacher' else '_student'}/{k[4:]}": v
-                                   for k, v in knn_stats.items()}, (epoch + 1) * len(data_loader) - 1)
+            log_entries, scalars = monitor.evaluate_networks(epoch, networks)
+            history[-1].update(log_entries)
+            # at the epoch's last iteration: a resumed run's purge starts at the next one
+            board.add_scalars(scalars, (epoch + 1) * len(data_loader) - 1)
             board.flush()
-        save_dict = checkpoint_state(models, optimisation, epoch, args, history)
-        utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
-        if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-            utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04}.pth")
-        if utils.is_main_process():
-            utils.write_json_line(output_dir / "log.txt", history[-1])
+        run_folder.save_epoch(output_dir, checkpoint_state(models, train_step.optimisation, epoch, args, history),
+                              args.saveckp_freq)
     board.close()
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f"Training time {total_time}")
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if monitor is not None:
         print(knn_monitor.summary(output_dir, history))
 
@@ -709,14 +645,17 @@ def train_dino(args: argparse.Namespace) -> None:
 class TrainStep:
     """One DINO iteration: teacher and student forward, loss, backward, step, EMA."""
 
-    def __init__(self, models: Models, optimisation: Optimisation, args: argparse.Namespace) -> None:
+    def __init__(self, models: Models, optimisation: Optimisation, args: argparse.Namespace,
+                 first_epoch: int = 0) -> None:
+        """first_epoch: the epoch this process starts at (its first step explains a CUDA
+        out-of-memory error)."""
         self.models, self.optimisation, self.args = models, optimisation, args
+        self.first_epoch = first_epoch
         # --compile after the DDP wrap, so that dynamo splits the student's graph at DDP's
         # gradient buckets and the all-reduces still overlap the backward pass. Static shapes:
         # one graph per crop layout instead of slower shape-generic kernels.
         compiled = (lambda model: torch.compile(model, dynamic=False)) if args.compile else (lambda model: model)
         self.student, self.teacher = compiled(models.student), compiled(models.teacher)
-        self.first_epoch = 0  # the epoch this process starts at (train_dino sets it on resume)
         # The EMA pairs each teacher parameter with the student parameter of the same name.
         teacher_params = dict(models.teacher.named_parameters())
         ema_pairs = [(teacher_params[name], param)
@@ -727,19 +666,20 @@ class TrainStep:
             if args.augment_on_device else None
 
     def __call__(self, images: List[torch.Tensor], epoch: int, lr: float, wd: float,
-                 momentum: float) -> torch.Tensor:
-        """Train on one batch of crops; returns the loss (a 0-d tensor, not synchronised)."""
+                 momentum: float) -> StepResult:
+        """Train on one batch of crops."""
         optimizer, scaler, student = self.optimisation.optimizer, self.optimisation.fp16_scaler, \
             self.models.student_without_ddp
         if self.augment is not None:  # uint8 crops from MultiCropGeometry
             images = self.augment(images)
         utils.set_lr_and_wd(optimizer, lr, wd)
-        self.global_crops = images[:2]  # what the teacher saw (slot statistics read them)
+        sparo = self.models.teacher.backbone.sparo is not None
         with self.optimisation.autocast():
-            with torch.no_grad():
-                teacher_output = self.teacher(images[:2])  # only the 2 global views
+            with torch.no_grad():  # only the 2 global views; SPARO's attention for TensorBoard
+                teacher_output = self.teacher(images[:2], slot_attention=sparo)
+            teacher_output, attention = teacher_output if sparo else (teacher_output, None)
             student_output = self.student(images)
-            loss = self.optimisation.dino_loss(student_output, teacher_output, epoch)
+            loss, teacher_entropy = self.optimisation.dino_loss(student_output, teacher_output, epoch)
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler passes everything through unless fp16
@@ -754,7 +694,8 @@ class TrainStep:
         with torch.no_grad():  # teacher = m * teacher + (1 - m) * student
             torch._foreach_mul_(self.teacher_ema, momentum)
             torch._foreach_add_(self.teacher_ema, self.student_ema, alpha=1.0 - momentum)
-        return loss
+        first_crops = None if attention is None else attention[:len(images[0])]
+        return StepResult(loss.detach(), teacher_entropy.detach(), first_crops)
 
 
 def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoader,
@@ -778,11 +719,12 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
         step = iters * epoch + it  # global training iteration
         images = [im.to(args.device, non_blocking=non_blocking) for im in images]
         with explain_out_of_memory(args, first_step=it == 0 and epoch == train_step.first_epoch):
-            loss = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
-                              float(schedules["momentum"][step]))
-        tracker.add(loss, train_step.optimisation.dino_loss.last_teacher_entropy)
+            result = train_step(images, epoch, float(schedules["lr"][step]), float(schedules["wd"][step]),
+                                float(schedules["momentum"][step]))
+        tracker.add(result.loss, result.teacher_entropy)
         if it % args.print_freq == 0 or it == iters - 1:
-            window = end_window(tracker, train_step, board, schedules, epoch, it + 1, iters * epoch)
+            window = end_window(tracker, result.slot_attention, train_step.optimisation.dino_loss, board,
+                                schedules, epoch, it + 1, iters * epoch)
             metric_logger.meters["loss"].update(float(window[:, 0].mean()))
             metric_logger.update(lr=schedules["lr"][step], wd=schedules["wd"][step])
     epoch_steps = slice(iters * epoch, iters * (epoch + 1))
@@ -795,46 +737,28 @@ def train_one_epoch(train_step: TrainStep, data_loader: torch.utils.data.DataLoa
     return stats
 
 
-def end_window(tracker: StepStatsTracker, train_step: TrainStep, board: tensorboard_log.TrainingBoard,
-               schedules: Dict[str, np.ndarray], epoch: int, next_iteration: int,
-               epoch_first_step: int) -> torch.Tensor:
+def end_window(tracker: StepStatsTracker, slot_attention: Optional[torch.Tensor], dino_loss: DINOLoss,
+               board: tensorboard_log.TrainingBoard, schedules: Dict[str, np.ndarray], epoch: int,
+               next_iteration: int, epoch_first_step: int) -> torch.Tensor:
     """The end of a print window, the only place where training waits for the device: the
-    window's losses and teacher entropies, with the slot statistics TensorBoard shows, come to
-    the host in one copy, are checked (StepStatsTracker.flush) and written; returns the
-    window's (iterations, 2) values."""
+    window's losses and teacher entropies, with the slot statistics of its last step's teacher
+    (TensorBoard only), come to the host in one copy, are checked (StepStatsTracker.flush) and
+    written to TensorBoard; returns the window's (iterations, 2) values."""
     first_step = epoch_first_step + tracker.window_start
-    slots = window_slot_statistics(board, train_step)
+    slots = tensorboard_log.slot_statistics(slot_attention) \
+        if board.enabled and slot_attention is not None else {}
     window, carried = tracker.flush(epoch, next_iteration, carry=list(slots.values()))
-    write_window(board, train_step, window, dict(zip(slots, carried)), schedules, first_step, epoch)
-    return window
-
-
-def window_slot_statistics(board: tensorboard_log.TrainingBoard,
-                           train_step: TrainStep) -> Dict[str, torch.Tensor]:
-    """The teacher's slot statistics on the window's last global crops, on the device (one
-    extra teacher forward per window; SPARO with TensorBoard only, else none)."""
-    backbone = train_step.models.teacher.backbone
-    if not board.enabled or backbone.sparo is None:
-        return {}
-    with torch.no_grad(), train_step.optimisation.autocast():
-        attention = backbone.get_slot_attention(train_step.global_crops[0])
-    return tensorboard_log.slot_statistics(attention)
-
-
-def write_window(board: tensorboard_log.TrainingBoard, train_step: TrainStep, window: torch.Tensor,
-                 slots: Dict[str, torch.Tensor], schedules: Dict[str, np.ndarray], first_step: int,
-                 epoch: int) -> None:
-    """TensorBoard: every iteration of a print window, and the slot statistics (on the CPU)."""
     if not board.enabled:
-        return
+        return window
     steps = slice(first_step, first_step + len(window))
-    teacher_temp = float(train_step.optimisation.dino_loss.teacher_temp_schedule[epoch])
+    teacher_temp = float(dino_loss.teacher_temp_schedule[epoch])
     board.add_series({"train/loss": window[:, 0].tolist(), "train/teacher_entropy": window[:, 1].tolist(),
                       "train/lr": schedules["lr"][steps], "train/wd": schedules["wd"][steps],
                       "train/momentum": schedules["momentum"][steps],
                       "train/teacher_temp": [teacher_temp] * len(window)}, first_step)
     if slots:
-        board.add_slot_statistics(slots, steps.stop - 1)
+        board.add_slot_statistics(dict(zip(slots, carried)), steps.stop - 1)
+    return window
 
 
 @contextlib.contextmanager
@@ -886,13 +810,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         train_dino(args)
     except NonFiniteLoss as error:
-        saved = Path(args.output_dir) / "checkpoint.pth"
+        saved = Path(args.output_dir) / run_folder.CHECKPOINT
         kept = (f"the last good checkpoint {saved} is untouched" if saved.exists()
                 else "no checkpoint was written yet (the first epoch did not finish)")
         print(f"error: {error}; {kept}", file=sys.stderr, flush=True)
         sys.exit(3)
     finally:
-        utils.release_output_locks()
         utils.cleanup_distributed()
 
 

@@ -4,44 +4,26 @@
 
 Panels against epoch: loss, teacher entropy, learning rate, and k-NN top-1 when a log has
 `knn_top1` (--eval_every), starting at epoch -1 with the untrained network and with the raw
-pixels' accuracy as a dashed line where the run measured them (knn_baselines.json). Each run is labelled by its read-out and the flags in which the runs differ, read
-from RUN_DIR/config.yaml (run_record.py) or else from checkpoint.pth's saved args.
+pixels' accuracy as a dashed line where the run measured them (knn_baselines.json). Each run
+is labelled by its read-out and the flags in which the runs differ (run_folder.read_flags).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import config_files
 import errors
+import run_folder
 import utils
-import weight_files
-from knn_monitor import read_baselines
 
 PANELS = [("train_loss", "DINO loss"), ("train_teacher_entropy", "teacher entropy"),
           ("train_lr", "learning rate"), ("knn_top1", "k-NN top-1 (%), student dotted")]
 # Flags that differ between any two runs without changing what is trained.
 NOT_A_DIFFERENCE = {"output_dir", "dist_url", "local_rank", "num_workers", "print_freq",
                     "saveckp_freq", "config", "device", "tensorboard", "eval_student"}
-
-
-def read_log(run_dir: Path) -> List[Dict[str, Any]]:
-    path = run_dir / "log.txt"
-    if not path.is_file():
-        raise errors.UserError(f"{run_dir} has no log.txt: not a training --output_dir, or no "
-                               f"epoch has finished there yet")
-    try:
-        entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise errors.UserError(f"cannot read {path}: {errors.capped(str(error), 200)}") from error
-    if not entries:
-        raise errors.UserError(f"{path} is empty: no epoch has finished yet")
-    if not all(isinstance(entry, dict) for entry in entries):
-        raise errors.UserError(f"cannot read {path}: a line is not a JSON record of an epoch")
-    return entries
 
 
 def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any],
@@ -51,17 +33,6 @@ def knn_points(log: List[Dict[str, Any]], baselines: Dict[str, Any],
     start = [(-1, baselines["untrained"]["knn_top1"])] if "untrained" in baselines else []
     points = [(e["epoch"], e[key]) for e in log if e.get(key) is not None and "epoch" in e]
     return start + points if points or key == "knn_top1" else []  # no student line without students
-
-
-def read_flags(run_dir: Path) -> Dict[str, Any]:
-    """The run's flags: config.yaml, else the args in checkpoint.pth; {} when neither exists."""
-    if (run_dir / "config.yaml").is_file():
-        return config_files.read_yaml_mapping(run_dir / "config.yaml", "the run's flags")
-    if (run_dir / "checkpoint.pth").is_file():
-        args = weight_files.load_checkpoint(run_dir / "checkpoint.pth").get("args") or {}
-        return dict(vars(args) if isinstance(args, argparse.Namespace) else args) \
-            if isinstance(args, (dict, argparse.Namespace)) else {}
-    return {}
 
 
 def run_labels(run_dirs: Sequence[Path], flags: Sequence[Dict[str, Any]]) -> List[str]:
@@ -146,12 +117,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = config_files.parse_args_with_config(get_args_parser(), argv)
-    logs = [read_log(run_dir) for run_dir in args.run_dirs]  # every error before drawing
+    logs = [run_folder.read_log(run_dir) for run_dir in args.run_dirs]  # every error before drawing
     if not args.output.parent.is_dir():
         raise errors.UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
     check_output_format(args.output)
-    labels = run_labels(args.run_dirs, [read_flags(run_dir) for run_dir in args.run_dirs])
-    plot(list(zip(labels, logs, [read_baselines(run_dir) for run_dir in args.run_dirs])), args.output)
+    labels = run_labels(args.run_dirs, [run_folder.read_flags(run_dir) for run_dir in args.run_dirs])
+    plot(list(zip(labels, logs, [run_folder.read_baselines(run_dir) for run_dir in args.run_dirs])),
+         args.output)
     print(f"Wrote {args.output} ({len(logs)} run{'s' if len(logs) > 1 else ''})")
 
 

@@ -37,6 +37,7 @@ import submitit
 
 import config_files
 import errors
+import run_folder
 import utils
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -129,32 +130,22 @@ def import_job_script(job: str) -> Any:
     return module
 
 
-def job_arg_names(job: str) -> List[str]:
-    """The destinations of the job script's own flags (what its parsed arguments hold)."""
-    parser = import_job_script(job).get_args_parser()
-    return [action.dest for action in parser._actions if action.dest != argparse.SUPPRESS]
-
-
-def build_parser(job: str) -> argparse.ArgumentParser:
-    script = import_job_script(job)
-    parser = argparse.ArgumentParser(f"Submitit for SPARO-DINO ({JOBS[job].description})",
-                                     parents=[get_args_parser(), script.get_args_parser()])
-    # No default output folder: a fixed one would make unrelated jobs resume each other's runs.
-    if any(action.dest == "output_dir" for action in parser._actions):
-        parser.set_defaults(output_dir=None)
-    return parser
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, argparse.Namespace]:
     """(launcher arguments, the job script's arguments) from the command line and --config."""
     argv = list(sys.argv[1:] if argv is None else argv)
     job = job_kind_from_argv(argv)
-    args = config_files.parse_args_with_config(build_parser(job), argv)
-    launcher_names = {action.dest for action in get_args_parser()._actions}
-    job_names = set(job_arg_names(job))
-    launcher = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in launcher_names})
-    job_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in job_names})
-    return launcher, job_args
+    launcher_parser, script_parser = get_args_parser(), import_job_script(job).get_args_parser()
+    parser = argparse.ArgumentParser(f"Submitit for SPARO-DINO ({JOBS[job].description})",
+                                     parents=[launcher_parser, script_parser])
+    # No default output folder: a fixed one would make unrelated jobs resume each other's runs.
+    if any(action.dest == "output_dir" for action in parser._actions):
+        parser.set_defaults(output_dir=None)
+    args = vars(config_files.parse_args_with_config(parser, argv))
+
+    def only(names_from: argparse.ArgumentParser) -> argparse.Namespace:
+        names = {action.dest for action in names_from._actions}
+        return argparse.Namespace(**{k: v for k, v in args.items() if k in names})
+    return only(launcher_parser), only(script_parser)
 
 
 # ======================================================================== checking flags
@@ -275,6 +266,7 @@ class SubmititJob:
         # by name only now that repo_dir is on sys.path (a reference to the launcher's `utils`
         # here would be pickled with the job and imported before that, or from elsewhere).
         job_errors, job_utils = importlib.import_module("errors"), importlib.import_module("utils")
+        job_folder = importlib.import_module("run_folder")
         run = getattr(importlib.import_module(JOBS[self.job].script), JOBS[self.job].run)
         args = copy.deepcopy(self.job_args)  # the job adds rank, device, ...: keep ours clean
         try:
@@ -283,10 +275,10 @@ class SubmititJob:
             print(f"error: {job_errors.capped(job_errors.user_error_message(error))}", file=sys.stderr, flush=True)
             sys.exit(2)  # no result: the launcher repeats this line (wait_for)
         finally:
-            job_utils.release_output_locks()
+            job_folder.release_output_locks()
             job_utils.cleanup_distributed()
         if result is None and self.job == "train":  # training returns nothing: name its checkpoint
-            return str(Path(self.job_args.output_dir) / "checkpoint.pth")
+            return str(Path(self.job_args.output_dir) / job_folder.CHECKPOINT)
         return result
 
     def fix_output_dir(self, job_id: str) -> None:
@@ -299,7 +291,8 @@ class SubmititJob:
         """Called by submitit on task 0 when the job times out or is pre-empted: requeue the
         same job; training resumes from output_dir/checkpoint.pth (the last finished epoch)."""
         output_dir = getattr(self.job_args, "output_dir", None)
-        where = f"; it resumes from {output_dir}/checkpoint.pth" if output_dir else ""
+        checkpoint = importlib.import_module("run_folder").CHECKPOINT  # by name, as in __call__
+        where = f"; it resumes from {output_dir}/{checkpoint}" if output_dir else ""
         print(f"Requeuing the {self.job} job{where}", flush=True)
         resubmission = SubmititJob(self.job, copy.deepcopy(self.job_args), self.ngpus,
                                    self.threads, self.repo_dir)
@@ -409,8 +402,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_job_args(args.job, job_args)
     log_dir = resolve_folders(args, job_args)
     output_dir = getattr(job_args, "output_dir", None)
-    if output_dir and "%j" not in output_dir and (Path(output_dir) / "checkpoint.pth").exists():
-        print(f"{output_dir} holds checkpoint.pth: the job resumes from it.")
+    resumable = run_folder.resume_candidates(output_dir) if output_dir and "%j" not in output_dir else []
+    if resumable:
+        print(f"{output_dir} holds {resumable[0].name}: the job resumes from it.")
 
     # ============ submitting the job ... ============
     wait = args.wait if args.wait is not None else args.cluster == "local"

@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 
 import errors
+import run_folder
 import utils
 
 
@@ -38,7 +39,7 @@ class TrainingBoard:
             # Imported here: tensorboard is only needed by the process that writes.
             from torch.utils.tensorboard import SummaryWriter
 
-            folder = Path(output_dir) / "tensorboard"
+            folder = Path(output_dir) / run_folder.TENSORBOARD
             try:  # a file or a read-only folder in its place: one line now, not a traceback later
                 utils.ensure_output_dir(folder, "the TensorBoard folder")
             except errors.UserError as error:

@@ -321,14 +321,16 @@ def fix_random_seeds(seed: int = 31) -> None:
 
 
 # =========================================================================== schedules
-MAX_SCHEDULE_STEPS = 200_000_000  # 1.5 GiB per schedule table: far above any real run
+# The most iterations a run may have: a schedule holds a float64 per iteration (1.5 GiB at the
+# limit); DINO's longest recipe, 800 ImageNet epochs, has about a million.
+MAX_TRAINING_STEPS = 200_000_000
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
                      warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
     """One value per iteration: linear warm-up, then a cosine from base_value to final_value."""
-    if epochs * niter_per_ep > MAX_SCHEDULE_STEPS:
-        raise errors.UserError(f"{epochs} epochs of {niter_per_ep} iterations are more than {MAX_SCHEDULE_STEPS} "
+    if epochs * niter_per_ep > MAX_TRAINING_STEPS:
+        raise errors.UserError(f"{epochs} epochs of {niter_per_ep} iterations are more than {MAX_TRAINING_STEPS} "
                                f"steps; use fewer epochs or a larger batch")
     warmup_iters = min(warmup_epochs * niter_per_ep, epochs * niter_per_ep)
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
@@ -472,12 +474,6 @@ def write_error(path: Path, error: BaseException) -> str:
     return f"cannot write {path}: {reason}{kept}; free space or choose a writable folder"
 
 
-def remove_stale_temporary_files(folder: Path) -> None:
-    """Delete temporary files that a process killed during atomic_save left behind."""
-    for stale in Path(folder).glob(".*.tmp.*"):
-        stale.unlink(missing_ok=True)
-
-
 def save_on_master(obj: Any, path: str | Path) -> None:
     if is_main_process():
         atomic_save(obj, path)
@@ -601,65 +597,6 @@ def ensure_output_file(path: str | Path, flag: str) -> Path:
         raise errors.UserError(f"{flag} {file} is a folder, not a file")
     ensure_output_dir(file.parent, f"the folder of {flag}")
     return file
-
-
-LOCK_NAME = "training.lock"
-LOCK_WAIT_S = 15.0  # a requeued job may start while its pre-empted predecessor is exiting
-_held_locks: Dict[str, Any] = {}  # resolved folder -> open lock file, for this process
-
-
-def lock_output_dir(folder: str | Path, holder_name: str = "a training run") -> None:
-    """Hold an exclusive lock on an output folder for the life of this process, so that two
-    runs never write into one folder; a folder held by another process is an error naming it.
-
-    Rank 0 takes it (call it on rank 0 only): the other ranks of a run write nothing there,
-    and ranks on other nodes would lock themselves out of a shared folder. flock locks die
-    with their process, so a crashed run's lock is never stale. release_output_locks()
-    removes the file; after a kill -9 it stays, holding the dead process's id, and is reused.
-    """
-    import fcntl
-
-    folder = Path(folder)
-    key = str(folder.resolve())
-    if key in _held_locks:
-        return
-    path = folder / LOCK_NAME
-    deadline = time.time() + LOCK_WAIT_S
-    while True:
-        handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            if time.time() < deadline:
-                time.sleep(0.5)
-                continue
-            raise errors.UserError(f"--output_dir {folder} is in use by {holder} ({path}); wait for "
-                                   f"that run to end or choose another --output_dir") from None
-        # The holder may have removed the file between our open and our lock: then this lock
-        # is on a deleted file and means nothing; take the new file's lock instead.
-        if os.path.exists(path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
-            break
-        handle.close()
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{holder_name}, pid {os.getpid()} on {socket.gethostname()}, "
-                 f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    _held_locks[key] = handle
-
-
-def release_output_locks() -> None:
-    """Remove and release the output folder locks this process holds."""
-    while _held_locks:
-        _, handle = _held_locks.popitem()
-        try:
-            os.unlink(handle.name)
-        except OSError:
-            pass
-        handle.close()
 
 
 def write_json_line(path: str | Path, record: Dict[str, Any]) -> None:

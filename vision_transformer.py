@@ -287,9 +287,12 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     # ---------------------------------------------------------------------------- read-out
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_attention: bool = False) -> Any:
         """The backbone encoding: (B, L*V) unit-norm SPARO or cls_proj vector, or the (B, D)
-        CLS token or mean patch token (gap)."""
+        CLS token or mean patch token (gap). slot_attention=True (SPARO): (encoding, the
+        read-out's attention weights (B, L, N) in this pass)."""
+        if slot_attention:
+            return self.sparo(self.forward_tokens(x), return_attention=True)
         return self.read_out(self.forward_tokens(x))
 
     def read_out(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -304,7 +307,7 @@ class VisionTransformer(nn.Module):
         """SPARO attention weights (B, L, N) over the tokens, N = 1 + h*w (token 0 is CLS)."""
         if self.sparo is None:
             raise ValueError("get_slot_attention needs readout='sparo'")
-        return self.sparo(self.forward_tokens(x), return_attention=True)[1]
+        return self(x, slot_attention=True)[1]
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention of the last transformer block, (B, heads, N, N), as in DINO."""
@@ -478,9 +481,14 @@ class MultiCropWrapper(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops: List[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: List[torch.Tensor] | torch.Tensor, slot_attention: bool = False) -> Any:
+        """The head's output on every crop. slot_attention=True (SPARO, crops of one resolution,
+        as the teacher's): (output, the read-out's attention weights (B, L, N) in this pass)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
+        if slot_attention:
+            encoding, attention = self.backbone(torch.cat(crops), slot_attention=True)
+            return self.head(encoding), attention
         encodings, start = [], 0
         for end in _resolution_boundaries(crops):
             encodings.append(self.backbone(torch.cat(crops[start:end])))

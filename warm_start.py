@@ -3,7 +3,6 @@ weights"): `main_dino_sparo.py --init_backbone FILE [--freeze_backbone_epochs N]
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -98,17 +97,6 @@ def _summary(path: str, report: Dict[str, List[str]], dropped_blocks: List[str],
     else:
         lines.append("  initialised fresh: the DINO head")
     return "\n".join(lines)
-
-
-def apply(args: argparse.Namespace, backbone: nn.Module) -> Optional[Dict[str, List[str]]]:
-    """--init_backbone for a new run; a run that resumes keeps its own weights."""
-    if not args.init_backbone:
-        return None
-    output_dir = Path(args.output_dir)
-    if any(output_dir.glob("checkpoint*.pth")):
-        print(f"--init_backbone {args.init_backbone} is not applied: {output_dir} holds a run to resume.")
-        return None
-    return init_backbone(backbone, args.init_backbone, args.init_checkpoint_key)
 
 
 def is_frozen(name: str) -> bool:

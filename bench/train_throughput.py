@@ -86,7 +86,8 @@ def build_step(variant: str, args: argparse.Namespace) -> Callable:
     if variant == "dino":  # the original code, in the precision of this project's step
         return OriginalDinoStep(load_dino(args.dino_repo), args, dino.autocast_context(args)[0])
     models, optimisation = dino.build_training(argparse.Namespace(**{**vars(args), "readout": variant}))
-    return dino.TrainStep(models, optimisation, args)
+    train_step = dino.TrainStep(models, optimisation, args)
+    return lambda *step_args: train_step(*step_args).loss  # as the other steps: the loss
 
 
 def warm_up(step: Callable, crops: List[torch.Tensor], args: argparse.Namespace) -> Optional[float]:

@@ -64,7 +64,7 @@ def one_step(images, device, precision):
     with devices.tf32_allowed(precision == "tf32"):
         with autocast:
             teacher_output = models.teacher(images[:2])
-            loss = loss_fn(models.student(images), teacher_output, 0)
+            loss, _ = loss_fn(models.student(images), teacher_output, 0)
         scaler.scale(loss).backward()
         scaler.unscale_(optimisation.optimizer)
     teacher_p = F.softmax((teacher_output.float() - center) / temperature, dim=-1)

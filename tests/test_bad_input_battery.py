@@ -39,7 +39,7 @@ import export
 import knn_monitor
 import main_dino_sparo
 import plot_runs
-import run_record
+import run_folder
 import run_with_submitit
 import tensorboard_log
 import utils
@@ -252,8 +252,8 @@ def test_linear_probe_locks_its_output_dir(world, tmp_path, capsys, monkeypatch)
     is refused while the first holds the folder."""
     out = tmp_path / "probe"
     out.mkdir()
-    monkeypatch.setattr(utils, "LOCK_WAIT_S", 0.0)
-    with open(out / utils.LOCK_NAME, "a+") as held:
+    monkeypatch.setattr(run_folder, "LOCK_WAIT_S", 0.0)
+    with open(out / run_folder.LOCK, "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("another probe, pid 1\n")
         held.flush()
@@ -366,7 +366,7 @@ def test_plot_runs_side_files(tmp_path, capsys):
 
 def test_training_summary_survives_a_corrupt_baselines_file(tmp_path, capsys):
     """A finished run's closing summary read knn_baselines.json; a damaged one made it exit 1."""
-    (tmp_path / knn_monitor.BASELINES_FILE).write_text("[1, 2")
+    (tmp_path / run_folder.KNN_BASELINES).write_text("[1, 2")
     line = knn_monitor.summary(tmp_path, [dict(epoch=0, knn_top1=50.0)])
     assert "epoch 0 50.00" in line and "left out" in capsys.readouterr().err
 
@@ -397,9 +397,9 @@ def test_corrupt_config_yaml_on_resume_is_one_error(tmp_path):
     parser = main_dino_sparo.get_args_parser()
     args = parser.parse_args(["--output_dir", str(tmp_path)])
     for text in ("epochs: [1\n", "- a list\n", "1: 2\n"):
-        (tmp_path / run_record.CONFIG_NAME).write_text(text)
+        (tmp_path / run_folder.CONFIG).write_text(text)
         with pytest.raises(errors.UserError, match="config.yaml"):
-            run_record.record_start(args, tmp_path, parser, start_epoch=1)
+            run_folder.record_start(args, tmp_path, parser, start_epoch=1)
 
 
 # ----------------------------------------------------------------------- resources
@@ -440,7 +440,7 @@ def full_disk(monkeypatch):
 
     def open_on_full_disk(file, mode="r", *args, **kwargs):
         if isinstance(file, (str, Path)) and any(c in mode for c in "wax+") and \
-                not str(file).endswith(utils.LOCK_NAME) and \
+                not str(file).endswith(run_folder.LOCK) and \
                 any(str(Path(file).absolute()).startswith(str(f)) for f in folders):
             return real_open("/dev/full", mode.replace("x", "w").replace("a", "w"), *args, **kwargs)
         return real_open(file, mode, *args, **kwargs)

@@ -40,7 +40,7 @@ def amp_train_step(dtype, steps=3):
         autocast=lambda: torch.autocast("cuda", dtype=dtype), fp16_scaler=scaler), args)
     crops = [torch.randn(8, 3, 16, 16, device="cuda")] * 2 + [torch.randn(8, 3, 8, 8, device="cuda")] * 2
     before = student.backbone.patch_embed.proj.weight.detach().clone()
-    losses = [float(step(crops, 0, 1e-4, 0.04, 0.996)) for _ in range(steps)]
+    losses = [float(step(crops, 0, 1e-4, 0.04, 0.996).loss) for _ in range(steps)]
     moved = float((student.backbone.patch_embed.proj.weight - before).abs().max())
     with torch.autocast("cuda", dtype=dtype):
         logits = student(crops[:1])

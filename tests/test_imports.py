@@ -20,8 +20,10 @@ LAYERS: List[List[str]] = [
     ["utils", "weight_files"],  # utils sets up processes with devices and failure_watch
     ["datasets"],
     ["augmentations"],  # draws its test images from datasets
-    ["features", "warm_start", "timm_models", "run_record", "tensorboard_log", "slot_drawing"],
-    ["knn", "portable"],  # knn searches features' banks; portable names timm_models' entries
+    ["features", "warm_start", "timm_models", "run_folder", "slot_drawing"],
+    # knn searches features' banks; portable names timm_models' entries; tensorboard_log
+    # writes into the run folder
+    ["knn", "portable", "tensorboard_log"],
     ["knn_monitor"],  # runs knn during training
     ["main_dino_sparo", "eval_knn", "eval_linear", "embed", "export", "visualize_slots",
      "slot_gallery", "plot_runs", "hubconf"],

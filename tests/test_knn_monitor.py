@@ -13,6 +13,7 @@ import devices
 import knn_monitor
 import main_dino_sparo
 import plot_runs
+import run_folder
 from helpers import TINY_TRAIN_ARGS, read_log, run_script
 
 EVAL_ARGS = ["--eval_every", "1", "--eval_data_path", "digits", "--eval_train_subset", "600",
@@ -116,7 +117,7 @@ def test_the_monitor_measures_in_exact_fp32_while_training_runs_in_tf32():
         result = monitor.measure(raw_pixels)
         assert tf32_flags() == (True, True)
     assert seen and set(seen) == {(False, False)}
-    assert result["knn_top1"] > 80  # raw digits are a strong k-NN baseline
+    assert result["top1"] > 80  # raw digits are a strong k-NN baseline
 
 
 @pytest.mark.slow
@@ -141,9 +142,9 @@ def test_tensorboard_has_every_iteration_and_the_knn_points(evaluated_run):
 @pytest.mark.slow
 def test_plot_starts_the_knn_curve_before_training(evaluated_run, tmp_path):
     out, _ = evaluated_run
-    points = plot_runs.knn_points(read_log(out / "log.txt"), plot_runs.read_baselines(out))
+    points = plot_runs.knn_points(read_log(out / "log.txt"), run_folder.read_baselines(out))
     assert [epoch for epoch, _ in points] == [-1, 0, 1]
-    student = plot_runs.knn_points(read_log(out / "log.txt"), plot_runs.read_baselines(out), "student_knn_top1")
+    student = plot_runs.knn_points(read_log(out / "log.txt"), run_folder.read_baselines(out), "student_knn_top1")
     assert [epoch for epoch, _ in student] == [-1, 0, 1] and student[0] == points[0]
     run_script("plot_runs.py", out, "--output", tmp_path / "run.png")
     image = np.asarray(Image.open(tmp_path / "run.png").convert("L"))

@@ -8,6 +8,7 @@ from PIL import Image
 
 import errors
 import plot_runs
+import run_folder
 from helpers import TINY_TRAIN_ARGS, run_script
 
 
@@ -45,6 +46,6 @@ def test_plots_a_sparo_and_a_cls_run(tiny_sparo_checkpoint, tmp_path):
     half_h, half_w = image.shape[0] // 2, image.shape[1] // 2
     for quadrant in (image[:half_h, :half_w], image[:half_h, half_w:], image[half_h:, :half_w], image[half_h:, half_w:]):
         assert (quadrant < 128).mean() > 0.005
-    labels = plot_runs.run_labels([sparo, cls], [plot_runs.read_flags(sparo), plot_runs.read_flags(cls)])
+    labels = plot_runs.run_labels([sparo, cls], [run_folder.read_flags(sparo), run_folder.read_flags(cls)])
     assert labels[0].startswith("sparo") and labels[1].startswith("cls")
     assert "epochs=1" in labels[0] and "subset=256" in labels[0] and "subset=64" in labels[1]

@@ -20,7 +20,7 @@ from PIL import Image
 import datasets
 import errors
 import main_dino_sparo as dino
-import utils
+import run_folder
 import weight_files
 from helpers import REPO, TINY_TRAIN_ARGS, Payload, read_log, run_script
 
@@ -145,9 +145,9 @@ def test_nan_loss_stops_with_epoch_and_iteration_and_keeps_last_checkpoint(tmp_p
     calls = {"n": 0}
 
     def poisoned_forward(self, student_output, teacher_output, epoch):
-        loss = real_forward(self, student_output, teacher_output, epoch)
+        loss, teacher_entropy = real_forward(self, student_output, teacher_output, epoch)
         calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 4 else loss  # epoch 1, iteration 3
+        return (loss * float("nan") if calls["n"] == 4 else loss), teacher_entropy  # epoch 1, iteration 3
 
     monkeypatch.setattr(dino.DINOLoss, "forward", poisoned_forward)
     with pytest.raises(SystemExit) as stop:
@@ -339,24 +339,24 @@ def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
     holder, and touches nothing; a resume with another --lr/--data_path says so in one line."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / utils.LOCK_NAME).write_text("a training run, pid 999999 on a-node-that-died\n")
+    (out / run_folder.LOCK).write_text("a training run, pid 999999 on a-node-that-died\n")
     first = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out])
     assert first.returncode == 0, first.stderr
-    assert not (out / utils.LOCK_NAME).exists()  # released and removed at the end
+    assert not (out / run_folder.LOCK).exists()  # released and removed at the end
     assert [entry["epoch"] for entry in read_log(out / "log.txt")] == [0]
 
     saved = folder_digest(out)
-    monkeypatch.setattr(utils, "LOCK_WAIT_S", 1.0)  # how long a second run waits for the holder to exit
-    with open(out / utils.LOCK_NAME, "w") as held:  # what a running training holds
+    monkeypatch.setattr(run_folder, "LOCK_WAIT_S", 1.0)  # how long a second run waits for the holder to exit
+    with open(out / run_folder.LOCK, "w") as held:  # what a running training holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("a training run, pid 4242 on gpu-node-7\n")
         held.flush()
         second, _, _ = run_bad(tmp_path, "--arch", "vit_nano")
         assert second.returncode == 2
         assert second.stderr.strip() == (f"error: --output_dir {out} is in use by a training run, pid 4242 "
-                                         f"on gpu-node-7 ({out / utils.LOCK_NAME}); wait for that run to "
+                                         f"on gpu-node-7 ({out / run_folder.LOCK}); wait for that run to "
                                          f"end or choose another --output_dir")
-    (out / utils.LOCK_NAME).unlink()
+    (out / run_folder.LOCK).unlink()
     assert folder_digest(out) == saved
 
     data = tmp_path / "data"
@@ -371,8 +371,11 @@ def test_output_dir_lock_and_resume_notes(tmp_path, monkeypatch):
 
 def test_nan_before_any_checkpoint_says_so_and_leaves_no_empty_log(tmp_path, monkeypatch):
     real_forward = dino.DINOLoss.forward
-    monkeypatch.setattr(dino.DINOLoss, "forward",
-                        lambda *a: real_forward(*a) * float("nan"))
+    def nan_forward(*args):
+        loss, teacher_entropy = real_forward(*args)
+        return loss * float("nan"), teacher_entropy
+
+    monkeypatch.setattr(dino.DINOLoss, "forward", nan_forward)
     out = tmp_path / "out"
     stopped = run_in_process([*TRAIN_ARGS, "--epochs", "1", "--output_dir", out])
     assert stopped.returncode == 3

@@ -7,7 +7,7 @@ import yaml
 
 import config_files
 import main_dino_sparo as dino
-import run_record
+import run_folder
 import utils
 
 
@@ -24,7 +24,7 @@ def test_first_run_writes_config_that_reloads_to_the_same_flags(tiny_sparo_check
             assert action.dest in flags, action.dest
             assert utils.plain(reloaded[action.dest]) == saved_args[action.dest], action.dest
 
-    [record] = run_record.read_records(out)
+    [record] = run_folder.read_records(out)
     assert record["start_epoch"] == 0 and record["world_size"] == 1
     assert record["torch"] == torch.__version__ and record["flags"] == flags
     assert len(record["git_commit"] or "") == 40 and isinstance(record["git_dirty"], bool)
@@ -35,11 +35,11 @@ def test_resume_appends_and_keeps_the_first_record(tmp_path):
     parser = dino.get_args_parser()
     first = parser.parse_args(["--epochs", "1", "--output_dir", str(tmp_path)])
     first.device = torch.device("cpu")  # as init_distributed_mode leaves it
-    run_record.record_start(first, tmp_path, parser, 0)
+    run_folder.record_start(first, tmp_path, parser, 0)
     config = (tmp_path / "config.yaml").read_text()
     resumed = parser.parse_args(["--epochs", "3", "--output_dir", str(tmp_path)])
     resumed.device = torch.device("cpu")
-    run_record.record_start(resumed, tmp_path, parser, 1)
+    run_folder.record_start(resumed, tmp_path, parser, 1)
 
     assert (tmp_path / "config.yaml").read_text() == config  # the first start's flags
     lines = (tmp_path / "run_record.jsonl").read_text().splitlines()

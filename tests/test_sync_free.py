@@ -98,17 +98,19 @@ def test_a_training_step_waits_only_at_the_end_of_a_print_window(device, tmp_pat
     tracker = dino.StepStatsTracker()
 
     def train(it):  # what train_one_epoch does per iteration, print windows aside
-        loss = step(batches[it], 0, float(schedules["lr"][it]), float(schedules["wd"][it]),
-                    float(schedules["momentum"][it]))
-        tracker.add(loss, step.optimisation.dino_loss.last_teacher_entropy)
+        result = step(batches[it], 0, float(schedules["lr"][it]), float(schedules["wd"][it]),
+                      float(schedules["momentum"][it]))
+        tracker.add(result.loss, result.teacher_entropy)
+        return result.slot_attention
 
-    train(0)  # creates the optimizer's state
-    dino.end_window(tracker, step, board, schedules, 0, 1, 0)
+    loss_fn = step.optimisation.dino_loss
+    slot_attention = train(0)  # creates the optimizer's state
+    dino.end_window(tracker, slot_attention, loss_fn, board, schedules, 0, 1, 0)
     with HostSyncRecorder() as plain_step, cuda_sync_is_an_error(args.device):
         train(1)
     with HostSyncRecorder() as print_step:
-        train(2)
-        window = dino.end_window(tracker, step, board, schedules, 0, 3, 0)
+        slot_attention = train(2)
+        window = dino.end_window(tracker, slot_attention, loss_fn, board, schedules, 0, 3, 0)
     assert plain_step.syncs == [], described(plain_step.syncs)
     assert plain_step.kernels > 1000  # the device stage, forward, backward, clipping, AdamW, EMA
     assert [s.kind for s in print_step.syncs] == ["copy to host"], described(print_step.syncs)
