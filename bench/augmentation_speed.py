@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import random
 import subprocess
@@ -45,6 +44,7 @@ import config_files  # noqa: E402
 import datasets  # noqa: E402
 import errors  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
+import run_folder  # noqa: E402
 from bench.dino_original import load_dino  # noqa: E402
 from bench.measure import best_of_interleaved, best_seconds, header, seconds_per_item, write_json  # noqa: E402
 
@@ -184,7 +184,7 @@ def train_images_per_second(folder: Path, on_device: bool, workers: int, sizes: 
                "--num_workers", str(workers), "--augment_on_device", str(on_device).lower(),
                "--saveckp_freq", "0", "--print_freq", "1000", "--output_dir", str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    log = run_folder.read_log(out)
     return (images // batch) * batch / log[-1]["epoch_seconds"]
 
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import devices  # noqa: E402
 import errors  # noqa: E402
+import run_folder  # noqa: E402
 import utils  # noqa: E402
 from bench.dino_original import dino_available  # noqa: E402
 
@@ -315,7 +316,7 @@ def end_to_end_part(check: Check) -> None:
     if not check.run(part, [*common, "--epochs", "2"], "end_to_end", "end_to_end_2"):
         return
     resumed = "at epoch 1." in (check.out / "logs" / "end_to_end_2.log").read_text()
-    log = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if line.strip()]
+    log = run_folder.read_log(run_dir)
     if not resumed or [entry["epoch"] for entry in log] != [0, 1]:
         part.status, part.reason = "failed", f"the second run did not resume at epoch 1 (log epochs {[e['epoch'] for e in log]})"
         return

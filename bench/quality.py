@@ -51,6 +51,7 @@ import devices  # noqa: E402
 import errors  # noqa: E402
 import knn  # noqa: E402
 import main_dino_sparo  # noqa: E402
+import run_folder  # noqa: E402
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
 
@@ -331,9 +332,9 @@ def pretrain(args: argparse.Namespace, name: str, seed: int, out: Path, threads:
 
     def compute() -> Dict[str, Any]:
         seconds = run_logged(command, run_dir / "stdout.log", threads)
-        history = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if line.strip()]
+        history = run_folder.read_log(run_dir)
         result = dict(command=" ".join(["python", *command]), seconds=seconds, train_log=history,
-                      checkpoint=str(run_dir / "checkpoint.pth"))
+                      checkpoint=str(run_dir / run_folder.CHECKPOINT))
         if all("epoch_seconds" in entry for entry in history):
             # the whole run's training time, also when this command only resumed it
             result["training_seconds"] = sum(entry["epoch_seconds"] for entry in history)
