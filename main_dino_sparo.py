@@ -278,10 +278,7 @@ class StepStatsTracker:
 
     def epoch_means(self) -> Tuple[float, float]:
         """Mean loss and mean teacher entropy over the epoch and all processes."""
-        totals = self.totals.clone()
-        if utils.is_dist_avail_and_initialized():
-            totals = totals.to(utils.collective_device())
-            dist.all_reduce(totals)
+        totals = utils.over_ranks(self.totals)
         count = max(float(totals[2]), 1.0)
         return float(totals[0]) / count, float(totals[1]) / count
 
