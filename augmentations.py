@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
+from torchvision import transforms as T
 
 import datasets
 import devices
@@ -86,8 +87,6 @@ class DataAugmentationDINO:
 
     def __init__(self, global_crops_scale: Tuple[float, float], local_crops_scale: Tuple[float, float],
                  local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96) -> None:
-        from torchvision import transforms as T
-
         flip_and_color_jitter = T.Compose([
             T.RandomHorizontalFlip(p=FLIP_P),
             T.RandomApply([T.ColorJitter(**JITTER)], p=JITTER_P),
@@ -189,8 +188,6 @@ class MultiCropGeometry:
 
     def sample(self, image_size: Tuple[int, int]) -> Tuple[List[Box], List[bool]]:
         """Crop boxes and flips for an image of (width, height), drawn as torchvision draws them."""
-        from torchvision import transforms as T
-
         width, height = image_size
         dummy = torch.empty(1, 1, 1).expand(1, height, width)  # its shape is all get_params reads
         boxes, flips = [], []

@@ -42,6 +42,11 @@ def parse_args_with_config(parser: argparse.ArgumentParser,
     return parser.parse_args(argv)
 
 
+def yaml_text(values: Dict[str, Any]) -> str:
+    """values as the YAML that read_yaml_mapping reads back, keys sorted."""
+    return yaml.safe_dump(values, sort_keys=True)
+
+
 YAML_MAX_NODES = 100_000  # far above any flag file; bounds an alias bomb before it is built
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms as T
 
 import datasets
 import devices
@@ -238,8 +239,6 @@ def feature_dim(config: Dict[str, Any], n_last_blocks: int, avgpool: bool,
 
 # ================================================================================= data
 def build_transforms(args: argparse.Namespace, crop_size: int) -> Tuple[Callable, Callable]:
-    from torchvision import transforms as T
-
     val_transform = feats.eval_transform(crop_size, args.resize_size)
     if args.train_augmentation == "none":
         return val_transform, val_transform

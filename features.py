@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms as T
 
 import config_files
 import datasets
@@ -199,8 +200,6 @@ def eval_crop_size(args: argparse.Namespace, config: Dict[str, Any]) -> int:
 def eval_transform(crop_size: int, resize_size: Optional[int] = None) -> Callable:
     """DINO's evaluation pre-processing: bicubic resize of the short side (default
     crop_size * 256 / 224), centre crop, ImageNet normalisation."""
-    from torchvision import transforms as T
-
     resize = resize_size or int(round(crop_size * 256 / 224))
     if resize < crop_size:
         raise UserError(f"--resize_size {resize} is smaller than the crop size {crop_size}")

@@ -257,8 +257,6 @@ def record_start(args: argparse.Namespace, output_dir: Path, parser: argparse.Ar
     """On rank 0: write config.yaml on the first start and append this start to run_record.jsonl."""
     if not utils.is_main_process():
         return
-    import yaml
-
     flags = resolved_flags(args, parser)
     config_path = output_dir / CONFIG
     if config_path.exists():  # hand-edited or damaged: an error before this start is recorded
@@ -266,7 +264,7 @@ def record_start(args: argparse.Namespace, output_dir: Path, parser: argparse.Ar
     else:
         first = flags
         utils.atomic_write_text(config_path, f"# Every flag of this run's first start; see {RECORD} "
-                                f"for each start.\n" + yaml.safe_dump(flags, sort_keys=True))
+                                f"for each start.\n" + config_files.yaml_text(flags))
     record = dict(start_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   start_epoch=int(start_epoch), world_size=int(getattr(args, "world_size", 1)),
                   **git_state(Path(__file__).resolve().parent), **environment(),

@@ -45,7 +45,7 @@ import datasets  # noqa: E402
 import errors  # noqa: E402
 import main_dino_sparo as dino  # noqa: E402
 import run_folder  # noqa: E402
-from bench.dino_original import load_dino  # noqa: E402
+from bench.dino_original import DINO_REPO, load_dino  # noqa: E402
 from bench.measure import best_of_interleaved, best_seconds, header, seconds_per_item, write_json  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jpeg_crops", type=int, nargs=3, default=(224, 96, 8),
                         metavar=("GLOBAL", "LOCAL", "NUMBER"),
                         help="jpeg: global crop size, local crop size, local crops (DINO's by default).")
-    parser.add_argument("--dino_ref", default=os.environ.get("DINO_REPO"),
+    parser.add_argument("--dino_ref", default=DINO_REPO,
                         help="jpeg: a checkout of facebookresearch/dino, for its DataAugmentationDINO "
                              "(default: the DINO_REPO environment variable).")
     parser.add_argument("--device_batch", type=int, default=32, help="jpeg: images per device-stage batch.")

@@ -34,7 +34,7 @@ import devices  # noqa: E402
 import errors  # noqa: E402
 import run_folder  # noqa: E402
 import utils  # noqa: E402
-from bench.dino_original import dino_available  # noqa: E402
+from bench.dino_original import DINO_REPO, dino_available  # noqa: E402
 
 IMAGENET = dict(num_train=1281167, num_test=50000, dim=4096, num_classes=1000)
 AMP_PARITY = "amp and parity"  # the AMP parity test, by its name, wherever it lives
@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("gpu_check", description="First-GPU check; see the module docstring.")
     parser.add_argument("--dry", action="store_true",
                         help="Every part at toy size on the CPU (automatic without a usable CUDA GPU).")
-    parser.add_argument("--dino_repo", default=os.environ.get("DINO_REPO"),
+    parser.add_argument("--dino_repo", default=DINO_REPO,
                         help="A copy of facebookresearch/dino (default: the DINO_REPO environment variable).")
     parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", "gpu_check_out"),
                         help="Folder of the report, the parts' results and logs (a rerun replaces them "
@@ -453,7 +453,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dry = not usable_gpu(args.dry)
     if not args.dino_repo or not dino_available(args.dino_repo):
         raise errors.UserError(f"the check times the original DINO step and needs its code: --dino_repo PATH or "
-                               f"DINO_REPO=PATH, a copy of facebookresearch/dino (got {args.dino_repo!r}; "
+                               f"DINO_REPO=PATH, a copy of facebookresearch/dino (got {str(args.dino_repo or 'none')!r}; "
                                f"README, GPUs: how to carry it to a GPU node)")
     dino_repo = str(Path(args.dino_repo).resolve())
     check = Check(args, dry)
