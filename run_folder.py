@@ -77,7 +77,10 @@ def locked(folder: str | Path, holder: str = "a training run") -> Iterator[None]
         yield
     finally:
         handle = _held.pop(key)
-        Path(handle.name).unlink(missing_ok=True)
+        # A folder gone read-only or removed keeps (or lost) the file, as after a kill -9: the
+        # lock still dies with the handle, and the run's own error or success stands.
+        with contextlib.suppress(OSError):
+            Path(handle.name).unlink()
         handle.close()
 
 

@@ -431,6 +431,27 @@ def test_tensorboard_folder_that_is_a_file_or_read_only(tmp_path):
             tensorboard_log.TrainingBoard(other, first_step=0)
 
 
+def test_a_lock_file_that_cannot_be_removed_keeps_the_runs_own_outcome(tmp_path, monkeypatch):
+    """An output folder that turned read-only during a run keeps its lock file, as after a
+    kill -9: releasing the lock must neither replace the run's one-line error (or a finished
+    run's success) with an OSError nor leave the folder locked."""
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    writable_unlink = os.unlink
+    monkeypatch.setattr(run_folder, "LOCK_WAIT_S", 0.0)
+    with pytest.raises(errors.UserError, match="checkpoint.pth"):
+        with run_folder.locked(tmp_path):
+            monkeypatch.setattr(os, "unlink", read_only)
+            raise errors.UserError(f"cannot write {tmp_path / 'checkpoint.pth'}: Read-only file system")
+    with run_folder.locked(tmp_path):  # a run that ends well, in the read-only folder
+        pass
+    monkeypatch.setattr(os, "unlink", writable_unlink)
+    with run_folder.locked(tmp_path):  # released: the next run takes the folder at once
+        pass
+    assert not (tmp_path / run_folder.LOCK).exists()
+
+
 @pytest.fixture
 def full_disk(monkeypatch):
     """Every file opened for writing under the returned folder is /dev/full: writes fail with
