@@ -258,6 +258,19 @@ def test_truncated_checkpoint_is_refused_not_overwritten(tmp_path, tiny_sparo_ch
     assert "Traceback" not in process.stderr and before == after
 
 
+def test_resume_takes_checkpoint_pth_else_the_newest_readable_numbered_one(tmp_path, capsys):
+    """The one resume rule (training, warm start and the launcher follow it): checkpoint.pth,
+    and when it cannot be read the newest --saveckp_freq copy, by epoch, not by age."""
+    for epoch in (9, 10, 2):
+        torch.save({"student": {}, "teacher": {}, "epoch": epoch + 1}, tmp_path / run_folder.numbered_checkpoint(epoch))
+    (tmp_path / run_folder.CHECKPOINT).write_bytes(b"torn by a full disk")
+    path, checkpoint = run_folder.find_resume_checkpoint(tmp_path)
+    assert path.name == "checkpoint0010.pth" and checkpoint["epoch"] == 11
+    assert "Skipping unreadable checkpoint" in capsys.readouterr().out
+    torch.save({"student": {}, "teacher": {}, "epoch": 12}, tmp_path / run_folder.CHECKPOINT)
+    assert run_folder.find_resume_checkpoint(tmp_path)[0].name == run_folder.CHECKPOINT
+
+
 def test_hostile_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     marker = tmp_path / "payload_ran"
     make_existing_run(tmp_path, obj={"student": Payload(marker), "teacher": {}, "epoch": 1})
