@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import utils
 import weight_files
 
 CHECKPOINT = "checkpoint.pth"
-NUMBERED_CHECKPOINTS = "checkpoint[0-9][0-9][0-9][0-9].pth"  # numbered_checkpoint's names
+NUMBERED_CHECKPOINT = re.compile(r"checkpoint(\d{4,})\.pth")  # numbered_checkpoint's names (epoch 10000 on: 5 digits)
 LOG = "log.txt"
 CONFIG = "config.yaml"
 RECORD = "run_record.jsonl"
@@ -147,8 +148,10 @@ def resume_candidates(output_dir: str | Path) -> List[Path]:
     """The checkpoints a start would resume from, in the order tried: checkpoint.pth, then the
     numbered ones, newest first."""
     output_dir = Path(output_dir)
-    numbered = sorted(output_dir.glob(NUMBERED_CHECKPOINTS), reverse=True)
-    return [path for path in [output_dir / CHECKPOINT] + numbered if path.exists()]
+    numbered = {path: NUMBERED_CHECKPOINT.fullmatch(path.name) for path in output_dir.glob("checkpoint*.pth")}
+    by_epoch = sorted((path for path, match in numbered.items() if match),
+                      key=lambda path: int(numbered[path][1]), reverse=True)
+    return [path for path in [output_dir / CHECKPOINT] + by_epoch if path.exists()]
 
 
 def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:

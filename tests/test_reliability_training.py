@@ -271,6 +271,16 @@ def test_resume_takes_checkpoint_pth_else_the_newest_readable_numbered_one(tmp_p
     assert run_folder.find_resume_checkpoint(tmp_path)[0].name == run_folder.CHECKPOINT
 
 
+def test_resume_orders_numbered_checkpoints_by_epoch_past_four_digits(tmp_path):
+    """From epoch 10000 on, numbered_checkpoint's names have five digits: still resume candidates,
+    and newer than every four-digit one."""
+    for epoch in (999, 9999, 10000):
+        (tmp_path / run_folder.numbered_checkpoint(epoch)).write_bytes(b"")
+    (tmp_path / "checkpoint_best.pth").write_bytes(b"")  # not a numbered checkpoint
+    assert [path.name for path in run_folder.resume_candidates(tmp_path)] == \
+        ["checkpoint10000.pth", "checkpoint9999.pth", "checkpoint0999.pth"]
+
+
 def test_hostile_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     marker = tmp_path / "payload_ran"
     make_existing_run(tmp_path, obj={"student": Payload(marker), "teacher": {}, "epoch": 1})
