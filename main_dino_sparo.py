@@ -595,6 +595,7 @@ def train_dino(args: argparse.Namespace) -> None:
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         board = tensorboard_log.TrainingBoard(output_dir, first_step=start_epoch * len(data_loader),
                                               enabled=args.tensorboard and utils.is_main_process())
+        start_time = time.time()  # the closing "Training time" includes the baselines' k-NN
         if monitor is not None and start_epoch == 0:  # reads every evaluation image before epoch 0
             monitor.measure_baselines(models.teacher.backbone, args.eval_raw_pixels, output_dir)
         fallback = f", --cpu_bf16 ignored: {bf16_shortfall}" if bf16_shortfall else ""
@@ -602,16 +603,16 @@ def train_dino(args: argparse.Namespace) -> None:
               f"{'photometric on ' + args.device.type if args.augment_on_device else 'PIL in the loader'}) "
               f"(precision: {precision(args)}{fallback})")
         train_epochs(TrainStep(models, optimisation, args, first_epoch=start_epoch), data_loader,
-                     schedules, board, monitor, history, args)
+                     schedules, board, monitor, history, args, start_time)
 
 
 def train_epochs(train_step: TrainStep, data_loader: torch.utils.data.DataLoader,
                  schedules: Dict[str, np.ndarray], board: tensorboard_log.TrainingBoard,
                  monitor: Optional[knn_monitor.KnnMonitor], history: List[Dict[str, Any]],
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, start_time: float) -> None:
     """Train from train_step.first_epoch to --epochs, each epoch ending with its k-NN figures
-    (when due), its checkpoint and its line in log.txt."""
-    models, output_dir, start_time = train_step.models, Path(args.output_dir), time.time()
+    (when due), its checkpoint and its line in log.txt; "Training time" counts from start_time."""
+    models, output_dir = train_step.models, Path(args.output_dir)
     for epoch in range(train_step.first_epoch, args.epochs):
         # Seeding every epoch makes a resumed run draw the same crops as an uninterrupted one.
         utils.fix_random_seeds(args.seed + 7919 * epoch + args.rank)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
 
 import numpy as np
 import pytest
@@ -149,6 +150,20 @@ def test_plot_starts_the_knn_curve_before_training(evaluated_run, tmp_path):
     run_script("plot_runs.py", out, "--output", tmp_path / "run.png")
     image = np.asarray(Image.open(tmp_path / "run.png").convert("L"))
     assert (image < 128).mean() > 0.005
+
+
+def test_training_time_counts_the_untrained_networks_knn(tmp_path, monkeypatch, capsys):
+    """The closing `Training time` runs from before the k-NN of the untrained network, as it
+    did before train_epochs was split out: an hour of baselines is in it."""
+    clock = types.SimpleNamespace(now=0.0)  # main_dino_sparo's clock moves only in the baselines
+    monkeypatch.setattr(main_dino_sparo, "time", types.SimpleNamespace(time=lambda: clock.now))
+
+    def hour_of_baselines(*_):
+        clock.now += 3600.0
+    monkeypatch.setattr(knn_monitor.KnnMonitor, "measure_baselines", hour_of_baselines)
+    main_dino_sparo.main([*RUN_ARGS, "--epochs", "1", "--eval_raw_pixels", "false", "--eval_student", "false",
+                          "--eval_train_subset", "100", "--eval_test_subset", "50", "--output_dir", str(tmp_path)])
+    assert "Training time 1:00:00" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [
