@@ -258,7 +258,7 @@ def over_ranks(values: Any, op: str = "sum") -> torch.Tensor:
     infinity of any rank survives a sum."""
     tensor = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1)
     if is_dist_avail_and_initialized():
-        tensor = tensor.to(collective_device())
+        tensor = tensor.to(collective_device(), copy=True)  # all_reduce works in place: never on the caller's
         dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
     return tensor.cpu()
 

@@ -127,6 +127,9 @@ def test_a_training_step_waits_only_at_the_end_of_a_print_window(device, tmp_pat
 def _flush_on_a_rank(out):
     args = argparse.Namespace(device="cpu", dist_url="env://")
     utils.init_distributed_mode(args)
+    own = torch.tensor([1.0 + args.rank], dtype=torch.float64)  # already over_ranks' dtype and device
+    summed = utils.over_ranks(own)
+    Path(out, f"over_ranks{args.rank}.txt").write_text(f"{own.tolist()} {summed.tolist()}")
     tracker = dino.StepStatsTracker()
     for it in range(3):
         loss = float("nan") if (args.rank, it) == (1, 1) else 0.5 + it
@@ -152,6 +155,8 @@ def test_the_print_window_copy_keeps_its_values_and_stops_every_rank_together(tm
     run_two_gloo_ranks(_flush_on_a_rank, str(tmp_path))
     assert [(tmp_path / f"rank{r}.txt").read_text().split(";")[0] for r in (0, 1)] == [
         "another process's loss is not finite at epoch 0, iteration 0", "loss is nan at epoch 0, iteration 1"]
+    # utils.over_ranks sums a copy: a caller's own float64 CPU tensor keeps its value
+    assert [(tmp_path / f"over_ranks{r}.txt").read_text() for r in (0, 1)] == ["[1.0] [3.0]", "[2.0] [3.0]"]
 
 
 def test_the_op_count_benchmark_runs_and_finds_no_sync(capsys):
