@@ -527,7 +527,7 @@ def resume_from_checkpoint(path: Path, checkpoint: Dict[str, Any], models: Model
         optimisation.fp16_scaler.load_state_dict(checkpoint["fp16_scaler"])  # ignored when disabled
     print(f"Resuming from {path} at epoch {checkpoint['epoch']}.")
     note_changed_args(checkpoint.get("args"), args)
-    return int(checkpoint["epoch"]), list(checkpoint.get("train_log", []))
+    return int(checkpoint["epoch"]), run_folder.saved_history(checkpoint, path.parent)
 
 
 def set_up_training(args: argparse.Namespace, output_dir: Path) -> Tuple[Models, Optimisation, int, List[Dict[str, Any]]]:

@@ -199,6 +199,19 @@ def rewrite_log(output_dir: Path, history: List[Dict[str, Any]]) -> None:
     utils.atomic_write_text(path, lines)  # a full disk: one line naming log.txt, the old one kept
 
 
+def saved_history(checkpoint: Dict[str, Any], output_dir: Path) -> List[Dict[str, Any]]:
+    """The log of the epochs a checkpoint holds: its own train_log, or for one written without
+    it (an older version's), log.txt's records before its epoch, so that the rewrite on resume
+    never empties a log it cannot rebuild."""
+    if "train_log" in checkpoint:
+        return list(checkpoint["train_log"])
+    path = output_dir / LOG
+    if not path.exists() or not path.read_text().strip():
+        return []
+    epochs_done = int(checkpoint["epoch"])
+    return [entry for entry in read_log(output_dir) if entry.get("epoch", -1) < epochs_done]
+
+
 def read_log(run_dir: Path) -> List[Dict[str, Any]]:
     """The epochs of log.txt, or a UserError: no log, an empty one or a damaged line."""
     path = run_dir / LOG

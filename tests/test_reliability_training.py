@@ -3,6 +3,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import json
 import os
 import pickle
 import random
@@ -279,6 +280,16 @@ def test_resume_orders_numbered_checkpoints_by_epoch_past_four_digits(tmp_path):
     (tmp_path / "checkpoint_best.pth").write_bytes(b"")  # not a numbered checkpoint
     assert [path.name for path in run_folder.resume_candidates(tmp_path)] == \
         ["checkpoint10000.pth", "checkpoint9999.pth", "checkpoint0999.pth"]
+
+
+def test_a_checkpoint_without_its_own_log_keeps_log_txt(tmp_path):
+    """The log restored on resume: the checkpoint's train_log; without one (an older version's
+    checkpoint), log.txt's records of the epochs it holds, never an empty log."""
+    records = [{"epoch": epoch, "train_loss": 5.0 - epoch} for epoch in range(3)]
+    assert run_folder.saved_history({"epoch": 2}, tmp_path) == []  # no log.txt: nothing to keep
+    (tmp_path / run_folder.LOG).write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert run_folder.saved_history({"epoch": 2}, tmp_path) == records[:2]
+    assert run_folder.saved_history({"epoch": 2, "train_log": records[:1]}, tmp_path) == records[:1]
 
 
 def test_hostile_pickle_is_refused_and_its_payload_never_runs(tmp_path):
