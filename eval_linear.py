@@ -374,7 +374,7 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor,
     """Top-1 and top-5 (%) of one head's top predictions (N, k), top-5 only with k = 5; with
     across_ranks, of every process's predictions (each holding its shard of the images)."""
     hits = predictions == labels.to(predictions.device)[:, None]
-    counts = [hits[:, 0].sum().item(), hits.any(1).sum().item(), len(hits)]
+    counts = [*torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).tolist(), len(hits)]  # one device copy
     top1, top5, images = utils.over_ranks(counts).tolist() if across_ranks else counts
     return top1 / images * 100, top5 / images * 100 if predictions.shape[1] >= 5 else None
 
