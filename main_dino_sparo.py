@@ -654,6 +654,7 @@ class TrainStep:
         # one graph per crop layout instead of slower shape-generic kernels.
         compiled = (lambda model: torch.compile(model, dynamic=False)) if args.compile else (lambda model: model)
         self.student, self.teacher = compiled(models.student), compiled(models.teacher)
+        self.sparo = models.teacher.backbone.sparo is not None  # the teacher also returns its slot attention
         # The EMA pairs each teacher parameter with the student parameter of the same name.
         teacher_params = dict(models.teacher.named_parameters())
         ema_pairs = [(teacher_params[name], param)
@@ -671,14 +672,13 @@ class TrainStep:
         if self.augment is not None:  # uint8 crops from MultiCropGeometry
             images = self.augment(images)
         utils.set_lr_and_wd(optimizer, lr, wd)
-        sparo = self.models.teacher.backbone.sparo is not None
         with self.optimisation.autocast():
             # Only the 2 global views. SPARO's attention (TensorBoard's slot statistics) comes on
             # every step: the head computes it anyway, and a flag set on print steps only would
             # compile the teacher twice (measured on CPU: returning it costs 1-3 % of its forward).
             with torch.no_grad():
-                teacher_output = self.teacher(images[:2], slot_attention=sparo)
-            teacher_output, attention = teacher_output if sparo else (teacher_output, None)
+                teacher_output = self.teacher(images[:2], slot_attention=self.sparo)
+            teacher_output, attention = teacher_output if self.sparo else (teacher_output, None)
             student_output = self.student(images)
             loss, teacher_entropy = self.optimisation.dino_loss(student_output, teacher_output, epoch)
 

@@ -135,8 +135,7 @@ def opened(output_dir: Path) -> Iterator[None]:
             try:
                 utils.ensure_output_dir(output_dir, "--output_dir")
                 stack.enter_context(locked(output_dir))  # before anything in it is read or changed
-                for stale in output_dir.glob(".*.tmp.*"):  # utils.replacing's, of a killed writer
-                    stale.unlink(missing_ok=True)
+                utils.remove_stale_temporary_files(output_dir)
             except errors.UserError as raised:
                 error = raised
         utils.stop_together(error)
@@ -148,10 +147,10 @@ def resume_candidates(output_dir: str | Path) -> List[Path]:
     """The checkpoints a start would resume from, in the order tried: checkpoint.pth, then the
     numbered ones, newest first."""
     output_dir = Path(output_dir)
-    numbered = {path: NUMBERED_CHECKPOINT.fullmatch(path.name) for path in output_dir.glob("checkpoint*.pth")}
-    by_epoch = sorted((path for path, match in numbered.items() if match),
-                      key=lambda path: int(numbered[path][1]), reverse=True)
-    return [path for path in [output_dir / CHECKPOINT] + by_epoch if path.exists()]
+    numbered = sorted(((int(match[1]), path) for path in output_dir.glob("checkpoint*.pth")
+                       if (match := NUMBERED_CHECKPOINT.fullmatch(path.name))), reverse=True)
+    checkpoint = output_dir / CHECKPOINT
+    return ([checkpoint] if checkpoint.exists() else []) + [path for _, path in numbered]
 
 
 def find_resume_checkpoint(output_dir: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:

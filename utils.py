@@ -419,6 +419,15 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 
 
 # ========================================================================= checkpoints
+TEMPORARY_MARK = ".tmp."  # in the names of replacing's temporary files: .NAME.tmp.PID.SUFFIX
+
+
+def remove_stale_temporary_files(folder: Path) -> None:
+    """Delete the temporary files of `replacing` that a killed writer left in `folder`."""
+    for stale in Path(folder).glob(f".*{TEMPORARY_MARK}*"):
+        stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def replacing(path: str | Path, failures: Tuple[type, ...] = (OSError,)) -> Iterator[Path]:
     """Write `path` whole or not at all: the block writes the yielded temporary file (same
@@ -426,7 +435,7 @@ def replacing(path: str | Path, failures: Tuple[type, ...] = (OSError,)) -> Iter
     failure of the kinds given (a full disk, a read-only folder) is a UserError naming `path`,
     whose previous version is kept; the temporary file never stays behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
